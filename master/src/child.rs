@@ -1,0 +1,128 @@
+//! Starting and signalling worker processes.
+//!
+//! A worker is this same binary run as `pomelo-rs worker --id ID --type TYPE [args]`, in its own process
+//! group (so Ctrl-C in the master's terminal reaches only the master, and a stop reaches the worker and
+//! anything it started). Its spec travels as JSON in `POMELO_WORKER_SPEC`. tokio reaps the child: one task
+//! per child waits for it and reports the exit to the supervisor; nothing else calls `waitpid`.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use pomelo_proto::config::WorkerSpec;
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use crate::logs::LogSink;
+use crate::server::ExitStatus;
+
+/// The environment variable a worker reads its spec from.
+pub const SPEC_ENV: &str = "POMELO_WORKER_SPEC";
+/// The environment variable a worker reads the cluster token from.
+pub const TOKEN_ENV: &str = "POMELO_CLUSTER_TOKEN";
+
+/// Reported when a child exits.
+#[derive(Debug)]
+pub struct Exited {
+    pub id: String,
+    pub pid: u32,
+    pub status: ExitStatus,
+}
+
+/// Spawns a worker; its exit is sent on `exits`, its output drained into `sink`.
+pub fn spawn(
+    exe: &Path,
+    spec: &WorkerSpec,
+    cluster_token: &str,
+    sink: LogSink,
+    exits: mpsc::Sender<Exited>,
+) -> std::io::Result<u32> {
+    let s = &spec.server;
+    let json = serde_json::to_string(spec).map_err(std::io::Error::other)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .arg("--id")
+        .arg(&s.id)
+        .arg("--type")
+        .arg(s.server_type.as_str())
+        .args(&s.args)
+        .envs(&s.env)
+        .env(SPEC_ENV, json)
+        .env(TOKEN_ENV, cluster_token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    let mut child = cmd.spawn()?;
+    let pid = child.id().ok_or_else(|| std::io::Error::other("the child exited before its pid was read"))?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(sink.clone().pump(out));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(sink.pump(err));
+    }
+    let id = s.id.clone();
+    tokio::spawn(async move {
+        let status = match child.wait().await {
+            Ok(st) => exit_status(st),
+            Err(e) => {
+                tracing::error!(server = %id, "waiting for pid {pid} failed: {e}");
+                ExitStatus::Unknown
+            }
+        };
+        // The supervisor may be gone at shutdown; nothing to report to then.
+        let _ = exits.send(Exited { id, pid, status }).await;
+    });
+    Ok(pid)
+}
+
+fn exit_status(st: std::process::ExitStatus) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = st.code() {
+        ExitStatus::Code { code }
+    } else if let Some(sig) = st.signal() {
+        let name = Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"));
+        ExitStatus::Signal { signal: sig, name }
+    } else {
+        ExitStatus::Unknown
+    }
+}
+
+/// Sends `sig` to the process group led by `pid` (workers lead their own group).
+pub fn signal_group(pid: u32, sig: Signal) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    if raw <= 1 {
+        return;
+    }
+    if let Err(e) = killpg(Pid::from_raw(raw), sig) {
+        if e != nix::errno::Errno::ESRCH {
+            tracing::warn!("cannot send {sig} to process group {pid}: {e}");
+        }
+    }
+}
+
+/// Whether `pid` is alive and not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// The command line of `pid`, split at NULs.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `pid` is a pomelo-rs worker for server `id`.
+pub fn is_worker(pid: u32, id: &str) -> bool {
+    let args = cmdline(pid);
+    alive(pid) && args.get(1).is_some_and(|a| a == "worker") && args.windows(2).any(|w| w[0] == "--id" && w[1] == id)
+}

@@ -1,0 +1,178 @@
+//! The pomelo-rs master: it runs the servers of a `servers.yaml` and keeps them running.
+//!
+//! [`prepare`] checks that no other master runs for this file and finds live workers of an earlier
+//! master to adopt; [`start`] takes the bound control listener and runs the control listener task and
+//! the [`supervisor`] task until the shutdown token is cancelled (or a `Shutdown` command arrives) and
+//! every server has stopped. The admin server lives in the `pomelo-dashboard` crate and talks to the
+//! supervisor only through a [`MasterHandle`].
+
+pub mod child;
+pub mod control;
+pub mod logs;
+pub mod procstat;
+pub mod restart;
+pub mod runstate;
+pub mod server;
+pub mod supervisor;
+pub mod view;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use pomelo_proto::config::Topology;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use supervisor::{Command, CommandError};
+pub use view::{ClusterView, ServerEvent, ServerView};
+
+/// What [`prepare`] found.
+pub struct Prepared {
+    pub topology: Topology,
+    pub run_dir: PathBuf,
+    pub cluster_token: String,
+    /// Live workers of an earlier master: id → pid.
+    pub adopt: HashMap<String, u32>,
+}
+
+/// Refuses to run beside a live master of the same file; finds workers to adopt.
+pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
+    let run_dir = topology.run_dir();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    if let Some(m) = runstate::read_master(&run_dir) {
+        let args = child::cmdline(m.pid);
+        if m.pid != std::process::id() && child::alive(m.pid) && args.get(1).is_some_and(|a| a == "start") {
+            anyhow::bail!(
+                "a master is already running for {} (pid {}, admin http://{}); stop it with `pomelo-rs stop` first",
+                topology.file.display(),
+                m.pid,
+                m.admin_addr
+            );
+        }
+    }
+    let cluster_token = runstate::secret(&run_dir, "cluster-token").context("cannot create the cluster token")?;
+    let adopt = runstate::read_workers(&run_dir)
+        .into_iter()
+        .filter(|(id, pid)| topology.server(id).is_some() && child::is_worker(*pid, id))
+        .collect();
+    Ok(Prepared { topology, run_dir, cluster_token, adopt })
+}
+
+/// How the dashboard and CLI reach the supervisor.
+#[derive(Clone)]
+pub struct MasterHandle {
+    commands: mpsc::Sender<(Command, supervisor::Reply)>,
+    view: watch::Receiver<Arc<ClusterView>>,
+    events: broadcast::Sender<ServerEvent>,
+    log_dir: PathBuf,
+}
+
+impl MasterHandle {
+    pub async fn command(&self, cmd: Command) -> Result<String, CommandError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send((cmd, tx)).await.map_err(|_| CommandError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(CommandError::ShuttingDown))
+    }
+
+    /// The latest snapshot.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.borrow().clone()
+    }
+
+    /// Wakes on every new snapshot.
+    pub fn watch(&self) -> watch::Receiver<Arc<ClusterView>> {
+        self.view.clone()
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<ServerEvent> {
+        self.events.subscribe()
+    }
+
+    /// The last `lines` lines of a server's log.
+    pub fn tail(&self, id: &str, lines: usize) -> std::io::Result<Vec<String>> {
+        logs::tail(&self.log_dir, id, lines)
+    }
+}
+
+/// The master, running.
+pub struct Running {
+    pub handle: MasterHandle,
+    /// Ends when every server has stopped after a shutdown.
+    pub task: JoinHandle<()>,
+}
+
+/// Starts the control listener and the supervisor.
+pub fn start(
+    prepared: Prepared,
+    control: TcpListener,
+    admin_addr: SocketAddr,
+    echo: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let control_addr = control.local_addr()?;
+    let topology = prepared.topology;
+    let exe = std::env::current_exe().context("cannot find this program's own path to start workers")?;
+    let file = runstate::MasterFile {
+        pid: std::process::id(),
+        control_addr: advertised(control_addr, &topology.master.host),
+        admin_addr,
+        config: std::path::absolute(&topology.file).unwrap_or_else(|_| topology.file.clone()),
+    };
+    runstate::write_json(&runstate::master_file(&prepared.run_dir), &file).context("cannot write master.json")?;
+
+    let (links_tx, links_rx) = mpsc::channel(1024);
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (events_tx, _) = broadcast::channel(256);
+    let placeholder = Arc::new(ClusterView {
+        seq: 0,
+        master: view::MasterView {
+            pid: std::process::id(),
+            env: topology.env.clone(),
+            config: topology.file.clone(),
+            control_addr: control_addr.to_string(),
+            admin_addr: admin_addr.to_string(),
+            uptime_secs: 0.0,
+            config_error: None,
+            cpu_seconds: 0.0,
+            rss_bytes: 0,
+        },
+        servers: vec![],
+    });
+    let (view_tx, view_rx) = watch::channel(placeholder);
+    let handle =
+        MasterHandle { commands: cmd_tx, view: view_rx, events: events_tx.clone(), log_dir: topology.log_dir() };
+
+    let listener_stop = shutdown.child_token();
+    tokio::spawn(control::listen(control, links_tx, listener_stop.clone()));
+    let setup = supervisor::Setup {
+        control_addr: file.control_addr,
+        admin_addr,
+        topology,
+        exe,
+        cluster_token: prepared.cluster_token,
+        echo,
+        adopt: prepared.adopt,
+    };
+    let channels = supervisor::Channels { links: links_rx, commands: cmd_rx, view_tx, events_tx };
+    let run_dir = prepared.run_dir;
+    let task = tokio::spawn(async move {
+        supervisor::Supervisor::run(setup, channels, shutdown).await;
+        listener_stop.cancel();
+        std::fs::remove_file(runstate::master_file(&run_dir)).ok();
+    });
+    Ok(Running { handle, task })
+}
+
+/// The control address workers should dial: the configured host with the bound port.
+fn advertised(bound: SocketAddr, host: &str) -> SocketAddr {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if !ip.is_unspecified() => SocketAddr::new(ip, bound.port()),
+        _ if bound.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], bound.port())),
+        _ => bound,
+    }
+}

@@ -1,0 +1,239 @@
+//! `servers.yaml`: the schema, its validation, and the validated [`Topology`] the master runs.
+//!
+//! Loading is two stages, as linkerd2-proxy and Horust do it: the text is parsed into YAML values, then
+//! [`parse`] walks them, collecting *every* problem (unknown keys, missing fields, bad durations, duplicate
+//! ids and ports) with its line, before anything binds or spawns. A file with any problem yields
+//! [`ConfigErrors`] and no topology; the caller changes nothing.
+
+mod locate;
+mod parse;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::ServerType;
+
+pub use locate::Seg;
+
+/// The environment used when `--env` is not given.
+pub const DEFAULT_ENV: &str = "development";
+
+/// One problem in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line, when the problem can be placed.
+    pub line: Option<usize>,
+    /// Where in the document, e.g. `servers.chat[1].port`.
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(f, "{} has {} problem{}:", self.file.display(), n, if n == 1 { "" } else { "s" })?;
+        for e in &self.errors {
+            write!(f, "\n  {}", self.file.display())?;
+            if let Some(line) = e.line {
+                write!(f, ":{line}")?;
+            }
+            if e.path.is_empty() {
+                write!(f, ": {}", e.message)?;
+            } else {
+                write!(f, ": {}: {}", e.path, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Restart policy: exponential backoff with jitter inside an intensity limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    /// First delay after a crash.
+    pub backoff_initial: Duration,
+    /// Multiplier per consecutive crash.
+    pub backoff_multiplier: f64,
+    /// Ceiling of the delay.
+    pub backoff_max: Duration,
+    /// Uptime after which a server counts as healthy again and the backoff resets.
+    pub reset_after: Duration,
+    /// At most this many restarts within `window`; one more and the server is `failed`.
+    pub max_restarts: u32,
+    pub window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            backoff_initial: Duration::from_millis(100),
+            backoff_multiplier: 2.0,
+            backoff_max: Duration::from_secs(15),
+            reset_after: Duration::from_secs(30),
+            max_restarts: 5,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where worker logs go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogConfig {
+    /// Relative paths are relative to the directory of servers.yaml.
+    pub dir: PathBuf,
+    /// A log file is rotated when it reaches this size.
+    pub max_bytes: u64,
+    /// Rotated files kept (`<id>.log.1` .. `<id>.log.N`).
+    pub keep: u32,
+}
+
+/// The `master` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MasterConfig {
+    /// The address workers use to reach the control port.
+    pub host: String,
+    /// Control port (workers register here); 0 picks a free one.
+    pub control_port: u16,
+    /// Admin HTTP listener (dashboard, API, /metrics).
+    pub admin: SocketAddr,
+    /// Admin token from the file; `POMELO_ADMIN_TOKEN` or a generated token otherwise.
+    pub admin_token: Option<String>,
+    pub restart: RestartPolicy,
+    /// SIGTERM, then this long, then SIGKILL.
+    pub stop_grace: Duration,
+    /// How often workers heartbeat.
+    pub heartbeat_interval: Duration,
+    /// No heartbeat for this long and the worker counts as hung: it is killed and restarted.
+    pub heartbeat_timeout: Duration,
+    /// A spawned worker that has not registered by then is killed and restarted.
+    pub start_timeout: Duration,
+    /// A worker with no master for this long stops by itself.
+    pub orphan_timeout: Duration,
+    pub logs: LogConfig,
+    /// Runtime state (pid files, tokens); relative to the directory of servers.yaml.
+    pub run_dir: PathBuf,
+}
+
+/// One server entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerSpec {
+    pub id: String,
+    pub server_type: ServerType,
+    pub host: String,
+    /// Cluster RPC port (0: any free port).
+    pub port: Option<u16>,
+    /// Client port for frontends (0: any free port).
+    pub client_port: Option<u16>,
+    /// Extra command-line flags for the worker (`--log-level debug`, `--threads 2`).
+    pub args: Vec<String>,
+    /// Extra environment variables for the worker.
+    pub env: BTreeMap<String, String>,
+    /// Restart when it exits (default true).
+    pub auto_restart: bool,
+    /// Frontends: connections above this are refused.
+    pub max_connections: usize,
+    /// Frontends: heartbeat interval (connectors 3 s, gates none by default).
+    pub heartbeat: Option<Duration>,
+    /// Frontends: compress routes with the route dictionary (connectors on, gates off by default).
+    pub use_dict: bool,
+    /// Frontends: close a connection idle for this long when heartbeats are off.
+    pub idle_timeout: Duration,
+}
+
+impl ServerSpec {
+    /// A stable fingerprint: a changed spec means the running worker must be restarted.
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        format!("{:08x}", crc32fast::hash(&json))
+    }
+
+    /// Whether this server runs on this machine (spawned by the master) or elsewhere.
+    pub fn is_local(&self) -> bool {
+        is_local_host(&self.host)
+    }
+}
+
+/// True for loopback and unspecified hosts; other hosts are started on their own machines.
+pub fn is_local_host(host: &str) -> bool {
+    matches!(host, "localhost" | "0.0.0.0" | "::" | "::1")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A validated `servers.yaml` for one environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    /// The file it came from.
+    pub file: PathBuf,
+    pub env: String,
+    pub master: MasterConfig,
+    /// Every server, in file order (types in the order they appear, entries in order).
+    pub servers: Vec<ServerSpec>,
+}
+
+impl Topology {
+    /// Reads, parses and validates `file` for `env`.
+    pub fn load(file: &Path, env: &str) -> Result<Topology, ConfigErrors> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigErrors {
+            file: file.to_path_buf(),
+            errors: vec![ConfigError { line: None, path: String::new(), message: format!("cannot read it: {e}") }],
+        })?;
+        Topology::parse(file, &text, env)
+    }
+
+    /// Parses and validates `text` (named `file` in messages) for `env`.
+    pub fn parse(file: &Path, text: &str, env: &str) -> Result<Topology, ConfigErrors> {
+        parse::parse(text, env)
+            .map(|(master, servers)| Topology { file: file.to_path_buf(), env: env.to_string(), master, servers })
+            .map_err(|errors| ConfigErrors { file: file.to_path_buf(), errors })
+    }
+
+    /// The directory relative paths are resolved against.
+    pub fn base_dir(&self) -> PathBuf {
+        match self.file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.base_dir().join(&self.master.run_dir)
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.base_dir().join(&self.master.logs.dir)
+    }
+
+    pub fn server(&self, id: &str) -> Option<&ServerSpec> {
+        self.servers.iter().find(|s| s.id == id)
+    }
+}
+
+/// What the master hands a worker at spawn time (as JSON in `POMELO_WORKER_SPEC`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub server: ServerSpec,
+    /// The control address to try first.
+    pub control_addr: String,
+    /// Where the master writes `master.json`; a worker that lost its master re-reads the control address
+    /// from there, so a restarted master on another port is still found.
+    pub run_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub orphan_timeout: Duration,
+}
+
+#[cfg(test)]
+mod tests;

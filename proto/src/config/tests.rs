@@ -1,0 +1,114 @@
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Topology, ConfigErrors> {
+    Topology::parse(Path::new("servers.yaml"), text, DEFAULT_ENV)
+}
+
+#[test]
+fn the_default_servers_yaml_is_valid() {
+    let text = include_str!("../../../servers.yaml");
+    let t = parse(text).expect("default servers.yaml must be valid");
+    let ids: Vec<&str> = t.servers.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["gate-server-1", "connector-server-1", "connector-server-2", "chat-server-1", "chat-server-2"]);
+    assert_eq!(t.servers[0].client_port, Some(3014));
+    assert_eq!(t.servers[0].heartbeat, None);
+    assert!(!t.servers[0].use_dict);
+    assert_eq!(t.servers[1].heartbeat, Some(Duration::from_secs(3)));
+    assert!(t.servers[1].use_dict);
+    assert_eq!(t.master.restart.max_restarts, 5);
+    assert_eq!(t.master.stop_grace, Duration::from_secs(10));
+    let prod = Topology::parse(Path::new("servers.yaml"), text, "production").expect("production valid");
+    assert_eq!(prod.master.stop_grace, Duration::from_secs(30));
+    assert_eq!(prod.servers.len(), 5);
+}
+
+#[test]
+fn reports_every_problem_with_its_line() {
+    let text = "\
+master:
+  controlPort: 3005
+  stopGrace: 10
+  heartbeatTimout: 5s
+servers:
+  chat:
+    - id: chat-1
+      port: 6050
+    - id: chat-1
+      port: 6050
+  connector:
+    - id: conn-1
+      port: 4050
+  lobby:
+    - id: x
+";
+    let err = parse(text).expect_err("invalid");
+    let lines: Vec<(Option<usize>, &str)> = err.errors.iter().map(|e| (e.line, e.message.as_str())).collect();
+    let find = |needle: &str| {
+        err.errors
+            .iter()
+            .find(|e| e.message.contains(needle))
+            .unwrap_or_else(|| panic!("no error containing {needle:?} in {lines:?}"))
+    };
+    assert_eq!(find("has no unit").line, Some(3));
+    assert_eq!(find("did you mean `heartbeatTimeout`").line, Some(4));
+    assert_eq!(find("duplicate id `chat-1`").line, Some(9));
+    assert_eq!(find("port 6050 is already used").line, Some(10));
+    assert_eq!(find("needs a `clientPort`").line, Some(12));
+    assert_eq!(find("unknown server type `lobby`").line, Some(14));
+    assert_eq!(err.errors.len(), 6, "{lines:?}");
+    let shown = err.to_string();
+    assert!(shown.contains("servers.yaml:9: servers.chat[1].id: duplicate id"), "{shown}");
+}
+
+#[test]
+fn syntax_errors_have_a_line() {
+    let err = parse("servers:\n  chat: [\n").expect_err("invalid");
+    assert_eq!(err.errors.len(), 1);
+    assert!(err.errors[0].line.is_some());
+    assert!(err.errors[0].message.contains("not valid YAML"));
+}
+
+#[test]
+fn environments_override_master_and_replace_servers() {
+    let text = "\
+master: {controlPort: 1000}
+servers:
+  chat: [{id: c1, port: 1}]
+environments:
+  test:
+    master: {controlPort: 0, admin: '127.0.0.1:0'}
+    servers:
+      chat: [{id: t1, port: 0}, {id: t2, port: 0}]
+  broken:
+    master: {stopGrace: soon}
+";
+    let t = Topology::parse(Path::new("s.yaml"), text, "development");
+    let err = t.expect_err("the broken environment is reported even in development");
+    assert!(err.errors[0].message.contains("`soon` is not a duration"), "{err}");
+    let text = text.replace("stopGrace: soon", "stopGrace: 1s");
+    let t = Topology::parse(Path::new("s.yaml"), &text, "test").expect("valid");
+    assert_eq!(t.master.control_port, 0);
+    assert_eq!(t.servers.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["t1", "t2"]);
+    let err = Topology::parse(Path::new("s.yaml"), &text, "staging").expect_err("unknown env");
+    assert!(err.errors[0].message.contains("`staging` is not defined"));
+}
+
+#[test]
+fn frontend_only_keys_are_refused_on_chat_servers() {
+    let err = parse("servers:\n  chat:\n    - id: c\n      port: 1\n      clientPort: 2\n      heartbeat: 3s\n")
+        .expect_err("invalid");
+    assert_eq!(err.errors.len(), 2, "{err}");
+    assert_eq!(err.errors[0].line, Some(5));
+    assert_eq!(err.errors[1].line, Some(6));
+}
+
+#[test]
+fn inconsistent_timeouts_are_refused() {
+    let err = parse("master:\n  heartbeatInterval: 5s\n  heartbeatTimeout: 2s\nservers:\n  chat: [{id: c, port: 0}]\n")
+        .expect_err("invalid");
+    assert!(err.errors[0].message.contains("longer than heartbeatInterval"), "{err}");
+    assert_eq!(err.errors[0].line, Some(3));
+}

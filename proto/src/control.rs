@@ -1,0 +1,125 @@
+//! Messages on the control link between the master and each worker.
+//!
+//! One TCP connection per worker, framed by [`crate::framing`]. The worker speaks first with
+//! [`ToMaster::Register`]; the master answers [`ToWorker::Welcome`] or [`ToWorker::Rejected`], then sends the
+//! live [`Membership`] and every change to it. The worker sends [`ToMaster::Heartbeat`] with its stats every
+//! heartbeat interval; a master that hears nothing for the heartbeat timeout treats the worker as hung.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of server a cluster runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerType {
+    Gate,
+    Connector,
+    Chat,
+}
+
+impl ServerType {
+    pub const ALL: [ServerType; 3] = [ServerType::Gate, ServerType::Connector, ServerType::Chat];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerType::Gate => "gate",
+            ServerType::Connector => "connector",
+            ServerType::Chat => "chat",
+        }
+    }
+
+    /// Frontends own client sockets.
+    pub fn is_frontend(self) -> bool {
+        matches!(self, ServerType::Gate | ServerType::Connector)
+    }
+
+    pub fn parse(s: &str) -> Option<ServerType> {
+        ServerType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ServerType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The addresses a worker actually bound (ports may be configured as 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundAddrs {
+    /// Cluster RPC listener, if the server has one.
+    pub rpc: Option<SocketAddr>,
+    /// Client listener (frontends).
+    pub client: Option<SocketAddr>,
+}
+
+/// One live server as every worker sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub id: String,
+    pub server_type: ServerType,
+    /// The host clients and peers should use to reach it (from servers.yaml).
+    pub host: String,
+    pub pid: u32,
+    pub addrs: BoundAddrs,
+}
+
+/// The live servers, in a stable order (the order of `servers.yaml`), only those registered and running.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// Bumped by the master on every change.
+    pub version: u64,
+    pub servers: Vec<ServerInfo>,
+}
+
+impl Membership {
+    /// The live servers of one type, in membership order.
+    pub fn of_type(&self, t: ServerType) -> impl Iterator<Item = &ServerInfo> {
+        self.servers.iter().filter(move |s| s.server_type == t)
+    }
+}
+
+/// Counters and gauges a worker reports; names are Prometheus-style without the `pomelo_` prefix,
+/// e.g. `connections`, `handshakes_total`, `bytes_in_total`.
+pub type Stats = BTreeMap<String, f64>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum ToMaster {
+    Register {
+        id: String,
+        server_type: ServerType,
+        pid: u32,
+        /// The cluster token the master handed the worker at spawn time.
+        token: String,
+        /// Hash of the spec the worker was started with, so a new master can tell whether it changed.
+        spec_hash: String,
+        addrs: BoundAddrs,
+    },
+    Heartbeat {
+        stats: Stats,
+    },
+    /// The worker is shutting down on its own (orphan timeout, stop request): not a crash.
+    Leaving {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum ToWorker {
+    Welcome {
+        master_pid: u32,
+        heartbeat_interval_ms: u64,
+    },
+    Rejected {
+        reason: String,
+    },
+    Membership(Membership),
+    /// Drain (frontends kick their clients with `reason`) and exit.
+    Stop {
+        reason: String,
+    },
+}
