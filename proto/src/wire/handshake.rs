@@ -1,0 +1,202 @@
+//! The handshake: the client's JSON request (read leniently, as Pomelo does) and the server's reply,
+//! with its keys in Pomelo's order: `code`, `sys {heartbeat, dict, routeToCode, codeToRoute,
+//! dictVersion, useDict}`, `user`. Pure; the frontend decides the code and calls these.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::dictionary::{CodeToRoute, Dictionary, RouteToCode};
+use super::package::{self, PackageError, PackageType};
+
+pub const CODE_OK: u16 = 200;
+/// Bad handshake (no `sys`) or the user hook failed.
+pub const CODE_USE_ERROR: u16 = 500;
+/// `checkClient` refused the client type/version.
+pub const CODE_OLD_CLIENT: u16 = 501;
+
+/// What the client sent; every field is optional because Pomelo treats a bad body as `{}`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HandshakeRequest {
+    /// `sys` was present (and not null): without it the reply is 500.
+    pub has_sys: bool,
+    pub client_type: Option<String>,
+    pub client_version: Option<String>,
+    pub dict_version: Option<String>,
+    pub proto_version: Option<Value>,
+    pub user: Option<Value>,
+}
+
+impl HandshakeRequest {
+    /// Parses a handshake body; never fails (bodies that are not JSON objects read as `{}`).
+    pub fn parse(body: &[u8]) -> HandshakeRequest {
+        let Ok(Value::Object(mut root)) = serde_json::from_slice::<Value>(body) else {
+            return HandshakeRequest::default();
+        };
+        let user = root.remove("user");
+        let sys = root.remove("sys").filter(|s| !s.is_null());
+        let field = |k: &str| -> Option<String> {
+            match sys.as_ref()?.get(k)? {
+                Value::String(s) => Some(s.clone()),
+                Value::Null => None,
+                other => Some(other.to_string()),
+            }
+        };
+        HandshakeRequest {
+            has_sys: sys.is_some(),
+            client_type: field("type"),
+            client_version: field("version"),
+            dict_version: field("dictVersion"),
+            proto_version: sys.as_ref().and_then(|s| s.get("protoVersion")).cloned(),
+            user,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Sys<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dict: Option<RouteToCode<'a>>,
+    #[serde(rename = "routeToCode", skip_serializing_if = "Option::is_none")]
+    route_to_code: Option<RouteToCode<'a>>,
+    #[serde(rename = "codeToRoute", skip_serializing_if = "Option::is_none")]
+    code_to_route: Option<CodeToRoute<'a>>,
+    #[serde(rename = "dictVersion", skip_serializing_if = "Option::is_none")]
+    dict_version: Option<&'a str>,
+    #[serde(rename = "useDict", skip_serializing_if = "Option::is_none")]
+    use_dict: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct Reply<'a> {
+    code: u16,
+    sys: Sys<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a Value>,
+}
+
+/// Heartbeat interval in seconds as Pomelo sends it: an integer when whole (`3`), otherwise a fraction.
+fn heartbeat_secs(d: Duration) -> Value {
+    if d.subsec_nanos() == 0 {
+        Value::from(d.as_secs())
+    } else {
+        Value::from(d.as_secs_f64())
+    }
+}
+
+/// The JSON of a 200 reply. The dictionary is sent only when the client's `dictVersion` differs.
+pub fn ok_reply_json(
+    heartbeat: Option<Duration>,
+    dict: Option<&Dictionary>,
+    client_dict_version: Option<&str>,
+    user: Option<&Value>,
+) -> String {
+    let send_dict = dict.filter(|d| client_dict_version != Some(d.version()));
+    let reply = Reply {
+        code: CODE_OK,
+        sys: Sys {
+            heartbeat: heartbeat.map(heartbeat_secs),
+            dict: send_dict.map(Dictionary::route_to_code),
+            route_to_code: send_dict.map(Dictionary::route_to_code),
+            code_to_route: send_dict.map(Dictionary::code_to_route),
+            dict_version: send_dict.map(Dictionary::version),
+            use_dict: dict.map(|_| true),
+        },
+        user,
+    };
+    serde_json::to_string(&reply).unwrap_or_else(|_| r#"{"code":500}"#.to_owned())
+}
+
+/// A 200 reply as a HANDSHAKE package.
+pub fn ok_reply(
+    heartbeat: Option<Duration>,
+    dict: Option<&Dictionary>,
+    client_dict_version: Option<&str>,
+    user: Option<&Value>,
+) -> Result<Bytes, PackageError> {
+    package::encode(PackageType::Handshake, ok_reply_json(heartbeat, dict, client_dict_version, user).as_bytes())
+}
+
+/// An error reply `{"code":N}` as a HANDSHAKE package.
+pub fn error_reply(code: u16) -> Bytes {
+    let body = format!(r#"{{"code":{code}}}"#);
+    package::encode(PackageType::Handshake, body.as_bytes()).unwrap_or_default()
+}
+
+/// What the JS websocket client sends (75 bytes), for tests and tools.
+pub const JS_CLIENT_HANDSHAKE: &str = r#"{"sys":{"type":"js-websocket","version":"0.0.1","rsa":{},"protoVersion":0}}"#;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn demo() -> Dictionary {
+        Dictionary::build(
+            ["gate.gateHandler.queryEntry", "connector.entryHandler.enter", "chat.chatHandler.send"],
+            Vec::<String>::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn js_client_handshake_is_75_bytes_and_parses() {
+        let p = package::encode(PackageType::Handshake, JS_CLIENT_HANDSHAKE.as_bytes()).unwrap();
+        assert_eq!(&p[..4], &[0x01, 0x00, 0x00, 0x4b]);
+        let r = HandshakeRequest::parse(JS_CLIENT_HANDSHAKE.as_bytes());
+        assert!(r.has_sys);
+        assert_eq!(r.client_type.as_deref(), Some("js-websocket"));
+        assert_eq!(r.client_version.as_deref(), Some("0.0.1"));
+        assert_eq!(r.dict_version, None);
+        assert_eq!(r.proto_version, Some(Value::from(0)));
+        assert_eq!(r.user, None);
+    }
+
+    #[test]
+    fn bad_bodies_read_as_empty() {
+        for b in [&b"not json"[..], b"[1,2]", b"", b"{\"sys\":null}", &[0xff, 0xfe]] {
+            assert!(!HandshakeRequest::parse(b).has_sys);
+        }
+    }
+
+    #[test]
+    fn connector_reply_key_order() {
+        let d = demo();
+        let json = ok_reply_json(Some(Duration::from_secs(3)), Some(&d), None, None);
+        assert_eq!(
+            json,
+            concat!(
+                r#"{"code":200,"sys":{"heartbeat":3,"#,
+                r#""dict":{"chat.chatHandler.send":1,"connector.entryHandler.enter":2,"gate.gateHandler.queryEntry":3},"#,
+                r#""routeToCode":{"chat.chatHandler.send":1,"connector.entryHandler.enter":2,"gate.gateHandler.queryEntry":3},"#,
+                r#""codeToRoute":{"1":"chat.chatHandler.send","2":"connector.entryHandler.enter","3":"gate.gateHandler.queryEntry"},"#,
+                r#""dictVersion":"s2r1qfKDrbhWCkA6uf+PTA==","useDict":true}}"#
+            )
+        );
+        // A client that already has this dictionary gets only useDict.
+        let json = ok_reply_json(Some(Duration::from_secs(3)), Some(&d), Some(d.version()), None);
+        assert_eq!(json, r#"{"code":200,"sys":{"heartbeat":3,"useDict":true}}"#);
+    }
+
+    #[test]
+    fn gate_reply_and_user_echo() {
+        assert_eq!(ok_reply_json(None, None, None, None), r#"{"code":200,"sys":{}}"#);
+        let user = serde_json::json!({"a":1});
+        assert_eq!(ok_reply_json(None, None, None, Some(&user)), r#"{"code":200,"sys":{},"user":{"a":1}}"#);
+        assert_eq!(
+            ok_reply_json(Some(Duration::from_millis(1500)), None, None, None),
+            r#"{"code":200,"sys":{"heartbeat":1.5}}"#
+        );
+    }
+
+    #[test]
+    fn error_replies() {
+        let e = error_reply(501);
+        assert_eq!(&e[..4], &[1, 0, 0, 12]);
+        assert_eq!(&e[4..], br#"{"code":501}"#);
+    }
+}

@@ -1,0 +1,95 @@
+//! Pomelo's client protocol, byte for byte (pomelo-protocol 0.1.6 and the hybrid connector).
+//!
+//! - [`package`]: `type | u24 length | body` packages and a streaming, size-capped decoder.
+//! - [`message`]: the DATA body: flag, varint id, plain or dictionary-coded route, body.
+//! - [`handshake`]: the client's request and the server's reply, with Pomelo's key order.
+//! - [`dictionary`]: route ↔ code table and its `dictVersion`.
+//! - [`digest`]: the MD5 and base64 behind `dictVersion`.
+//!
+//! Everything here is pure: no I/O, no tasks, nothing to shut down. Decoding is total: any bytes give a
+//! value or an error, never a panic. Encoders return complete packages as [`bytes::Bytes`], so one
+//! encoded push can be shared by any number of sessions.
+
+pub mod dictionary;
+pub mod digest;
+pub mod handshake;
+pub mod message;
+pub mod package;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+pub use dictionary::Dictionary;
+pub use message::{Message, MessageError, MessageType, Route};
+pub use package::{Decoded, Package, PackageDecoder, PackageError, PackageType};
+
+/// `{"reason":"..."}` as a KICK package.
+pub fn kick(reason: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct Kick<'a> {
+        reason: &'a str,
+    }
+    let body = serde_json::to_vec(&Kick { reason }).unwrap_or_default();
+    // A reason long enough to overflow 16 MiB is a bug; send a kick without a reason rather than nothing.
+    package::encode(PackageType::Kick, &body).unwrap_or_else(|_| package::empty(PackageType::Kick))
+}
+
+/// The route a server sends for `route`: its code if the dictionary has it, else the string
+/// (Pomelo compresses a push route only when it is in the dictionary).
+pub fn outgoing_route(dict: Option<&Dictionary>, route: &str) -> Route {
+    match dict.and_then(|d| d.code(route)) {
+        Some(code) => Route::Code(code),
+        None => Route::Plain(route.to_owned()),
+    }
+}
+
+/// A whole PUSH package (header included), encoded once, to share between sessions.
+pub fn encode_push(dict: Option<&Dictionary>, route: &str, body: &[u8]) -> Result<Bytes, MessageError> {
+    Message::push(outgoing_route(dict, route), Bytes::copy_from_slice(body)).encode_package()
+}
+
+/// [`encode_push`] with a JSON body, serialized compactly as `JSON.stringify` does.
+pub fn encode_push_json<T: Serialize + ?Sized>(
+    dict: Option<&Dictionary>,
+    route: &str,
+    body: &T,
+) -> Result<Bytes, MessageError> {
+    let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    encode_push(dict, route, &body)
+}
+
+/// A whole RESPONSE package for request `id`.
+pub fn encode_response(id: u32, body: &[u8]) -> Result<Bytes, MessageError> {
+    Message::response(id, Bytes::copy_from_slice(body)).encode_package()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kick_worked_bytes() {
+        let k = kick("kick");
+        assert_eq!(&k[..4], &[0x05, 0x00, 0x00, 0x11]);
+        assert_eq!(&k[4..], br#"{"reason":"kick"}"#);
+        assert_eq!(&kick("say \"hi\"")[4..], br#"{"reason":"say \"hi\""}"#);
+    }
+
+    #[test]
+    fn pushes_compress_only_dictionary_routes() {
+        let d = Dictionary::build(["chat.chatHandler.send"], ["onPing"]).unwrap();
+        let p = encode_push_json(Some(&d), "onAdd", &serde_json::json!({"route":"onAdd","user":"bob"})).unwrap();
+        assert_eq!(&p[..11], &[0x04, 0x00, 0x00, 0x25, 0x06, 0x05, b'o', b'n', b'A', b'd', b'd']);
+        let p = encode_push(Some(&d), "onPing", b"{}").unwrap();
+        assert_eq!(&p[..], &[0x04, 0x00, 0x00, 0x05, 0x07, 0x00, 0x02, b'{', b'}']);
+        let p = encode_push(None, "onPing", b"").unwrap();
+        assert_eq!(&p[4..], &[0x06, 0x06, b'o', b'n', b'P', b'i', b'n', b'g']);
+    }
+
+    #[test]
+    fn response_bytes() {
+        let r = encode_response(300, b"{}").unwrap();
+        assert_eq!(&r[..], &[0x04, 0x00, 0x00, 0x05, 0x04, 0xac, 0x02, b'{', b'}']);
+    }
+}
