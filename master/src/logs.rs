@@ -111,9 +111,9 @@ impl LogSink {
                 self.line(&buf[..pos]);
                 buf.drain(..=pos);
             }
-            if buf.len() >= MAX_LINE {
-                self.line(&buf);
-                buf.clear();
+            while buf.len() >= MAX_LINE {
+                self.line(&buf[..MAX_LINE]);
+                buf.drain(..MAX_LINE);
             }
         }
         if !buf.is_empty() {

@@ -228,6 +228,8 @@ impl Supervisor {
             run_dir: absolute(&self.topo.run_dir()),
             heartbeat_interval: self.topo.master.heartbeat_interval,
             orphan_timeout: self.topo.master.orphan_timeout,
+            log_file: absolute(&self.topo.log_dir().join(format!("{}.log", spec.id))),
+            log_max_bytes: self.topo.master.logs.max_bytes,
             server: spec.clone(),
         };
         let result = LogSink::open(&self.topo.log_dir(), &spec.id, &self.topo.master.logs, self.echo)

@@ -233,6 +233,9 @@ pub struct WorkerSpec {
     pub run_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub orphan_timeout: Duration,
+    /// The master writes the worker's output here; a worker whose master is gone appends to it itself.
+    pub log_file: PathBuf,
+    pub log_max_bytes: u64,
 }
 
 #[cfg(test)]

@@ -365,7 +365,6 @@ fn parse_server(ctx: &mut Ctx, t: ServerType, value: &Value, path: &[Seg]) -> Op
         use_dict: t == ServerType::Connector,
         idle_timeout: Duration::from_secs(90),
     };
-    let errors_before = ctx.errors.len();
     let mut has_id = false;
     let entries = ctx.entries(value, path, SERVER_KEYS);
     if !matches!(value, Value::Mapping(_)) {
@@ -461,7 +460,8 @@ fn parse_server(ctx: &mut Ctx, t: ServerType, value: &Value, path: &[Seg]) -> Op
     if t != ServerType::Gate && s.port.is_none() {
         ctx.err(path, format!("{t} `{}` needs a `port` for cluster RPC (0 picks a free one)", s.id));
     }
-    (ctx.errors.len() == errors_before).then_some(s)
+    // An entry with other problems still takes part in the duplicate checks.
+    has_id.then_some(s)
 }
 
 /// Parses the `servers` section; returns the servers in file order with their paths.

@@ -1,0 +1,291 @@
+//! The subcommands.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use pomelo_master::runstate;
+use pomelo_proto::config::{Topology, WorkerSpec};
+use tokio_util::sync::CancellationToken;
+
+use crate::client;
+use crate::ConfigArgs;
+
+fn load(cfg: &ConfigArgs) -> anyhow::Result<Topology> {
+    Ok(Topology::load(&cfg.config, &cfg.env)?)
+}
+
+pub fn check(cfg: &ConfigArgs) -> anyhow::Result<ExitCode> {
+    let t = load(cfg)?;
+    println!("{} is valid ({} environment): {} servers", cfg.config.display(), t.env, t.servers.len());
+    for s in &t.servers {
+        println!("  {:<24} {:<10} {}", s.id, s.server_type.as_str(), ports(s.port, s.client_port));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ports(port: Option<u16>, client: Option<u16>) -> String {
+    let mut out = Vec::new();
+    if let Some(p) = port {
+        out.push(format!("rpc {p}"));
+    }
+    if let Some(p) = client {
+        out.push(format!("clients {p}"));
+    }
+    out.join(", ")
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+pub fn start(cfg: &ConfigArgs, daemon: bool) -> anyhow::Result<ExitCode> {
+    let topology = load(cfg)?;
+    let prepared = pomelo_master::prepare(topology)?;
+    if daemon {
+        return daemonize(cfg, &prepared.run_dir);
+    }
+    init_logging("info");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run_master(prepared))
+}
+
+async fn run_master(prepared: pomelo_master::Prepared) -> anyhow::Result<ExitCode> {
+    let t = &prepared.topology;
+    let token: Arc<str> = client::admin_token(Some(t), &prepared.run_dir, true)?.into();
+    let control_addr = SocketAddr::new(bind_ip(&t.master.host), t.master.control_port);
+    let control = tokio::net::TcpListener::bind(control_addr)
+        .await
+        .with_context(|| format!("cannot listen on the control port {control_addr}; is another master running?"))?;
+    let admin = tokio::net::TcpListener::bind(t.master.admin)
+        .await
+        .with_context(|| format!("cannot listen on the admin address {}", t.master.admin))?;
+    let admin_addr = admin.local_addr()?;
+    let token_source = if t.master.admin_token.is_some() {
+        "from servers.yaml".to_string()
+    } else if std::env::var("POMELO_ADMIN_TOKEN").is_ok_and(|v| !v.trim().is_empty()) {
+        "from POMELO_ADMIN_TOKEN".to_string()
+    } else {
+        format!("in {}", prepared.run_dir.join("admin-token").display())
+    };
+    let shutdown = CancellationToken::new();
+    let running = pomelo_master::start(prepared, control, admin_addr, true, shutdown.clone())?;
+    tracing::info!(
+        "master pid {} running; dashboard http://{admin_addr}/ (admin token {token_source}); Ctrl-C stops the cluster",
+        std::process::id()
+    );
+    let dash_stop = CancellationToken::new();
+    let dashboard = tokio::spawn(pomelo_dashboard::serve(admin, running.handle.clone(), token, dash_stop.clone()));
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping the cluster"),
+            _ = int.recv() => tracing::info!("interrupted: stopping the cluster"),
+        }
+        signals.cancel();
+    });
+    running.task.await.context("the supervisor task failed")?;
+    tracing::info!("every server has stopped; master exiting");
+    dash_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), dashboard).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bind_ip(host: &str) -> std::net::IpAddr {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) if host == "localhost" => std::net::IpAddr::from([127, 0, 0, 1]),
+        Err(_) => std::net::IpAddr::from([0, 0, 0, 0]),
+    }
+}
+
+/// Starts `pomelo-rs start` again in the background and waits until its master is up.
+fn daemonize(cfg: &ConfigArgs, run_dir: &Path) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let topology = load(cfg)?;
+    let log_dir = topology.log_dir();
+    std::fs::create_dir_all(&log_dir)?;
+    let log_path = log_dir.join("master.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .arg("start")
+        .arg("-c")
+        .arg(&cfg.config)
+        .arg("-e")
+        .arg(&cfg.env)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the master in the background")?;
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Some(m) = runstate::read_master(run_dir).filter(|m| m.pid == pid) {
+            println!("The cluster is running in the background: master pid {pid}, dashboard http://{}/", m.admin_addr);
+            println!("Output: {}; stop it with `pomelo-rs stop`.", log_path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the master exited at once ({status}); see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the master (pid {pid}) did not come up within 15s; see {}", log_path.display())
+}
+
+pub fn stop(cfg: &ConfigArgs, ids: &[String]) -> anyhow::Result<ExitCode> {
+    let m = client::find(&cfg.config)?;
+    if ids.is_empty() {
+        println!("Stopping the cluster (master pid {})...", m.pid);
+        m.json("POST", "/api/shutdown")?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while pomelo_master::child::alive(m.pid) {
+            if Instant::now() > deadline {
+                bail!("the master (pid {}) is still running after 120s", m.pid);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("Stopped.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    each(&m, ids, "stop")
+}
+
+fn each(m: &client::Master, ids: &[String], verb: &str) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for id in ids {
+        match m.json("POST", &format!("/api/servers/{id}/{verb}")) {
+            Ok(v) => println!("{}", v.get("message").and_then(|s| s.as_str()).unwrap_or("ok")),
+            Err(e) => {
+                eprintln!("pomelo-rs: {id}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+pub fn restart(cfg: &ConfigArgs, ids: &[String], server_type: Option<&str>) -> anyhow::Result<ExitCode> {
+    let m = client::find(&cfg.config)?;
+    let mut targets = ids.to_vec();
+    if let Some(t) = server_type {
+        if pomelo_proto::control::ServerType::parse(t).is_none() {
+            bail!("unknown type `{t}`; use gate, connector or chat");
+        }
+        let v = m.json("GET", "/api/servers")?;
+        for s in v["servers"].as_array().into_iter().flatten() {
+            if s["type"] == t {
+                targets.push(s["id"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        if targets.is_empty() {
+            bail!("no {t} servers in this cluster");
+        }
+    }
+    if targets.is_empty() {
+        bail!("name the servers to restart, or --type TYPE");
+    }
+    each(&m, &targets, "restart")
+}
+
+pub fn start_servers(cfg: &ConfigArgs, ids: &[String]) -> anyhow::Result<ExitCode> {
+    let m = client::find(&cfg.config)?;
+    if ids.is_empty() {
+        bail!("name the servers to start");
+    }
+    each(&m, ids, "start")
+}
+
+pub fn list(cfg: &ConfigArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let m = client::find(&cfg.config)?;
+    let v = m.json("GET", "/api/servers")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let master = &v["master"];
+    println!(
+        "master pid {}  env {}  uptime {}  admin http://{}/",
+        master["pid"],
+        master["env"].as_str().unwrap_or(""),
+        human_secs(master["uptime_secs"].as_f64()),
+        master["admin_addr"].as_str().unwrap_or("")
+    );
+    if let Some(err) = master["config_error"].as_str() {
+        println!("servers.yaml was NOT applied: {err}");
+    }
+    println!(
+        "{:<22} {:<10} {:>8} {:<9} {:>9} {:>8} {:>9} {:>6}  PORTS",
+        "ID", "TYPE", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "CPU%"
+    );
+    for s in v["servers"].as_array().into_iter().flatten() {
+        let pid = s["pid"].as_u64().map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let rss = s["rss_bytes"].as_u64().filter(|r| *r > 0).map(|r| format!("{:.1}M", r as f64 / 1048576.0));
+        let mut ports = Vec::new();
+        if let Some(a) = s["addrs"]["rpc"].as_str() {
+            ports.push(format!("rpc {a}"));
+        }
+        if let Some(a) = s["addrs"]["client"].as_str() {
+            ports.push(format!("clients {a}"));
+        }
+        println!(
+            "{:<22} {:<10} {:>8} {:<9} {:>9} {:>8} {:>9} {:>6.1}  {}",
+            s["id"].as_str().unwrap_or(""),
+            s["type"].as_str().unwrap_or(""),
+            pid,
+            s["state"].as_str().unwrap_or(""),
+            human_secs(s["uptime_secs"].as_f64()),
+            s["restarts"],
+            rss.unwrap_or_else(|| "-".into()),
+            s["cpu_percent"].as_f64().unwrap_or(0.0),
+            ports.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_secs(s: Option<f64>) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s < 60.0 => format!("{s:.0}s"),
+        Some(s) if s < 3600.0 => format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
+        Some(s) => format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64),
+    }
+}
+
+pub fn worker(id: &str, server_type: &str, log_level: &str, threads: Option<usize>) -> anyhow::Result<ExitCode> {
+    let json = std::env::var(pomelo_master::child::SPEC_ENV)
+        .with_context(|| format!("`worker` is started by the master (no {} set)", pomelo_master::child::SPEC_ENV))?;
+    let spec: WorkerSpec = serde_json::from_str(&json).context("the worker spec from the master is malformed")?;
+    if spec.server.id != id || spec.server.server_type.as_str() != server_type {
+        bail!("--id/--type do not match the spec from the master");
+    }
+    let token = std::env::var(pomelo_master::child::TOKEN_ENV).unwrap_or_default();
+    let writer = pomelo_worker::logwriter::FallbackWriter::new(spec.log_file.clone(), spec.log_max_bytes);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(false).with_target(false).init();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.enable_all().build()?;
+    let exit = rt.block_on(pomelo_worker::runtime::run(spec, token))?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(match exit {
+        pomelo_worker::control::Exit::Rejected(_) => ExitCode::from(3),
+        _ => ExitCode::SUCCESS,
+    })
+}

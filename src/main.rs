@@ -1,0 +1,117 @@
+//! `pomelo-rs`: one binary for the master, its workers and the CLI that talks to them.
+//!
+//! `main` parses flags, sets up logging and maps errors to exit codes; everything else lives in the
+//! crates (`pomelo-master`, `pomelo-worker`, `pomelo-dashboard`) and in [`commands`].
+
+mod client;
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pomelo-rs", version, about = "A supervised real-time chat cluster, wire-compatible with Pomelo")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ConfigArgs {
+    /// The cluster file.
+    #[arg(short = 'c', long = "config", default_value = "servers.yaml")]
+    pub config: PathBuf,
+    /// The environment section to use.
+    #[arg(short = 'e', long = "env", default_value = pomelo_proto::config::DEFAULT_ENV)]
+    pub env: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the cluster: a master that starts and supervises every server in servers.yaml.
+    /// With server ids, start those stopped or failed servers on the running master instead.
+    Start {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Run in the background (output to logs/master.log).
+        #[arg(short = 'D', long)]
+        daemon: bool,
+        /// Servers to start on the running master.
+        ids: Vec<String>,
+    },
+    /// Stop the given servers, or the whole cluster and its master.
+    Stop {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Server ids; none means everything.
+        ids: Vec<String>,
+    },
+    /// Show every server: id, type, pid, state, uptime, restarts, RSS, ports.
+    List {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restart servers by id, or every server of a type.
+    Restart {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        ids: Vec<String>,
+        /// Restart every server of this type (gate, connector, chat).
+        #[arg(short = 't', long = "type")]
+        server_type: Option<String>,
+    },
+    /// Validate servers.yaml and list every problem.
+    Check {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Run one server (the master starts these; not for direct use).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        id: String,
+        #[arg(long = "type")]
+        server_type: String,
+        /// Log level: error, warn, info, debug, trace.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Runtime threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Start { cfg, ids, .. } if !ids.is_empty() => commands::start_servers(&cfg, &ids),
+        Cmd::Start { cfg, daemon, .. } => commands::start(&cfg, daemon),
+        Cmd::Stop { cfg, ids } => commands::stop(&cfg, &ids),
+        Cmd::List { cfg, json } => commands::list(&cfg, json),
+        Cmd::Restart { cfg, ids, server_type } => commands::restart(&cfg, &ids, server_type.as_deref()),
+        Cmd::Check { cfg } => commands::check(&cfg),
+        Cmd::Worker { id, server_type, log_level, threads } => commands::worker(&id, &server_type, &log_level, threads),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprint!("pomelo-rs: {e}");
+            for cause in e.chain().skip(1) {
+                eprint!(": {cause}");
+            }
+            eprintln!();
+            if e.downcast_ref::<client::NoMaster>().is_some() {
+                ExitCode::from(client::NO_MASTER as u8)
+            } else if e.downcast_ref::<pomelo_proto::config::ConfigErrors>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! A real cluster for a test: the `pomelo-rs` binary started from a temp dir with its own servers.yaml.
+//!
+//! Everything a test starts is killed when its [`Cluster`] drops: the master by pid, and every worker
+//! whose environment names this cluster's temp dir (found through /proc), so nothing outlives a test,
+//! and nothing another test (or a person) started is touched.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pomelo-rs"))
+}
+
+/// servers.yaml with every port 0 and short timeouts, so tests run in parallel and fast.
+pub fn yaml(servers: &str, master_extra: &str) -> String {
+    format!(
+        "master:\n  host: 127.0.0.1\n  controlPort: 0\n  admin: 127.0.0.1:0\n  stopGrace: 3s\n  heartbeatInterval: 200ms\n  heartbeatTimeout: 2s\n  startTimeout: 10s\n  orphanTimeout: 30s\n  restart:\n    backoffInitial: 100ms\n    backoffMax: 1s\n    maxRestarts: 3\n    window: 30s\n{master_extra}servers:\n{servers}"
+    )
+}
+
+pub const SMALL: &str = "  gate:\n    - {id: gate-1, clientPort: 0}\n  connector:\n    - {id: connector-1, port: 0, clientPort: 0}\n    - {id: connector-2, port: 0, clientPort: 0}\n  chat:\n    - {id: chat-1, port: 0}\n    - {id: chat-2, port: 0}\n";
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub master: Option<Child>,
+}
+
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Cluster {
+    /// Writes the file and starts the master in the foreground (as a child of the test).
+    pub fn start(yaml: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("servers.yaml"), yaml).expect("write servers.yaml");
+        let mut c = Cluster { dir, master: None };
+        c.spawn_master();
+        c
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("servers.yaml")
+    }
+
+    pub fn spawn_master(&mut self) {
+        let out = std::fs::File::create(self.dir.path().join("master.out")).expect("out");
+        let child = Command::new(bin())
+            .args(["start", "-c"])
+            .arg(self.config())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn master");
+        self.master = Some(child);
+        // Wait until this master has written its addresses.
+        let pid = self.master.as_ref().map(|c| c.id()).unwrap_or(0);
+        wait_until(Duration::from_secs(20), "master.json", || {
+            self.master_json().filter(|m| m["pid"].as_u64() == Some(pid as u64))
+        });
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin()).args(args).arg("-c").arg(self.config()).output().expect("run pomelo-rs")
+    }
+
+    pub fn master_output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("master.out")).unwrap_or_default()
+    }
+
+    pub fn master_json(&self) -> Option<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join(".pomelo/master.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.master_json().and_then(|m| m["admin_addr"].as_str()?.parse().ok()).expect("admin address")
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(".pomelo/admin-token")).expect("token").trim().to_string()
+    }
+
+    /// One HTTP request to the admin API; (status, body).
+    pub fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        http(self.admin_addr(), method, path, token)
+    }
+
+    /// GET with the token, parsed.
+    pub fn api(&self, path: &str) -> Value {
+        let (status, body) = self.http("GET", path, Some(&self.token()));
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).expect("json")
+    }
+
+    pub fn post(&self, path: &str) -> (u16, Value) {
+        let (status, body) = self.http("POST", path, Some(&self.token()));
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    pub fn servers(&self) -> Vec<Value> {
+        self.api("/api/servers")["servers"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn server(&self, id: &str) -> Value {
+        self.api(&format!("/api/servers/{id}"))
+    }
+
+    /// Waits until every server is running; returns id → pid.
+    pub fn wait_running(&self) -> Vec<(String, u32)> {
+        wait_until(Duration::from_secs(30), "every server running", || {
+            let servers = self.servers();
+            let all = !servers.is_empty() && servers.iter().all(|s| s["state"] == "running");
+            all.then(|| {
+                servers
+                    .iter()
+                    .map(|s| (s["id"].as_str().unwrap_or("").to_string(), s["pid"].as_u64().unwrap_or(0) as u32))
+                    .collect()
+            })
+        })
+    }
+
+    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        wait_until(timeout, &format!("{id} {state}"), || {
+            let s = self.server(id);
+            (s["state"] == state).then_some(s)
+        })
+    }
+
+    /// Worker processes of this cluster (found by the temp dir in their environment).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        let needle = self.dir.path().to_string_lossy().to_string();
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if !alive(pid) {
+                continue;
+            }
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+            if String::from_utf8_lossy(&env).contains(&needle) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    pub fn master_pid(&self) -> Option<u32> {
+        self.master.as_ref().map(|c| c.id())
+    }
+
+    /// Waits for the master child to exit and returns its status.
+    pub fn wait_master_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.master.as_mut().expect("master");
+        wait_until(timeout, "the master to exit", || child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut m) = self.master.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        for pid in self.worker_pids() {
+            signal(pid, 9);
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+/// Alive and not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| !r.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to admin");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.into() };
+    (status, body)
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_string_lossy().to_string()
+}

@@ -1,0 +1,167 @@
+//! The worker's end of the control link.
+//!
+//! [`run`] registers with the master, heartbeats with the worker's stats, publishes every membership it
+//! receives, and returns why the worker should stop: the master said so, the master refused it, or no
+//! master has answered for `orphan_timeout`. When the link drops it retries with a bounded backoff,
+//! re-reading `master.json` in the run directory, so a master restarted on another port is found.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pomelo_proto::config::WorkerSpec;
+use pomelo_proto::control::{BoundAddrs, Membership, Stats, ToMaster, ToWorker};
+use pomelo_proto::framing::JsonFramed;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Why the control loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// The master asked it to stop.
+    Stop(String),
+    /// The master refused the registration (unknown id, duplicate, wrong token).
+    Rejected(String),
+    /// No master for `orphan_timeout`.
+    Orphaned,
+    /// Shutdown from this process (a signal).
+    Shutdown,
+}
+
+/// Something that adds its figures to the heartbeat.
+pub type StatsSource = Arc<dyn Fn(&mut Stats) + Send + Sync>;
+
+pub struct Link<'a> {
+    pub spec: &'a WorkerSpec,
+    pub token: &'a str,
+    pub addrs: BoundAddrs,
+    pub membership: watch::Sender<Arc<Membership>>,
+    pub stats: Vec<StatsSource>,
+}
+
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub async fn run(link: Link<'_>, shutdown: CancellationToken) -> Exit {
+    let mut last_contact = Instant::now();
+    let mut retry = RETRY_MIN;
+    let mut warned = false;
+    let started = Instant::now();
+    loop {
+        for addr in candidates(link.spec) {
+            let session = session(&link, addr.clone(), &mut last_contact, started, &shutdown);
+            match session.await {
+                Ok(exit) => return exit,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(
+                            "no master at {addr}: {e}; retrying (orphaned after {:?})",
+                            link.spec.orphan_timeout
+                        );
+                        warned = true;
+                    }
+                }
+            }
+            // A session that got as far as the master resets the backoff.
+            if last_contact.elapsed() < RETRY_MAX {
+                retry = RETRY_MIN;
+                warned = false;
+            }
+        }
+        if last_contact.elapsed() >= link.spec.orphan_timeout {
+            tracing::warn!("no master for {:?}: stopping", link.spec.orphan_timeout);
+            return Exit::Orphaned;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Exit::Shutdown,
+            _ = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+/// The address from the spec, then the one in master.json if it differs.
+fn candidates(spec: &WorkerSpec) -> Vec<String> {
+    let mut out = vec![spec.control_addr.clone()];
+    if let Some(addr) = master_json_addr(&spec.run_dir) {
+        if addr != spec.control_addr {
+            out.insert(0, addr);
+        }
+    }
+    out
+}
+
+fn master_json_addr(run_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(run_dir.join("master.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("control_addr")?.as_str().map(String::from)
+}
+
+/// One connection to the master. `Err` means try again; `Ok` means stop the worker.
+async fn session(
+    link: &Link<'_>,
+    addr: String,
+    last_contact: &mut Instant,
+    started: Instant,
+    shutdown: &CancellationToken,
+) -> Result<Exit, String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("bad address: {e}"))?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).ok();
+    let mut framed = JsonFramed::new(stream);
+    let spec = &link.spec.server;
+    let register = ToMaster::Register {
+        id: spec.id.clone(),
+        server_type: spec.server_type,
+        pid: std::process::id(),
+        token: link.token.to_string(),
+        spec_hash: spec.fingerprint(),
+        addrs: link.addrs.clone(),
+    };
+    framed.send(&register).await.map_err(|e| e.to_string())?;
+    let interval = match tokio::time::timeout(Duration::from_secs(5), framed.recv::<ToWorker>()).await {
+        Ok(Ok(ToWorker::Welcome { heartbeat_interval_ms, master_pid })) => {
+            tracing::info!("registered with the master (pid {master_pid}) at {addr}");
+            Duration::from_millis(heartbeat_interval_ms.max(50))
+        }
+        Ok(Ok(ToWorker::Rejected { reason })) => return Ok(Exit::Rejected(reason)),
+        Ok(Ok(other)) => return Err(format!("unexpected first message {other:?}")),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no answer to the registration within 5s".into()),
+    };
+    *last_contact = Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = framed.send(&ToMaster::Leaving { reason: "shutting down".into() }).await;
+                return Ok(Exit::Shutdown);
+            }
+            _ = tick.tick() => {
+                let mut stats = Stats::new();
+                stats.insert("uptime_seconds".into(), started.elapsed().as_secs_f64());
+                for source in &link.stats {
+                    source(&mut stats);
+                }
+                framed.send(&ToMaster::Heartbeat { stats }).await.map_err(|e| e.to_string())?;
+            }
+            msg = framed.recv::<ToWorker>() => match msg {
+                Ok(ToWorker::Membership(m)) => {
+                    *last_contact = Instant::now();
+                    link.membership.send_replace(Arc::new(m));
+                }
+                Ok(ToWorker::Stop { reason }) => return Ok(Exit::Stop(reason)),
+                Ok(ToWorker::Rejected { reason }) => return Ok(Exit::Rejected(reason)),
+                Ok(ToWorker::Welcome { .. }) => *last_contact = Instant::now(),
+                Err(e) => return Err(format!("lost the master: {e}")),
+            },
+        }
+        *last_contact = Instant::now();
+    }
+}
