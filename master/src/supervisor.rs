@@ -54,6 +54,8 @@ struct Slot {
     link: Option<(u64, mpsc::Sender<ToWorker>)>,
     addrs: pomelo_proto::control::BoundAddrs,
     stats: Stats,
+    /// Per-second rates of the `_total` counters in `stats`.
+    rates: crate::view::Rates,
     proc: ProcSample,
     /// The spec hash a worker registered with (an adopted worker may run an older spec).
     spec_hash: Option<String>,
@@ -240,6 +242,7 @@ impl Supervisor {
                 slot.server.on_spawned(pid, now);
                 slot.adopted = false;
                 slot.stats.clear();
+                slot.rates = Default::default();
                 tracing::info!(server = %spec.id, "started pid {pid}");
                 self.event(i, format!("started pid {pid}"));
                 self.write_workers();
@@ -332,7 +335,9 @@ impl Supervisor {
                 if let Some(i) = self.index(&id) {
                     let slot = &mut self.slots[i];
                     if slot.link.as_ref().is_some_and(|(c, _)| *c == conn) {
-                        slot.server.on_heartbeat(Instant::now());
+                        let now = Instant::now();
+                        slot.server.on_heartbeat(now);
+                        slot.rates.update(&stats, now);
                         slot.stats = stats;
                     }
                 }
@@ -520,6 +525,7 @@ fn server_view(s: &Slot, now: Instant) -> ServerView {
         rss_bytes: s.proc.rss_bytes,
         open_fds: s.proc.open_fds,
         stats: s.stats.clone(),
+        rates: s.rates.current.clone(),
     }
 }
 
@@ -530,6 +536,7 @@ fn new_slot(spec: ServerSpec) -> Slot {
         link: None,
         addrs: Default::default(),
         stats: Stats::new(),
+        rates: Default::default(),
         proc: ProcSample::default(),
         spec_hash: None,
     }

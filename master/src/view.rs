@@ -48,6 +48,9 @@ pub struct ServerView {
     pub open_fds: u64,
     /// Counters and gauges the worker reports (connections, rooms, messages...).
     pub stats: Stats,
+    /// Per-second rates of the counters in `stats` (`messages_in_total` → `messages_in`), over the last
+    /// few seconds.
+    pub rates: Stats,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,4 +70,55 @@ pub struct ServerEvent {
     pub state: Phase,
     pub pid: Option<u32>,
     pub message: String,
+}
+
+/// Turns counters into per-second rates, averaged over at least [`Rates::SPAN`].
+#[derive(Debug, Clone, Default)]
+pub struct Rates {
+    base: Option<(std::time::Instant, Stats)>,
+    pub current: Stats,
+}
+
+impl Rates {
+    pub const SPAN: std::time::Duration = std::time::Duration::from_secs(2);
+
+    pub fn update(&mut self, stats: &Stats, now: std::time::Instant) {
+        let Some((t0, old)) = &self.base else {
+            self.base = Some((now, stats.clone()));
+            return;
+        };
+        let dt = now.duration_since(*t0);
+        if dt < Self::SPAN {
+            return;
+        }
+        let secs = dt.as_secs_f64();
+        self.current = stats
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_suffix("_total")?;
+                let before = old.get(k).copied().unwrap_or(0.0);
+                Some((name.to_string(), ((v - before) / secs).max(0.0)))
+            })
+            .collect();
+        self.base = Some((now, stats.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn rates_are_deltas_per_second_of_total_counters() {
+        let mut r = Rates::default();
+        let t0 = Instant::now();
+        let s = |n: f64| Stats::from([("messages_in_total".to_string(), n), ("connections".to_string(), 5.0)]);
+        r.update(&s(100.0), t0);
+        r.update(&s(150.0), t0 + Duration::from_secs(1));
+        assert!(r.current.is_empty(), "not before the span");
+        r.update(&s(300.0), t0 + Duration::from_secs(2));
+        assert_eq!(r.current.get("messages_in"), Some(&100.0));
+        assert!(!r.current.contains_key("connections"));
+    }
 }
