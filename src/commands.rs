@@ -208,6 +208,23 @@ pub fn start_servers(cfg: &ConfigArgs, ids: &[String]) -> anyhow::Result<ExitCod
     each(&m, ids, "start")
 }
 
+pub fn reload(cfg: &ConfigArgs) -> anyhow::Result<ExitCode> {
+    let m = client::find(&cfg.config)?;
+    let r = m.call("POST", "/api/reload")?;
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null);
+    match r.status {
+        200..=299 => {
+            println!("{}", v["message"].as_str().unwrap_or("reloaded"));
+            Ok(ExitCode::SUCCESS)
+        }
+        422 => {
+            eprintln!("pomelo-rs: {}", v["detail"].as_str().unwrap_or(&r.body));
+            Ok(ExitCode::from(2))
+        }
+        s => bail!("{} ({s})", v["detail"].as_str().unwrap_or(&r.body)),
+    }
+}
+
 pub fn list(cfg: &ConfigArgs, json: bool) -> anyhow::Result<ExitCode> {
     let m = client::find(&cfg.config)?;
     let v = m.json("GET", "/api/servers")?;

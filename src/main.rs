@@ -65,6 +65,11 @@ enum Cmd {
         #[arg(short = 't', long = "type")]
         server_type: Option<String>,
     },
+    /// Re-read servers.yaml on the running master and apply what changed.
+    Reload {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Validate servers.yaml and list every problem.
     Check {
         #[command(flatten)]
@@ -95,6 +100,7 @@ fn main() -> ExitCode {
         Cmd::List { cfg, json } => commands::list(&cfg, json),
         Cmd::Restart { cfg, ids, server_type } => commands::restart(&cfg, &ids, server_type.as_deref()),
         Cmd::Check { cfg } => commands::check(&cfg),
+        Cmd::Reload { cfg } => commands::reload(&cfg),
         Cmd::Worker { id, server_type, log_level, threads } => commands::worker(&id, &server_type, &log_level, threads),
     };
     match result {

@@ -139,8 +139,9 @@ impl Cluster {
 
     pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
         wait_until(timeout, &format!("{id} {state}"), || {
-            let s = self.server(id);
-            (s["state"] == state).then_some(s)
+            let (status, body) = self.http("GET", &format!("/api/servers/{id}"), Some(&self.token()));
+            let s: Value = serde_json::from_str(&body).ok()?;
+            (status == 200 && s["state"] == state).then_some(s)
         })
     }
 

@@ -6,6 +6,7 @@
 //! | `GET /api/servers/{id}` | one server (404 if unknown) |
 //! | `POST /api/servers/{id}/restart`, `/stop`, `/start` | 202, or 404 unknown id, 409 already stopping/there |
 //! | `GET /api/servers/{id}/logs?lines=N` | the last N (default 100, at most 5000) lines of its log |
+//! | `POST /api/reload` | re-read servers.yaml and apply it; 422 with every problem if it is invalid |
 //! | `POST /api/shutdown` | stop every server, then the master |
 //!
 //! Errors are `{"error": "...", "detail": "..."}` with the matching status.
@@ -71,11 +72,15 @@ pub fn routes(handle: MasterHandle) -> impl Filter<Extract = (Response,), Error 
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the log", e.to_string()),
             }
         });
+    let reload = warp::path!("api" / "reload")
+        .and(warp::post())
+        .and(h.clone())
+        .then(|h: MasterHandle| async move { command(&h, Command::Reload).await });
     let shutdown = warp::path!("api" / "shutdown")
         .and(warp::post())
         .and(h)
         .then(|h: MasterHandle| async move { command(&h, Command::Shutdown).await });
-    list.or(one).unify().or(logs).unify().or(action).unify().or(shutdown).unify()
+    list.or(one).unify().or(logs).unify().or(action).unify().or(reload).unify().or(shutdown).unify()
 }
 
 async fn command(h: &MasterHandle, cmd: Command) -> Response {
@@ -89,12 +94,14 @@ async fn command(h: &MasterHandle, cmd: Command) -> Response {
                 CommandError::UnknownServer(_) => StatusCode::NOT_FOUND,
                 CommandError::AlreadyStopping(_) | CommandError::AlreadyThere(..) => StatusCode::CONFLICT,
                 CommandError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                CommandError::InvalidConfig(_) => StatusCode::UNPROCESSABLE_ENTITY,
             };
             let kind = match e {
                 CommandError::UnknownServer(_) => "unknown server",
                 CommandError::AlreadyStopping(_) => "already stopping",
                 CommandError::AlreadyThere(..) => "nothing to do",
                 CommandError::ShuttingDown => "shutting down",
+                CommandError::InvalidConfig(_) => "invalid servers.yaml",
             };
             error(status, kind, e.to_string())
         }

@@ -10,6 +10,7 @@ pub mod child;
 pub mod control;
 pub mod logs;
 pub mod procstat;
+pub mod reload;
 pub mod restart;
 pub mod runstate;
 pub mod server;
@@ -147,7 +148,9 @@ pub fn start(
     let handle =
         MasterHandle { commands: cmd_tx, view: view_rx, events: events_tx.clone(), log_dir: topology.log_dir() };
 
+    let config_file = topology.file.clone();
     let listener_stop = shutdown.child_token();
+    spawn_reload_triggers(handle.clone(), &config_file, listener_stop.clone());
     tokio::spawn(control::listen(control, links_tx, listener_stop.clone()));
     let setup = supervisor::Setup {
         control_addr: file.control_addr,
@@ -175,4 +178,32 @@ fn advertised(bound: SocketAddr, host: &str) -> SocketAddr {
         _ if bound.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], bound.port())),
         _ => bound,
     }
+}
+
+/// File saves (debounced) and SIGHUP become reload commands; both go through the one reload path.
+fn spawn_reload_triggers(handle: MasterHandle, file: &std::path::Path, stop: CancellationToken) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let watcher = match reload::watch(file, tx.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("cannot watch {} for changes ({e}); use `pomelo-rs reload` or SIGHUP", file.display());
+            None
+        }
+    };
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        loop {
+            let why = tokio::select! {
+                _ = stop.cancelled() => return,
+                Some(()) = rx.recv() => "servers.yaml changed",
+                _ = hup.recv() => "SIGHUP",
+            };
+            tracing::info!("{why}: reloading");
+            match handle.command(Command::Reload).await {
+                Ok(summary) => tracing::info!("reloaded: {summary}"),
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+    });
 }

@@ -30,6 +30,8 @@ pub enum Command {
     Start(String),
     Stop(String),
     Restart(String),
+    /// Re-read servers.yaml and apply what changed.
+    Reload,
     /// Stop everything and end the master.
     Shutdown,
 }
@@ -44,6 +46,8 @@ pub enum CommandError {
     AlreadyThere(String, &'static str),
     #[error("the master is shutting down")]
     ShuttingDown,
+    #[error("{0}\nnothing was changed; the cluster runs as before")]
+    InvalidConfig(String),
 }
 
 pub type Reply = oneshot::Sender<Result<String, CommandError>>;
@@ -59,6 +63,8 @@ struct Slot {
     proc: ProcSample,
     /// The spec hash a worker registered with (an adopted worker may run an older spec).
     spec_hash: Option<String>,
+    /// Removed from servers.yaml and stopped: dropped at the end of the loop turn.
+    forget: bool,
 }
 
 /// Everything the supervisor is started with.
@@ -175,6 +181,10 @@ impl Supervisor {
                     break;
                 }
             }
+            if sup.slots.iter().any(|s| s.forget) {
+                sup.slots.retain(|s| !s.forget);
+                sup.write_workers();
+            }
             sup.publish_membership();
             sup.publish();
         }
@@ -217,7 +227,10 @@ impl Supervisor {
                         child::signal_group(pid, Signal::SIGKILL);
                     }
                 }
-                Action::Forget => {}
+                Action::Forget => {
+                    self.slots[i].forget = true;
+                    self.event(i, "removed from servers.yaml".into());
+                }
             }
         }
     }
@@ -370,6 +383,7 @@ impl Supervisor {
                 self.begin_shutdown();
                 return Ok("stopping every server, then the master".into());
             }
+            Command::Reload => return self.reload(),
             Command::Start(id) => {
                 let i = self.index(&id).ok_or_else(|| CommandError::UnknownServer(id.clone()))?;
                 match self.slots[i].server.phase() {
@@ -396,6 +410,74 @@ impl Supervisor {
         self.event(id, format!("{done} (asked through the admin API)"));
         self.apply(id, actions);
         Ok(format!("{} is {done}", self.slots[id].server.spec.id))
+    }
+
+    /// Re-reads servers.yaml; an invalid file changes nothing and is shown until a valid one arrives.
+    fn reload(&mut self) -> Result<String, CommandError> {
+        let new = match Topology::load(&self.topo.file, &self.topo.env) {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!("{msg}\nnothing was changed; the cluster runs as before");
+                self.config_error = Some(msg.clone());
+                return Err(CommandError::InvalidConfig(msg));
+            }
+        };
+        self.config_error = None;
+        let d = crate::reload::diff(&self.topo.servers, &new.servers);
+        let mut master = new.master.clone();
+        let fixed = crate::reload::needs_master_restart(&self.topo.master, &new.master);
+        if !fixed.is_empty() {
+            tracing::warn!("changed in servers.yaml but only applied when the master restarts: {}", fixed.join(", "));
+            let old = &self.topo.master;
+            master.host.clone_from(&old.host);
+            master.control_port = old.control_port;
+            master.admin = old.admin;
+            master.admin_token.clone_from(&old.admin_token);
+            master.run_dir.clone_from(&old.run_dir);
+            master.heartbeat_interval = old.heartbeat_interval;
+        }
+        self.topo.master = master;
+        self.topo.servers.clone_from(&new.servers);
+        let now = Instant::now();
+        let cfg = self.cfg();
+        for id in &d.removed {
+            if let Some(i) = self.index(id) {
+                let actions = self.slots[i].server.stop(now, &cfg, AfterStop::Remove);
+                self.apply(i, actions);
+            }
+        }
+        for id in &d.changed {
+            let (Some(i), Some(spec)) = (self.index(id), new.server(id)) else { continue };
+            self.slots[i].server.spec = spec.clone();
+            if !self.slots[i].server.is_down_for_good() && spec.is_local() {
+                self.event(i, "changed in servers.yaml: restarting".into());
+                let actions = self.slots[i].server.restart(now, &cfg);
+                self.apply(i, actions);
+            }
+        }
+        for id in &d.added {
+            let Some(spec) = new.server(id) else { continue };
+            // A server removed a moment ago and still stopping comes back with its new spec.
+            if let Some(i) = self.index(id) {
+                self.slots[i].server.spec = spec.clone();
+                let actions = self.slots[i].server.stop(now, &cfg, AfterStop::Restart);
+                self.apply(i, actions);
+                continue;
+            }
+            self.slots.push(new_slot(spec.clone()));
+            let i = self.slots.len() - 1;
+            if spec.is_local() {
+                let actions = self.slots[i].server.start(now, &cfg);
+                self.apply(i, actions);
+            }
+        }
+        // Membership follows file order; servers on their way out go last.
+        let order = |id: &str| new.servers.iter().position(|s| s.id == id).unwrap_or(usize::MAX);
+        self.slots.sort_by_key(|s| order(&s.server.spec.id));
+        let summary = d.summary();
+        tracing::info!("servers.yaml applied: {summary}");
+        Ok(summary)
     }
 
     fn begin_shutdown(&mut self) {
@@ -539,6 +621,7 @@ fn new_slot(spec: ServerSpec) -> Slot {
         rates: Default::default(),
         proc: ProcSample::default(),
         spec_hash: None,
+        forget: false,
     }
 }
 

@@ -1,0 +1,145 @@
+//! Editing servers.yaml while the cluster runs.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{alive, signal, wait_until, yaml, Cluster};
+
+const BASE: &str = "  gate:\n    - {id: gate-1, clientPort: 0}\n  connector:\n    - {id: connector-1, port: 0, clientPort: 0}\n  chat:\n    - {id: chat-1, port: 0}\n";
+
+/// Saves like an editor: write a temp file, rename it over the original.
+fn save(c: &Cluster, text: &str) {
+    let tmp = c.dir.path().join(".servers.yaml.tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, c.config()).expect("rename");
+}
+
+fn ids(c: &Cluster) -> Vec<String> {
+    c.servers().iter().map(|s| s["id"].as_str().unwrap_or("").to_string()).collect()
+}
+
+#[test]
+fn added_servers_start_within_two_seconds_of_the_save() {
+    let c = Cluster::start(&yaml(BASE, ""));
+    c.wait_running();
+    let more = format!("{BASE}    - {{id: chat-2, port: 0}}\n")
+        .replace("  chat:\n", "    - {id: connector-2, port: 0, clientPort: 0}\n  chat:\n");
+    let saved = Instant::now();
+    save(&c, &yaml(&more, ""));
+    wait_until(Duration::from_secs(2), "chat-2 and connector-2 running", || {
+        let s = c.servers();
+        let up = |id: &str| s.iter().any(|x| x["id"] == id && x["state"] == "running");
+        (up("chat-2") && up("connector-2")).then_some(())
+    });
+    eprintln!("added servers running {:?} after the save", saved.elapsed());
+    assert_eq!(ids(&c), ["gate-1", "connector-1", "connector-2", "chat-1", "chat-2"], "file order");
+    let out = c.run(&["list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().any(|l| l.starts_with("chat-2") && l.contains("running")), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("connector-2") && l.contains("running")), "{table}");
+    assert_eq!(c.worker_pids().len(), 5);
+}
+
+#[test]
+fn removed_servers_stop_and_leave_no_process() {
+    let two = format!("{BASE}    - {{id: chat-2, port: 0}}\n");
+    let c = Cluster::start(&yaml(&two, ""));
+    let running = c.wait_running();
+    let pid = running.iter().find(|(id, _)| id == "chat-2").map(|(_, p)| *p).expect("chat-2");
+    save(&c, &yaml(BASE, ""));
+    wait_until(Duration::from_secs(10), "chat-2 gone from the API", || {
+        (!ids(&c).contains(&"chat-2".into())).then_some(())
+    });
+    wait_until(Duration::from_secs(5), "chat-2's process gone", || (!alive(pid)).then_some(()));
+    assert_eq!(c.worker_pids().len(), 3);
+    let (status, _) = c.http("GET", "/api/servers/chat-2", Some(&c.token()));
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn a_changed_server_is_restarted_and_the_others_are_untouched() {
+    let c = Cluster::start(&yaml(BASE, ""));
+    let before = c.wait_running();
+    let changed = BASE.replace("{id: chat-1, port: 0}", "{id: chat-1, port: 0, env: {CHAT_FLAVOUR: lime}}");
+    save(&c, &yaml(&changed, ""));
+    let old = before.iter().find(|(id, _)| id == "chat-1").map(|(_, p)| *p).expect("chat-1");
+    wait_until(Duration::from_secs(10), "chat-1 restarted", || {
+        let s = c.server("chat-1");
+        (s["state"] == "running" && s["pid"].as_u64().is_some_and(|p| p as u32 != old)).then_some(())
+    });
+    let new_pid = c.server("chat-1")["pid"].as_u64().expect("pid") as u32;
+    let env = std::fs::read(format!("/proc/{new_pid}/environ")).expect("environ");
+    assert!(String::from_utf8_lossy(&env).contains("CHAT_FLAVOUR=lime"), "the new process has the new spec");
+    for (id, pid) in before.iter().filter(|(id, _)| id != "chat-1") {
+        assert_eq!(c.server(id)["pid"].as_u64(), Some(*pid as u64), "{id} untouched");
+    }
+}
+
+#[test]
+fn an_invalid_file_changes_nothing_and_the_error_is_visible() {
+    let c = Cluster::start(&yaml(BASE, ""));
+    let before = c.wait_running();
+    let broken = format!("{BASE}    - {{id: chat-2, port: 0, colour: red}}\n    - {{id: chat-1, port: 0}}\n");
+    save(&c, &yaml(&broken, ""));
+    let err = wait_until(Duration::from_secs(5), "config_error in the API", || {
+        c.api("/api/servers")["master"]["config_error"].as_str().map(String::from)
+    });
+    assert!(err.contains("unknown key `colour`"), "{err}");
+    assert!(err.contains("duplicate id `chat-1`"), "{err}");
+    assert!(err.contains(":22: servers.chat[1].colour"), "with lines: {err}");
+    assert!(err.contains(":23: servers.chat[2].id"), "with lines: {err}");
+    let (status, body) = c.post("/api/reload");
+    assert_eq!(status, 422, "{body}");
+    assert!(body["detail"].as_str().unwrap_or("").contains("unknown key `colour`"));
+    let out = c.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was changed"), "{out:?}");
+    let mut after = c.wait_running();
+    let mut b = before.clone();
+    after.sort();
+    b.sort();
+    assert_eq!(after, b, "nothing changed");
+    // A valid file clears the error.
+    save(&c, &yaml(BASE, ""));
+    wait_until(Duration::from_secs(5), "the error cleared", || {
+        c.api("/api/servers")["master"]["config_error"].is_null().then_some(())
+    });
+}
+
+#[test]
+fn ten_rapid_saves_give_one_consistent_result() {
+    let c = Cluster::start(&yaml(BASE, ""));
+    c.wait_running();
+    let mut last = String::new();
+    for n in 1..=10 {
+        let extra: String = (2..=(n % 4) + 2).map(|k| format!("    - {{id: chat-{k}, port: 0}}\n")).collect();
+        last = format!("{BASE}{extra}");
+        save(&c, &yaml(&last, ""));
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // The last save had n = 10: chat-2, chat-3 and chat-4 besides chat-1.
+    let want = ["gate-1", "connector-1", "chat-1", "chat-2", "chat-3", "chat-4"];
+    wait_until(Duration::from_secs(10), "the last file's servers, all running", || {
+        let s = c.servers();
+        (s.len() == want.len() && s.iter().all(|x| x["state"] == "running")).then_some(())
+    });
+    assert_eq!(ids(&c), want);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.worker_pids().len(), want.len(), "no stray or duplicate processes");
+    assert!(last.contains("chat-4"));
+}
+
+#[test]
+fn sighup_and_the_reload_command_apply_the_file() {
+    let c = Cluster::start(&yaml(BASE, ""));
+    c.wait_running();
+    // Written in place without a rename, then SIGHUP (the watcher may also see it; either way one result).
+    std::fs::write(c.config(), yaml(&format!("{BASE}    - {{id: chat-2, port: 0}}\n"), "")).expect("write");
+    signal(c.master_pid().expect("pid"), 1);
+    c.wait_state("chat-2", "running", Duration::from_secs(5));
+    std::fs::write(c.config(), yaml(BASE, "")).expect("write");
+    let out = c.run(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("removed: chat-2") || said.contains("unchanged: 3"), "{said}");
+    wait_until(Duration::from_secs(10), "chat-2 removed", || (!ids(&c).contains(&"chat-2".into())).then_some(()));
+}
