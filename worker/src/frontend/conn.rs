@@ -1,0 +1,382 @@
+//! One client connection: its task, its writer task and its teardown.
+//!
+//! The connection task owns the read half, the protocol phase, the timers and the handler futures of
+//! this client (at most `max_inflight_requests`, polled in the same task). Everything it sends goes
+//! through the session's bounded queue; a writer task owns the write half and writes what is queued in
+//! batches. The task ends on peer close, malformed input (one log line, one counter), a timeout, a kick
+//! (its session token), or shutdown (which kicks with "server shutting down"). Teardown: unregister,
+//! cancel handler futures, flush a KICK within `kick_flush_timeout`, run `on_close` within
+//! `close_hook_timeout`. The `force` token drops everything at once.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use pomelo_proto::wire::{self, handshake, Decoded, Package, PackageDecoder, PackageType};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+
+use super::config::FrontendConfig;
+use super::handler::{BoxFuture, Handler, HandlerError, Request, RequestKind};
+use super::metrics::{self, FrontendMetrics};
+use super::session::{CloseReason, Session, SessionInner, Sessions};
+use super::state::{self, Action, Ctx, Phase};
+use super::transport::{self, Accepted, Inbound, Reader, Writer};
+
+/// What every connection of one listener shares.
+pub(crate) struct Shared {
+    pub(crate) config: FrontendConfig,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) routes: HashSet<String>,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) metrics: Arc<FrontendMetrics>,
+    pub(crate) ws_config: WebSocketConfig,
+    pub(crate) decoder: PackageDecoder,
+}
+
+/// How the read loop ended.
+enum End {
+    Closing,
+    PeerClosed,
+    Failed(String),
+    Protocol(String),
+    Timeout(&'static str),
+    Forced,
+}
+
+type Inflight<'a> = FuturesUnordered<BoxFuture<'a, (Option<u32>, Result<Value, HandlerError>)>>;
+
+pub(crate) async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) {
+    let cfg = &shared.config;
+    let started = Instant::now();
+    let accept = transport::accept(stream, &*shared.handler, shared.ws_config);
+    let accepted = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = timeout(cfg.handshake_timeout, accept) => r,
+    };
+    let accepted = match accepted {
+        Ok(Ok(a)) => a,
+        Ok(Err(transport::AcceptError::BadHttp(why))) => {
+            metrics::inc(&shared.metrics.protocol_errors_total);
+            tracing::info!(%peer, "closing connection: {why}");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "connection ended before the protocol started: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "closing connection: nothing usable within the handshake timeout");
+            return;
+        }
+    };
+    if matches!(accepted, Accepted::HttpAnswered) {
+        metrics::inc(&shared.metrics.http_requests_total);
+        return;
+    }
+    let Some((reader, writer)) = transport::split(accepted) else { return };
+    let inner = Arc::new(SessionInner::new(shared.sessions.next_id(), peer, cfg, shared.metrics.clone()));
+    let mut writer_task = tokio::spawn(write_loop(writer, inner.clone(), shared.metrics.clone()));
+
+    let mut conn = Conn { shared: &shared, inner: &inner, phase: Phase::Inited, registered: false };
+    let end = conn.read_loop(reader, started, &shutdown, &force).await;
+    let registered = conn.registered;
+
+    if registered {
+        shared.sessions.unregister(&inner);
+    }
+    match (&end, inner.close_reason()) {
+        (End::Closing, Some(CloseReason::Kick(reason))) => {
+            tracing::info!(session = inner.id, %peer, "kicked: {reason}");
+            inner.queue.push_last(wire::kick(&reason));
+        }
+        (End::Closing, Some(CloseReason::Close(why))) => {
+            tracing::info!(session = inner.id, %peer, "closing: {why}");
+            inner.queue.close();
+        }
+        (End::Timeout(what), _) => {
+            tracing::info!(session = inner.id, %peer, "client {} {what}", inner.id);
+            inner.queue.abort();
+        }
+        (End::Protocol(e), _) => {
+            metrics::inc(&shared.metrics.protocol_errors_total);
+            tracing::warn!(session = inner.id, %peer, "closing connection on malformed input: {e}");
+            inner.queue.abort();
+        }
+        (End::Failed(e), _) => {
+            tracing::debug!(session = inner.id, %peer, "connection failed: {e}");
+            inner.queue.abort();
+        }
+        _ => inner.queue.abort(),
+    }
+    // Let the writer flush a KICK or handshake error, but not for long.
+    let flushed = tokio::select! {
+        _ = force.cancelled() => false,
+        r = timeout(cfg.kick_flush_timeout, &mut writer_task) => r.is_ok(),
+    };
+    if !flushed {
+        writer_task.abort();
+    }
+    inner.queue.release_all();
+    inner.closing.cancel();
+    if registered {
+        let session = Session::new(inner.clone(), shared.sessions.clone());
+        if timeout(cfg.close_hook_timeout, shared.handler.on_close(session)).await.is_err() {
+            tracing::warn!(session = inner.id, "on_close hook took longer than {:?}", cfg.close_hook_timeout);
+        }
+    }
+}
+
+async fn write_loop(mut w: Writer, s: Arc<SessionInner>, m: Arc<FrontendMetrics>) {
+    while let Some((batch, packages)) = s.queue.next_batch().await {
+        let len = batch.len();
+        let r = w.write(batch).await;
+        s.queue.written(len);
+        if let Err(e) = r {
+            tracing::debug!(session = s.id, "write failed: {e}");
+            s.end(CloseReason::PeerGone);
+            return;
+        }
+        metrics::add(&m.bytes_out_total, len);
+        metrics::add(&m.packages_out_total, packages);
+    }
+    if !s.queue.is_aborted() {
+        w.close().await;
+    }
+}
+
+struct Conn<'a> {
+    shared: &'a Shared,
+    inner: &'a Arc<SessionInner>,
+    phase: Phase,
+    registered: bool,
+}
+
+impl<'a> Conn<'a> {
+    async fn read_loop(
+        &mut self,
+        mut reader: Reader,
+        started: Instant,
+        shutdown: &CancellationToken,
+        force: &CancellationToken,
+    ) -> End {
+        let cfg = &self.shared.config;
+        let handler: &'a dyn Handler = &*self.shared.handler;
+        let mut inflight: Inflight<'a> = FuturesUnordered::new();
+        let mut tcp_buf = BytesMut::new();
+        let deadline = sleep_until(started + cfg.handshake_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                _ = force.cancelled() => return End::Forced,
+                _ = self.inner.closing.cancelled() => return End::Closing,
+                _ = shutdown.cancelled() => {
+                    self.inner.end(CloseReason::Kick("server shutting down".into()));
+                }
+                _ = &mut deadline => {
+                    return End::Timeout(match (self.phase, cfg.heartbeat) {
+                        (Phase::Working, Some(_)) => "heartbeat timeout",
+                        (Phase::Working, None) => "idle timeout",
+                        _ => "handshake timeout",
+                    });
+                }
+                Some((id, res)) = inflight.next(), if !inflight.is_empty() => self.respond(id, res),
+                r = reader.read(&mut tcp_buf), if inflight.len() < cfg.max_inflight_requests => {
+                    let pkgs = match r {
+                        Ok(Inbound::Closed) => return End::PeerClosed,
+                        Err(e) => return End::Failed(e),
+                        Ok(Inbound::Message(b)) => {
+                            metrics::add(&self.shared.metrics.bytes_in_total, b.len());
+                            self.decode_message(&b)
+                        }
+                        Ok(Inbound::Stream(n)) => {
+                            metrics::add(&self.shared.metrics.bytes_in_total, n);
+                            self.decode_stream(&mut tcp_buf)
+                        }
+                    };
+                    let pkgs = match pkgs {
+                        Ok(p) => p,
+                        Err(e) => return End::Protocol(e),
+                    };
+                    for pkg in pkgs {
+                        metrics::inc(&self.shared.metrics.packages_in_total);
+                        if let Some(end) = self.on_package(pkg, handler, &mut inflight, deadline.as_mut()) {
+                            return end;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn decode_message(&self, b: &[u8]) -> Result<Vec<Package>, String> {
+        self.shared.decoder.decode_all(b).map_err(|e| {
+            if matches!(e, wire::package::DecodeAllError::Package(wire::PackageError::TooLarge { .. })) {
+                metrics::inc(&self.shared.metrics.oversized_total);
+            }
+            e.to_string()
+        })
+    }
+
+    fn decode_stream(&self, buf: &mut BytesMut) -> Result<Vec<Package>, String> {
+        let mut out = Vec::new();
+        loop {
+            match self.shared.decoder.decode(buf) {
+                Ok(Decoded::Package(p)) => out.push(p),
+                Ok(Decoded::NeedMore) => return Ok(out),
+                Err(e) => {
+                    if matches!(e, wire::PackageError::TooLarge { .. }) {
+                        metrics::inc(&self.shared.metrics.oversized_total);
+                    }
+                    return Err(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn on_package(
+        &mut self,
+        pkg: Package,
+        handler: &'a dyn Handler,
+        inflight: &mut Inflight<'a>,
+        deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Option<End> {
+        let cfg = &self.shared.config;
+        let was_working = self.phase == Phase::Working;
+        let ctx = Ctx { dict: cfg.dict(), routes: &self.shared.routes };
+        let action = state::on_package(&mut self.phase, pkg, &ctx);
+        // Without heartbeats, any package keeps the connection alive; with them, only heartbeats do.
+        if was_working && cfg.heartbeat.is_none() {
+            deadline.reset(Instant::now() + cfg.working_timeout());
+            return self.act(action, handler, inflight, None);
+        }
+        self.act(action, handler, inflight, Some(deadline))
+    }
+
+    fn act(
+        &mut self,
+        action: Action,
+        handler: &'a dyn Handler,
+        inflight: &mut Inflight<'a>,
+        deadline: Option<std::pin::Pin<&mut tokio::time::Sleep>>,
+    ) -> Option<End> {
+        let cfg = &self.shared.config;
+        let rearm = |d: Option<std::pin::Pin<&mut tokio::time::Sleep>>| {
+            if let Some(d) = d {
+                d.reset(Instant::now() + cfg.working_timeout());
+            }
+        };
+        match action {
+            Action::Ignore(why) => tracing::debug!(session = self.inner.id, "ignored package: {why}"),
+            Action::Handshake(req) => self.handshake(req, handler),
+            Action::Ack => {
+                self.shared.sessions.register(self.inner);
+                self.registered = true;
+                if cfg.heartbeat.is_some() {
+                    self.inner.send(wire::package::empty(PackageType::Heartbeat));
+                }
+                rearm(deadline);
+            }
+            Action::Heartbeat => {
+                // Pomelo's heartbeat handler does nothing when the connector has no heartbeat.
+                if cfg.heartbeat.is_some() {
+                    self.inner.send(wire::package::empty(PackageType::Heartbeat));
+                    rearm(deadline);
+                }
+            }
+            Action::Dispatch { id, route, body } => {
+                metrics::inc(&self.shared.metrics.requests_total);
+                let kind = if id.is_some() { RequestKind::Request } else { RequestKind::Notify };
+                let session = Session::new(self.inner.clone(), self.shared.sessions.clone());
+                let fut = handler.handle(Request { session, route, body, kind });
+                inflight.push(Box::pin(async move { (id, fut.await) }));
+            }
+            Action::Error500 { id, why } => {
+                tracing::debug!(session = self.inner.id, "answering request {id} with 500: {why}");
+                self.send_response(id, br#"{"code":500}"#);
+            }
+            Action::Kick(reason) => {
+                tracing::warn!(session = self.inner.id, peer = %self.inner.peer, "kicking client: {reason}");
+                self.inner.end(CloseReason::Kick(reason.to_owned()));
+            }
+            Action::ProtocolError(e) => return Some(End::Protocol(e)),
+        }
+        None
+    }
+
+    fn handshake(&mut self, req: handshake::HandshakeRequest, handler: &dyn Handler) {
+        let cfg = &self.shared.config;
+        let reply = if !req.has_sys {
+            Err(handshake::CODE_USE_ERROR)
+        } else if !handler.check_client(req.client_type.as_deref(), req.client_version.as_deref()) {
+            Err(handshake::CODE_OLD_CLIENT)
+        } else {
+            match handler.handshake_user(req.user.as_ref()) {
+                Ok(user) => handshake::ok_reply(cfg.heartbeat, cfg.dict(), req.dict_version.as_deref(), user.as_ref())
+                    .map_err(|_| handshake::CODE_USE_ERROR),
+                Err(e) => {
+                    tracing::info!(session = self.inner.id, "handshake hook refused the client: {e}");
+                    Err(handshake::CODE_USE_ERROR)
+                }
+            }
+        };
+        match reply {
+            Ok(bytes) => {
+                metrics::inc(&self.shared.metrics.handshakes_total);
+                self.inner.send(bytes);
+                state::handshake_accepted(&mut self.phase);
+            }
+            Err(code) => {
+                self.inner.send(handshake::error_reply(code));
+                self.inner.end(CloseReason::Close(format!("handshake refused with code {code}")));
+            }
+        }
+    }
+
+    fn respond(&mut self, id: Option<u32>, res: Result<Value, HandlerError>) {
+        let Some(id) = id else {
+            match res {
+                Ok(v) if !v.is_null() => tracing::warn!(session = self.inner.id, "handler answered a notify; dropped"),
+                Err(e) => tracing::warn!(session = self.inner.id, "notify handler failed: {e}"),
+                Ok(_) => {}
+            }
+            return;
+        };
+        let body = match res {
+            Ok(Value::Null) => b"{}".to_vec(),
+            Ok(v) => serde_json::to_vec(&v).unwrap_or_else(|_| br#"{"code":500}"#.to_vec()),
+            Err(e) => {
+                tracing::warn!(session = self.inner.id, "request {id} failed: {e}");
+                br#"{"code":500}"#.to_vec()
+            }
+        };
+        self.send_response(id, &body);
+    }
+
+    fn send_response(&self, id: u32, body: &[u8]) {
+        match wire::encode_response(id, body) {
+            Ok(b) => {
+                self.inner.send(b);
+            }
+            Err(e) => {
+                tracing::warn!(session = self.inner.id, "response {id} cannot be encoded ({e}); sending 500");
+                if let Ok(b) = wire::encode_response(id, br#"{"code":500}"#) {
+                    self.inner.send(b);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The hybrid frontend server: one client port serving Pomelo's protocol over WebSocket and raw TCP,
+//! plus plain HTTP `GET` answered by the handler.
+//!
+//! [`serve`] owns the accept loop. Each accepted socket gets a connection task (`conn.rs`: protocol
+//! state machine, timers, handler futures) and a writer task draining the session's bounded queue.
+//! Sockets beyond `max_connections` are closed at once and counted. Shutdown: when the token is
+//! cancelled the loop stops accepting, every connection kicks its client with "server shutting down"
+//! and closes; after `shutdown_grace` whatever remains is dropped, then `serve` returns.
+//!
+//! - [`config`]: [`FrontendConfig`]. [`metrics`]: [`FrontendMetrics`].
+//! - [`handler`]: the [`Handler`] trait the gate and connector implement.
+//! - [`session`]: [`Session`] handles and the [`Sessions`] registry (push to ids, kick, lookup by uid).
+
+pub mod config;
+mod conn;
+pub mod handler;
+pub mod metrics;
+mod queue;
+pub mod session;
+mod state;
+mod transport;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::FrontendConfig;
+pub use handler::{BoxFuture, Handler, HandlerError, Request, RequestKind};
+pub use metrics::FrontendMetrics;
+pub use queue::PushError;
+pub use session::{BindError, CloseReason, Session, Sessions};
+
+use pomelo_proto::wire::PackageDecoder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("invalid frontend config: {0}")]
+    Config(String),
+}
+
+/// Serves clients on `listener` until `shutdown` is cancelled, with a registry of its own.
+pub async fn serve(
+    listener: TcpListener,
+    config: FrontendConfig,
+    handler: Arc<dyn Handler>,
+    metrics: Arc<FrontendMetrics>,
+    shutdown: CancellationToken,
+) -> Result<(), FrontendError> {
+    let sessions = Sessions::new(&config, metrics);
+    serve_with(listener, config, handler, sessions, shutdown).await
+}
+
+/// [`serve`] with a registry the caller keeps (to push to sessions and kick from other tasks).
+/// The registry's metrics are the ones this server updates.
+pub async fn serve_with(
+    listener: TcpListener,
+    config: FrontendConfig,
+    handler: Arc<dyn Handler>,
+    sessions: Arc<Sessions>,
+    shutdown: CancellationToken,
+) -> Result<(), FrontendError> {
+    config.check().map_err(FrontendError::Config)?;
+    let metrics = sessions.metrics().clone();
+    // A WebSocket message may carry several packages; allow a few full-size ones, never more.
+    let max_msg = (config.max_package_bytes + 4) * 4;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(config.max_batch_bytes * 2 + 1024)
+        .max_message_size(Some(max_msg))
+        .max_frame_size(Some(max_msg));
+    let shared = Arc::new(conn::Shared {
+        routes: handler.routes().into_iter().collect::<HashSet<_>>(),
+        decoder: PackageDecoder::new(config.max_package_bytes),
+        ws_config,
+        handler,
+        sessions,
+        metrics: metrics.clone(),
+        config,
+    });
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+    let tracker = TaskTracker::new();
+    let force = CancellationToken::new();
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "frontend listening (websocket and tcp)");
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE; back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::inc(&metrics.refused_total);
+            tracing::warn!(%peer, max = shared.config.max_connections, "connection refused: max_connections reached");
+            drop(stream);
+            continue;
+        };
+        metrics::inc(&metrics.connections_total);
+        metrics::inc(&metrics.connections);
+        let (shared, shutdown, force, metrics) = (shared.clone(), shutdown.clone(), force.clone(), metrics.clone());
+        tracker.spawn(async move {
+            conn::run(stream, peer, shared, shutdown, force).await;
+            metrics::sub(&metrics.connections, 1);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    let live = shared.sessions.count();
+    tracing::info!(sessions = live, "frontend shutting down: kicking every session");
+    if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait()).await.is_err() {
+        tracing::warn!("connections still open after {:?}; dropping them", shared.config.shutdown_grace);
+        force.cancel();
+        let hooks = shared.config.close_hook_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(hooks, tracker.wait()).await.is_err() {
+            tracing::warn!("some connection tasks did not finish; giving up on them");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The demo chat over real sockets: gate query, connector enter, broadcast and private chat, kick,
+//! leave, heartbeats, shutdown; over WebSocket and raw TCP.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pomelo_proto::control::{BoundAddrs, Membership, ServerInfo, ServerType};
+use pomelo_proto::wire::PackageType;
+use pomelo_worker::connector::{Connector, LocalRooms};
+use pomelo_worker::frontend::FrontendConfig;
+use pomelo_worker::gate::Gate;
+use serde_json::{json, Value};
+use support::{bounded, Client, Kind, Server};
+use tokio::sync::watch;
+
+fn connector_config(heartbeat_ms: u64) -> FrontendConfig {
+    FrontendConfig { heartbeat: Some(Duration::from_millis(heartbeat_ms)), ..Connector::frontend_config() }
+}
+
+async fn connector(heartbeat_ms: u64) -> (Server, Arc<LocalRooms>) {
+    let rooms = Arc::new(LocalRooms::new());
+    let server = Server::start(connector_config(heartbeat_ms), Arc::new(Connector::new(rooms.clone()))).await;
+    (server, rooms)
+}
+
+fn membership(connector: &Server) -> Membership {
+    let info = |id: &str, t, client| ServerInfo {
+        id: id.into(),
+        server_type: t,
+        host: "127.0.0.1".into(),
+        pid: 1,
+        addrs: BoundAddrs { rpc: None, client },
+    };
+    Membership {
+        version: 1,
+        servers: vec![
+            info("gate-server-1", ServerType::Gate, None),
+            info("connector-server-1", ServerType::Connector, Some(connector.addr)),
+        ],
+    }
+}
+
+#[tokio::test]
+async fn gate_then_connector_chat_over_websocket_and_tcp() {
+    bounded(Duration::from_secs(30), async {
+        let (conn, rooms) = connector(3000).await;
+        let (_tx, rx) = watch::channel(Arc::new(membership(&conn)));
+        let gate = Server::start(Gate::frontend_config(), Arc::new(Gate::new(rx))).await;
+
+        // Gate: no heartbeat, no dictionary.
+        let mut g = Client::connect(Kind::Ws, gate.addr).await;
+        let reply = g.handshake(false).await;
+        assert_eq!(reply, json!({"code":200,"sys":{}}));
+        let entry = g.request(1, "gate.gateHandler.queryEntry", &json!({"uid":"alice"})).await;
+        assert_eq!(entry, json!({"code":200,"host":"127.0.0.1","port":conn.addr.port()}));
+        assert_eq!(g.request(2, "gate.gateHandler.queryEntry", &json!({})).await, json!({"code":500}));
+
+        // Connector: heartbeat 3 s, dictionary codes 3, 2, 1.
+        let mut a = Client::connect(Kind::Ws, conn.addr).await;
+        let reply = a.handshake(true).await;
+        assert_eq!(reply["sys"]["heartbeat"], 3);
+        assert_eq!(reply["sys"]["useDict"], true);
+        assert_eq!(
+            reply["sys"]["routeToCode"],
+            json!({"chat.chatHandler.send":1,"connector.entryHandler.enter":2,"gate.gateHandler.queryEntry":3})
+        );
+        let users = a.request(1, "connector.entryHandler.enter", &json!({"username":"alice","rid":"r1"})).await;
+        assert_eq!(users, json!({"users":["alice"]}));
+
+        let mut b = Client::connect(Kind::Tcp, conn.addr).await;
+        b.handshake(true).await;
+        let users = b.request(1, "connector.entryHandler.enter", &json!({"username":"bob","rid":"r1"})).await;
+        assert_eq!(users, json!({"users":["alice","bob"]}));
+        assert_eq!(a.next_push().await, ("onAdd".into(), json!({"route":"onAdd","user":"bob"})));
+
+        // Duplicate login on this connector.
+        let mut dup = Client::connect(Kind::Tcp, conn.addr).await;
+        dup.handshake(true).await;
+        let r = dup.request(1, "connector.entryHandler.enter", &json!({"username":"bob","rid":"r1"})).await;
+        assert_eq!(r, json!({"code":500,"error":true}));
+
+        // Broadcast reaches everyone, sender included; the response is {}.
+        let send = json!({"rid":"r1","content":"hi all","from":"alice","target":"*"});
+        assert_eq!(a.request(2, "chat.chatHandler.send", &send).await, json!({}));
+        let chat = ("onChat".to_string(), json!({"msg":"hi all","from":"alice","target":"*"}));
+        assert_eq!(a.next_push().await, chat);
+        assert_eq!(b.next_push().await, chat);
+
+        // Private message reaches only the target.
+        let send = json!({"rid":"r1","content":"psst","from":"bob","target":"alice"});
+        assert_eq!(b.request(2, "chat.chatHandler.send", &send).await, json!({}));
+        assert_eq!(a.next_push().await, ("onChat".into(), json!({"msg":"psst","from":"bob","target":"alice"})));
+        assert!(b.pushes.is_empty());
+        let mut c = Client::connect(Kind::Tcp, conn.addr).await;
+        c.handshake(true).await;
+        assert_eq!(c.request(9, "chat.chatHandler.send", &send).await, json!({"code":500}), "send before enter fails");
+
+        // Kick by uid: bob gets KICK and is closed; alice gets onLeave.
+        assert_eq!(conn.sessions.kick_uid("bob*r1", "kick"), 1);
+        let got = b.expect_closed(Duration::from_secs(3)).await;
+        let kick = got.last().expect("a KICK before close");
+        assert_eq!(kick.kind, PackageType::Kick);
+        assert_eq!(&kick.body[..], br#"{"reason":"kick"}"#);
+        assert_eq!(a.next_push().await, ("onLeave".into(), json!({"route":"onLeave","user":"bob"})));
+        conn.eventually("bob's leave", |_| rooms.members("r1") == vec!["alice*r1".to_string()]).await;
+        assert!(conn.metric("kicks_total") >= 1);
+        assert!(conn.metric("handshakes_total") >= 4);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_client_alive_and_a_missed_one_disconnects() {
+    bounded(Duration::from_secs(30), async {
+        // Heartbeat 200 ms, timeout 400 ms.
+        let (conn, _) = connector(200).await;
+        for kind in [Kind::Ws, Kind::Tcp] {
+            let mut c = Client::connect(kind, conn.addr).await;
+            let reply = c.handshake(true).await;
+            assert_eq!(reply["sys"]["heartbeat"], 0.2);
+            // Echo heartbeats for 3× the timeout: still connected.
+            let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+            let mut beats = 0;
+            while tokio::time::Instant::now() < until {
+                // As the JS client: wait the interval (here a bit less), send, get the echo at once.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                assert!(c.send_pkg(PackageType::Heartbeat, b"").await);
+                let p = c.recv_within(Duration::from_millis(100)).await.expect("echoed at once").expect("alive");
+                assert_eq!(p.kind, PackageType::Heartbeat);
+                beats += 1;
+            }
+            assert!(beats >= 4, "{kind:?}: only {beats} heartbeats");
+            let r =
+                c.request(7, "connector.entryHandler.enter", &json!({"username":format!("{kind:?}"),"rid":"r"})).await;
+            assert!(r["users"].is_array(), "{kind:?}: {r}");
+            // Data does not re-arm the heartbeat timer: keep sending requests but no heartbeat.
+            let started = tokio::time::Instant::now();
+            let mut id = 100;
+            loop {
+                assert!(started.elapsed() < Duration::from_secs(3), "{kind:?}: never timed out");
+                id += 1;
+                c.send_request(id, "nope.nope.nope", &json!({})).await;
+                match c.recv_within(Duration::from_millis(100)).await {
+                    Ok(None) => break,
+                    Ok(Some(p)) => assert_eq!(p.kind, PackageType::Data, "only 500 answers, no heartbeats"),
+                    Err(()) => {}
+                }
+            }
+            let took = started.elapsed();
+            assert!(took < Duration::from_millis(1500), "{kind:?}: heartbeat timeout took {took:?}");
+        }
+        conn.eventually("sessions gone", |s| s.sessions.count() == 0).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_kicks_every_client_with_a_reason() {
+    bounded(Duration::from_secs(20), async {
+        let (mut conn, _) = connector(3000).await;
+        let mut clients = Vec::new();
+        for kind in [Kind::Ws, Kind::Tcp] {
+            let mut c = Client::connect(kind, conn.addr).await;
+            c.handshake(true).await;
+            clients.push(c);
+        }
+        conn.eventually("two sessions", |s| s.sessions.count() == 2).await;
+        conn.shutdown.cancel();
+        for c in &mut clients {
+            let got = c.expect_closed(Duration::from_secs(3)).await;
+            let kick = got.last().expect("a KICK");
+            assert_eq!(kick.kind, PackageType::Kick);
+            let v: Value = serde_json::from_slice(&kick.body).unwrap();
+            assert_eq!(v, json!({"reason":"server shutting down"}));
+        }
+        let task = conn.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(3), task).await.expect("serve returns").unwrap();
+        assert_eq!(conn.metric("connections"), 0);
+    })
+    .await;
+}
