@@ -116,20 +116,20 @@ async fn gate_then_connector_chat_over_websocket_and_tcp() {
 #[tokio::test]
 async fn heartbeats_keep_a_client_alive_and_a_missed_one_disconnects() {
     bounded(Duration::from_secs(30), async {
-        // Heartbeat 200 ms, timeout 400 ms.
-        let (conn, _) = connector(200).await;
+        // Heartbeat 300 ms, timeout 600 ms.
+        let (conn, _) = connector(300).await;
         for kind in [Kind::Ws, Kind::Tcp] {
             let mut c = Client::connect(kind, conn.addr).await;
             let reply = c.handshake(true).await;
-            assert_eq!(reply["sys"]["heartbeat"], 0.2);
+            assert_eq!(reply["sys"]["heartbeat"], 0.3);
             // Echo heartbeats for 3× the timeout: still connected.
-            let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+            let until = tokio::time::Instant::now() + Duration::from_millis(1800);
             let mut beats = 0;
             while tokio::time::Instant::now() < until {
                 // As the JS client: wait the interval (here a bit less), send, get the echo at once.
-                tokio::time::sleep(Duration::from_millis(150)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 assert!(c.send_pkg(PackageType::Heartbeat, b"").await);
-                let p = c.recv_within(Duration::from_millis(100)).await.expect("echoed at once").expect("alive");
+                let p = c.recv_within(Duration::from_millis(300)).await.expect("echoed at once").expect("alive");
                 assert_eq!(p.kind, PackageType::Heartbeat);
                 beats += 1;
             }
@@ -151,7 +151,7 @@ async fn heartbeats_keep_a_client_alive_and_a_missed_one_disconnects() {
                 }
             }
             let took = started.elapsed();
-            assert!(took < Duration::from_millis(1500), "{kind:?}: heartbeat timeout took {took:?}");
+            assert!(took < Duration::from_millis(2500), "{kind:?}: heartbeat timeout took {took:?}");
         }
         conn.eventually("sessions gone", |s| s.sessions.count() == 0).await;
     })
