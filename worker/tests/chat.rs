@@ -183,3 +183,47 @@ async fn shutdown_kicks_every_client_with_a_reason() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn queued_pushes_are_coalesced_into_one_websocket_message() {
+    use futures_util::StreamExt;
+    use pomelo_proto::wire::PackageDecoder;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    bounded(Duration::from_secs(20), async {
+        let (conn, _) = connector(3000).await;
+        let mut a = Client::connect(Kind::Ws, conn.addr).await;
+        a.handshake(true).await;
+        let mut b = Client::connect(Kind::Tcp, conn.addr).await;
+        b.handshake(true).await;
+        conn.eventually("two sessions", |s| s.sessions.count() == 2).await;
+        let ids: Vec<u64> = [1, 2].into_iter().filter(|id| conn.sessions.get(*id).is_some()).collect();
+        assert_eq!(ids.len(), 2);
+        // One encoded push, shared by both sessions; 50 of them queued without yielding, so the writer
+        // finds them all queued and writes them together.
+        let push = conn.sessions.encode_push("onChat", &json!({"msg":"m","from":"x","target":"*"})).unwrap();
+        for _ in 0..50 {
+            assert_eq!(conn.sessions.push_bytes(&ids, &push), 2);
+        }
+        let support::Transport::Ws(ws) = &mut a.t else { unreachable!() };
+        let (mut packages, mut messages) = (0, 0);
+        while packages < 50 {
+            match tokio::time::timeout(Duration::from_secs(3), ws.next()).await.unwrap() {
+                Some(Ok(WsMessage::Binary(m))) => {
+                    messages += 1;
+                    let got = PackageDecoder::default().decode_all(&m).unwrap();
+                    assert!(got.iter().all(|p| p.body == push.slice(4..)));
+                    packages += got.len();
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(packages, 50);
+        assert!(messages < 5, "50 queued pushes took {messages} WebSocket messages");
+        for _ in 0..50 {
+            assert_eq!(b.next_push().await.0, "onChat");
+        }
+        assert!(conn.metric("packages_out_total") >= 100);
+    })
+    .await;
+}

@@ -282,3 +282,36 @@ async fn timeouts_and_plain_http() {
     })
     .await;
 }
+
+struct Panicky;
+
+impl pomelo_worker::frontend::Handler for Panicky {
+    fn routes(&self) -> Vec<String> {
+        vec!["t.h.panic".into(), "t.h.echo".into()]
+    }
+
+    fn handle<'a>(
+        &'a self,
+        req: pomelo_worker::frontend::Request,
+    ) -> pomelo_worker::frontend::BoxFuture<'a, Result<Value, pomelo_worker::frontend::HandlerError>> {
+        Box::pin(async move {
+            if req.route == "t.h.panic" {
+                panic!("handler bug");
+            }
+            Ok(req.body)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_answers_500_and_the_connection_lives_on() {
+    bounded(Duration::from_secs(20), async {
+        let s = Server::start(quick(), Arc::new(Panicky)).await;
+        let mut c = Client::connect(Kind::Tcp, s.addr).await;
+        c.handshake(true).await;
+        assert_eq!(c.request(1, "t.h.panic", &json!({})).await, json!({"code":500}));
+        assert_eq!(c.request(2, "t.h.echo", &json!({"a":[1,"é"]})).await, json!({"a":[1,"é"]}));
+        assert_eq!(s.sessions.count(), 1);
+    })
+    .await;
+}

@@ -10,11 +10,12 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use pomelo_proto::wire::{self, handshake, Decoded, Package, PackageDecoder, PackageType};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -89,6 +90,7 @@ pub(crate) async fn run(
     let Some((reader, writer)) = transport::split(accepted) else { return };
     let inner = Arc::new(SessionInner::new(shared.sessions.next_id(), peer, cfg, shared.metrics.clone()));
     let mut writer_task = tokio::spawn(write_loop(writer, inner.clone(), shared.metrics.clone()));
+    let _guard = Teardown { inner: inner.clone(), sessions: shared.sessions.clone() };
 
     let mut conn = Conn { shared: &shared, inner: &inner, phase: Phase::Inited, registered: false };
     let end = conn.read_loop(reader, started, &shutdown, &force).await;
@@ -136,6 +138,22 @@ pub(crate) async fn run(
         if timeout(cfg.close_hook_timeout, shared.handler.on_close(session)).await.is_err() {
             tracing::warn!(session = inner.id, "on_close hook took longer than {:?}", cfg.close_hook_timeout);
         }
+    }
+}
+
+/// Last-resort cleanup if the connection task unwinds: unregister, stop the writer. Idempotent, so it
+/// also runs (harmlessly) after a normal teardown.
+struct Teardown {
+    inner: Arc<SessionInner>,
+    sessions: Arc<Sessions>,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        self.sessions.unregister(&self.inner);
+        self.inner.queue.abort();
+        self.inner.queue.release_all();
+        self.inner.closing.cancel();
     }
 }
 
@@ -301,8 +319,11 @@ impl<'a> Conn<'a> {
                 metrics::inc(&self.shared.metrics.requests_total);
                 let kind = if id.is_some() { RequestKind::Request } else { RequestKind::Notify };
                 let session = Session::new(self.inner.clone(), self.shared.sessions.clone());
-                let fut = handler.handle(Request { session, route, body, kind });
-                inflight.push(Box::pin(async move { (id, fut.await) }));
+                let fut = AssertUnwindSafe(handler.handle(Request { session, route, body, kind })).catch_unwind();
+                inflight.push(Box::pin(async move {
+                    // A panicking handler answers 500 instead of taking the connection task down.
+                    (id, fut.await.unwrap_or_else(|_| Err(HandlerError::new("handler panicked"))))
+                }));
             }
             Action::Error500 { id, why } => {
                 tracing::debug!(session = self.inner.id, "answering request {id} with 500: {why}");

@@ -113,9 +113,9 @@ pub async fn serve_with(
         metrics::inc(&metrics.connections);
         let (shared, shutdown, force, metrics) = (shared.clone(), shutdown.clone(), force.clone(), metrics.clone());
         tracker.spawn(async move {
+            // Dropped even if the task unwinds, so the slot and the gauge are never leaked.
+            let _slot = Slot { _permit: permit, metrics };
             conn::run(stream, peer, shared, shutdown, force).await;
-            metrics::sub(&metrics.connections, 1);
-            drop(permit);
         });
     }
     drop(listener);
@@ -131,4 +131,16 @@ pub async fn serve_with(
         }
     }
     Ok(())
+}
+
+/// One admitted connection: holds its `max_connections` permit and its share of the gauge.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<FrontendMetrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::sub(&self.metrics.connections, 1);
+    }
 }
