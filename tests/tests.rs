@@ -1,5 +1,7 @@
 //! End-to-end tests of the real `pomelo-rs` binary. One test binary, a module per area.
 
+mod chat;
 mod harness;
+mod pomelo_client;
 mod reload;
 mod supervision;

@@ -6,6 +6,7 @@
 //! - [`framing`]: length-delimited, size-capped JSON frames used by the control link and cluster RPC.
 //! - [`wire`]: Pomelo's client protocol (package and message layers), byte for byte.
 
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod framing;

@@ -30,6 +30,8 @@ pub struct RoleContext {
     pub rpc: Option<TcpListener>,
     pub client: Option<TcpListener>,
     pub membership: watch::Receiver<Arc<Membership>>,
+    /// The cluster token (peers prove they belong to this cluster with it).
+    pub token: String,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -60,6 +62,7 @@ pub async fn run(spec: WorkerSpec, token: String) -> anyhow::Result<Exit> {
         rpc,
         client,
         membership: membership_rx,
+        token: token.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     };

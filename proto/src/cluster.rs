@@ -1,0 +1,175 @@
+//! Cluster RPC between connectors and chat servers.
+//!
+//! One TCP link per connector–chat pair, opened by the connector, framed by a size-capped
+//! `LengthDelimitedCodec`. A frame's first byte says what follows:
+//!
+//! - `J` + JSON: a [`ToChat`] (connector → chat) or [`FromChat`] (chat → connector) message;
+//! - `D` + binary: a delivery, chat → connector: `u32 n | n × u64 session id | payload`, where the payload
+//!   is a complete Pomelo package encoded **once** by the chat server; the connector hands the same
+//!   [`Bytes`] to every session named, without copying it.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// Largest cluster frame: a delivery to every session of a big room with a large message fits.
+pub const MAX_FRAME: usize = 8 << 20;
+
+/// One member of a room as the connector knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub rid: String,
+    /// `username*rid`, Pomelo's uid.
+    pub uid: String,
+    pub username: String,
+    /// Session id on the connector.
+    pub session: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum ToChat {
+    /// First frame on a link: who the connector is.
+    Hello {
+        connector: String,
+        token: String,
+    },
+    Request {
+        id: u64,
+        req: ChatRequest,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ChatRequest {
+    /// A user enters a room: `onAdd` to the others, answered with the room's user names.
+    Join { member: Member },
+    /// A user leaves: `onLeave` to the others.
+    Leave { member: Member },
+    /// `chat.chatHandler.send`: to everyone (`target == "*"`, sender included) or to one user name.
+    Send { rid: String, from: String, target: String, content: serde_json::Value },
+    /// Members this chat server now owns (it restarted, or rooms moved to it): added without `onAdd`.
+    Rejoin { members: Vec<Member> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum FromChat {
+    Welcome { chat: String },
+    Response { id: u64, result: Result<ChatReply, ChatError> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "r", rename_all = "snake_case")]
+pub enum ChatReply {
+    Users { users: Vec<String> },
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "e", rename_all = "snake_case")]
+pub enum ChatError {
+    #[error("`{uid}` is already in the room")]
+    Duplicate { uid: String },
+    #[error("this chat server does not own room `{rid}`")]
+    NotOwner { rid: String },
+    #[error("{msg}")]
+    Other { msg: String },
+}
+
+/// A decoded cluster frame.
+#[derive(Debug, PartialEq)]
+pub enum Frame<T> {
+    Msg(T),
+    Deliver { sessions: Vec<u64>, payload: Bytes },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown frame tag {0:#04x}")]
+    Tag(u8),
+    #[error("truncated delivery frame")]
+    Truncated,
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub fn encode_msg<T: Serialize>(msg: &T) -> Bytes {
+    let mut out = BytesMut::with_capacity(128);
+    out.put_u8(b'J');
+    // Serializing these plain enums cannot fail.
+    out.extend_from_slice(&serde_json::to_vec(msg).unwrap_or_default());
+    out.freeze()
+}
+
+pub fn encode_deliver(sessions: &[u64], payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + sessions.len() * 8 + payload.len());
+    out.put_u8(b'D');
+    out.put_u32(sessions.len() as u32);
+    for s in sessions {
+        out.put_u64(*s);
+    }
+    out.extend_from_slice(payload);
+    out.freeze()
+}
+
+/// Decodes a frame; the payload of a delivery shares the frame's memory.
+pub fn decode<T: for<'de> Deserialize<'de>>(frame: Bytes) -> Result<Frame<T>, FrameError> {
+    let mut buf = frame;
+    if buf.is_empty() {
+        return Err(FrameError::Empty);
+    }
+    match buf.get_u8() {
+        b'J' => Ok(Frame::Msg(serde_json::from_slice(&buf)?)),
+        b'D' => {
+            if buf.len() < 4 {
+                return Err(FrameError::Truncated);
+            }
+            let n = buf.get_u32() as usize;
+            if buf.len() < n.saturating_mul(8) {
+                return Err(FrameError::Truncated);
+            }
+            let sessions = (0..n).map(|_| buf.get_u64()).collect();
+            Ok(Frame::Deliver { sessions, payload: buf })
+        }
+        t => Err(FrameError::Tag(t)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_deliveries_round_trip() {
+        let m = ToChat::Request {
+            id: 9,
+            req: ChatRequest::Send {
+                rid: "r".into(),
+                from: "bob".into(),
+                target: "*".into(),
+                content: serde_json::json!("hi"),
+            },
+        };
+        assert_eq!(decode::<ToChat>(encode_msg(&m)).expect("decode"), Frame::Msg(m));
+        let d = encode_deliver(&[1, 2, u64::MAX], b"\x04\x00\x00\x01x");
+        match decode::<FromChat>(d).expect("decode") {
+            Frame::Deliver { sessions, payload } => {
+                assert_eq!(sessions, [1, 2, u64::MAX]);
+                assert_eq!(&payload[..], b"\x04\x00\x00\x01x");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_errors_not_panics() {
+        assert!(decode::<FromChat>(Bytes::new()).is_err());
+        assert!(decode::<FromChat>(Bytes::from_static(b"X")).is_err());
+        assert!(decode::<FromChat>(Bytes::from_static(b"D\x00\x00")).is_err());
+        assert!(decode::<FromChat>(Bytes::from_static(b"D\xff\xff\xff\xff\x00")).is_err());
+        assert!(decode::<FromChat>(Bytes::from_static(b"J{")).is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! A Pomelo client for end-to-end tests, over raw TCP (the hybrid connector's non-WebSocket side).
+//!
+//! A reader thread decodes packages into a channel; a heartbeat thread keeps the session alive the way
+//! the JS client does. Requests wait for their response and keep any pushes that arrive meanwhile.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pomelo_proto::wire::{package, Decoded, Message, MessageType, PackageDecoder, PackageType, Route};
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Response { id: u32, body: Value },
+    Push { route: String, body: Value },
+    Kick(Value),
+    Closed,
+}
+
+pub struct Client {
+    stream: Arc<Mutex<TcpStream>>,
+    events: mpsc::Receiver<Event>,
+    pushes: VecDeque<(String, Value)>,
+    next_id: u32,
+    route_to_code: HashMap<String, u16>,
+    pub kicked: Option<Value>,
+    pub closed: bool,
+    alive: Arc<AtomicBool>,
+}
+
+fn write(stream: &Mutex<TcpStream>, bytes: &[u8]) -> bool {
+    stream.lock().map(|mut s| s.write_all(bytes).is_ok()).unwrap_or(false)
+}
+
+impl Client {
+    /// Connects and completes the handshake; panics if the server refuses.
+    pub fn connect(addr: SocketAddr) -> Client {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        s.set_nodelay(true).ok();
+        let hs = json!({"sys": {"type": "rust-test", "version": "0.0.1", "rsa": {}, "protoVersion": 0}, "user": {}});
+        let bytes = package::encode(PackageType::Handshake, hs.to_string().as_bytes()).expect("encode");
+        s.write_all(&bytes).expect("send handshake");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let mut buf = BytesMut::new();
+        let decoder = PackageDecoder::new(16 << 20);
+        let reply = loop {
+            if let Ok(Decoded::Package(p)) = decoder.decode(&mut buf) {
+                break p;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).expect("read handshake reply");
+            assert!(n > 0, "closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        assert_eq!(reply.kind, PackageType::Handshake);
+        let reply: Value = serde_json::from_slice(&reply.body).expect("handshake json");
+        assert_eq!(reply["code"], 200, "handshake refused: {reply}");
+        let route_to_code: HashMap<String, u16> = reply["sys"]["routeToCode"]
+            .as_object()
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()? as u16))).collect())
+            .unwrap_or_default();
+        let code_to_route: HashMap<u16, String> = route_to_code.iter().map(|(k, v)| (*v, k.clone())).collect();
+        s.write_all(&package::empty(PackageType::HandshakeAck)).expect("ack");
+        s.set_read_timeout(None).ok();
+        let alive = Arc::new(AtomicBool::new(true));
+        let reader = s.try_clone().expect("clone");
+        let stream = Arc::new(Mutex::new(s));
+        let (tx, events) = mpsc::channel();
+        let a = alive.clone();
+        std::thread::spawn(move || read_loop(reader, buf, tx, code_to_route, a));
+        if let Some(hb) = reply["sys"]["heartbeat"].as_u64() {
+            let (st, a) = (stream.clone(), alive.clone());
+            std::thread::spawn(move || {
+                let beat = package::empty(PackageType::Heartbeat);
+                while a.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(hb * 1000 / 2));
+                    if !a.load(Ordering::Relaxed) || !write(&st, &beat) {
+                        return;
+                    }
+                }
+            });
+        }
+        Client {
+            stream,
+            events,
+            pushes: VecDeque::new(),
+            next_id: 1,
+            route_to_code,
+            kicked: None,
+            closed: false,
+            alive,
+        }
+    }
+
+    fn send_message(&self, msg: Message) {
+        let bytes = msg.encode_package().expect("encode");
+        write(&self.stream, &bytes);
+    }
+
+    fn route(&self, route: &str) -> Route {
+        match self.route_to_code.get(route) {
+            Some(c) => Route::Code(*c),
+            None => Route::Plain(route.to_string()),
+        }
+    }
+
+    fn take(&mut self, ev: Event) -> Option<(u32, Value)> {
+        match ev {
+            Event::Response { id, body } => return Some((id, body)),
+            Event::Push { route, body } => self.pushes.push_back((route, body)),
+            Event::Kick(v) => self.kicked = Some(v),
+            Event::Closed => self.closed = true,
+        }
+        None
+    }
+
+    /// Sends a request and waits (at most 10 s) for its response.
+    pub fn request(&mut self, route: &str, body: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_message(Message::request(id, self.route(route), body.to_string().into_bytes()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !self.closed {
+            let Ok(ev) = self.events.recv_timeout(Duration::from_millis(50)) else { continue };
+            if let Some((rid, body)) = self.take(ev) {
+                if rid == id {
+                    return body;
+                }
+            }
+        }
+        panic!("no response to {route} (closed: {}, kicked: {:?})", self.closed, self.kicked);
+    }
+
+    pub fn notify(&mut self, route: &str, body: Value) {
+        self.send_message(Message::notify(self.route(route), body.to_string().into_bytes()));
+    }
+
+    /// The next push, waiting at most `within`.
+    pub fn next_push(&mut self, within: Duration) -> Option<(String, Value)> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(p) = self.pushes.pop_front() {
+                return Some(p);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if let Ok(ev) = self.events.recv_timeout(left.min(Duration::from_millis(50))) {
+                self.take(ev);
+            }
+        }
+    }
+
+    /// Every push that arrives until nothing has come for `quiet`.
+    pub fn drain_pushes(&mut self, quiet: Duration) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        while let Some(p) = self.next_push(quiet) {
+            out.push(p);
+        }
+        out
+    }
+
+    /// Pushes of `route` until `n` have come (at most `within`), then any more that come in `grace`.
+    pub fn collect(&mut self, route: &str, n: usize, within: Duration, grace: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+            match self.next_push(left) {
+                Some((r, b)) if r == route => out.push(b),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        while let Some((r, b)) = self.next_push(grace) {
+            if r == route {
+                out.push(b);
+            }
+        }
+        out
+    }
+
+    /// Waits for the server to close this connection.
+    pub fn wait_closed(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while !self.closed && Instant::now() < deadline {
+            if let Ok(ev) = self.events.recv_timeout(Duration::from_millis(50)) {
+                self.take(ev);
+            }
+        }
+        self.closed
+    }
+
+    pub fn close(&mut self) {
+        self.alive.store(false, Ordering::Relaxed);
+        if let Ok(s) = self.stream.lock() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn read_loop(
+    mut s: TcpStream,
+    mut buf: BytesMut,
+    tx: mpsc::Sender<Event>,
+    codes: HashMap<u16, String>,
+    alive: Arc<AtomicBool>,
+) {
+    let decoder = PackageDecoder::new(16 << 20);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Decoded::Package(p)) => {
+                    let ev = match p.kind {
+                        PackageType::Data => match Message::decode(&p.body) {
+                            Ok(m) => {
+                                let body: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
+                                match (m.kind, m.route) {
+                                    (MessageType::Response, _) => Event::Response { id: m.id, body },
+                                    (_, Some(Route::Plain(r))) => Event::Push { route: r, body },
+                                    (_, Some(Route::Code(c))) => {
+                                        Event::Push { route: codes.get(&c).cloned().unwrap_or_default(), body }
+                                    }
+                                    (_, None) => continue,
+                                }
+                            }
+                            Err(_) => continue,
+                        },
+                        PackageType::Kick => Event::Kick(serde_json::from_slice(&p.body).unwrap_or(Value::Null)),
+                        _ => continue,
+                    };
+                    if tx.send(ev).is_err() {
+                        return;
+                    }
+                }
+                Ok(Decoded::NeedMore) => break,
+                Err(_) => {
+                    let _ = tx.send(Event::Closed);
+                    return;
+                }
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                alive.store(false, Ordering::Relaxed);
+                let _ = tx.send(Event::Closed);
+                return;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Logs in as Pomelo's chat demo does: ask the gate for a connector, then enter the room there.
+pub fn login(gate: SocketAddr, username: &str, rid: &str) -> (Client, Value) {
+    let mut g = Client::connect(gate);
+    let entry = g.request("gate.gateHandler.queryEntry", json!({"uid": username}));
+    assert_eq!(entry["code"], 200, "gate answer {entry}");
+    g.close();
+    let addr: SocketAddr =
+        format!("{}:{}", entry["host"].as_str().expect("host"), entry["port"]).parse().expect("connector address");
+    let mut c = Client::connect(addr);
+    let reply = c.request("connector.entryHandler.enter", json!({"username": username, "rid": rid}));
+    (c, reply)
+}

@@ -1,0 +1,283 @@
+//! The chat server: the cluster RPC listener, one task per connector link, and one rooms task.
+//!
+//! Link tasks read requests and pass them to the rooms task on a bounded channel; the rooms task owns
+//! [`Rooms`], answers on the link's bounded outbox and sends each delivery as one frame to the connector
+//! that holds the recipients. A connector whose outbox is full loses that frame (counted), never the
+//! server. The rooms task also follows the membership: a connector that leaves it loses its members
+//! (`onLeave` to the rest) and rooms now owned by another chat server are forgotten. All tasks end when
+//! the shutdown token is cancelled.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use pomelo_proto::cluster::{self, ChatReply, ChatRequest, FromChat, ToChat};
+use pomelo_proto::control::{Membership, ServerType, Stats};
+use pomelo_proto::route;
+use pomelo_proto::wire::Dictionary;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::rooms::{Delivery, Rooms};
+
+/// Frames queued for one connector.
+const OUTBOX: usize = 16 * 1024;
+/// Requests queued for the rooms task from all links.
+const INBOX: usize = 16 * 1024;
+
+#[derive(Debug, Default)]
+pub struct ChatMetrics {
+    pub rooms: AtomicU64,
+    pub members: AtomicU64,
+    pub links: AtomicU64,
+    pub requests: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub deliveries_out: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub rpc_errors: AtomicU64,
+}
+
+impl ChatMetrics {
+    pub fn snapshot(&self, out: &mut Stats) {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        out.insert("rooms".into(), g(&self.rooms));
+        out.insert("members".into(), g(&self.members));
+        out.insert("rpc_links".into(), g(&self.links));
+        out.insert("rpc_requests_total".into(), g(&self.requests));
+        out.insert("messages_in_total".into(), g(&self.messages_in));
+        out.insert("deliveries_out_total".into(), g(&self.deliveries_out));
+        out.insert("deliveries_dropped_total".into(), g(&self.frames_dropped));
+        out.insert("rpc_errors_total".into(), g(&self.rpc_errors));
+    }
+}
+
+pub struct ChatServer {
+    pub id: String,
+    pub token: String,
+    pub dict: Option<Arc<Dictionary>>,
+    pub membership: watch::Receiver<Arc<Membership>>,
+    pub metrics: Arc<ChatMetrics>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+enum Inbox {
+    Link { connector: Arc<str>, conn: u64, outbox: mpsc::Sender<Bytes> },
+    Unlink { connector: Arc<str>, conn: u64 },
+    Request { connector: Arc<str>, conn: u64, id: u64, req: ChatRequest },
+}
+
+impl ChatServer {
+    pub fn start(self, listener: TcpListener) {
+        let (tx, rx) = mpsc::channel(INBOX);
+        let stop = self.shutdown.clone();
+        let token: Arc<str> = self.token.clone().into();
+        let metrics = self.metrics.clone();
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(rooms_task(self.id, self.dict, self.membership, self.metrics, rx, stop.clone()));
+        tasks.clone().spawn(async move {
+            let mut next = 0u64;
+            loop {
+                let (stream, peer) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!("rpc accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                next += 1;
+                let (tx, token, metrics, stop) = (tx.clone(), token.clone(), metrics.clone(), stop.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        r = link(stream, next, tx, token, metrics) => if let Err(e) = r {
+                            tracing::info!("rpc link from {peer} closed: {e}");
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+async fn link(
+    stream: TcpStream,
+    conn: u64,
+    inbox: mpsc::Sender<Inbox>,
+    token: Arc<str>,
+    metrics: Arc<ChatMetrics>,
+) -> anyhow::Result<()> {
+    stream.set_nodelay(true).ok();
+    let codec = LengthDelimitedCodec::builder().max_frame_length(cluster::MAX_FRAME).new_codec();
+    let (mut sink, mut stream) = Framed::new(stream, codec).split();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await?;
+    let frame = first.ok_or_else(|| anyhow::anyhow!("closed before hello"))??.freeze();
+    let connector: Arc<str> = match cluster::decode::<ToChat>(frame)? {
+        cluster::Frame::Msg(ToChat::Hello { connector, token: t }) if *t == *token => connector.into(),
+        cluster::Frame::Msg(ToChat::Hello { connector, .. }) => {
+            anyhow::bail!("`{connector}` sent a wrong cluster token")
+        }
+        _ => anyhow::bail!("the first frame was not a hello"),
+    };
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(OUTBOX);
+    out_tx.try_send(cluster::encode_msg(&FromChat::Welcome { chat: String::new() })).ok();
+    inbox.send(Inbox::Link { connector: connector.clone(), conn, outbox: out_tx }).await?;
+    metrics.links.fetch_add(1, Ordering::Relaxed);
+    let writer = async {
+        while let Some(frame) = out_rx.recv().await {
+            sink.feed(frame).await?;
+            // Write what else is queued in the same syscall.
+            while let Ok(more) = out_rx.try_recv() {
+                sink.feed(more).await?;
+            }
+            sink.flush().await?;
+        }
+        anyhow::Ok(())
+    };
+    let reader = async {
+        while let Some(frame) = stream.next().await {
+            match cluster::decode::<ToChat>(frame?.freeze())? {
+                cluster::Frame::Msg(ToChat::Request { id, req }) => {
+                    let msg = Inbox::Request { connector: connector.clone(), conn, id, req };
+                    inbox.send(msg).await?;
+                }
+                _ => anyhow::bail!("unexpected frame from `{connector}`"),
+            }
+        }
+        anyhow::Ok(())
+    };
+    let result = tokio::select! { r = writer => r, r = reader => r };
+    metrics.links.fetch_sub(1, Ordering::Relaxed);
+    let _ = inbox.send(Inbox::Unlink { connector, conn }).await;
+    result
+}
+
+async fn rooms_task(
+    id: String,
+    dict: Option<Arc<Dictionary>>,
+    mut membership: watch::Receiver<Arc<Membership>>,
+    metrics: Arc<ChatMetrics>,
+    mut inbox: mpsc::Receiver<Inbox>,
+    stop: CancellationToken,
+) {
+    let mut rooms = Rooms::new(dict);
+    let mut links: HashMap<Arc<str>, (u64, mpsc::Sender<Bytes>)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = membership.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let m = membership.borrow_and_update().clone();
+                let deliveries = follow_membership(&id, &m, &mut rooms);
+                send(&links, deliveries, &metrics);
+            }
+            msg = inbox.recv() => {
+                let Some(msg) = msg else { return };
+                match msg {
+                    Inbox::Link { connector, conn, outbox } => {
+                        links.insert(connector, (conn, outbox));
+                    }
+                    Inbox::Unlink { connector, conn } => {
+                        if links.get(&connector).is_some_and(|(c, _)| *c == conn) {
+                            links.remove(&connector);
+                        }
+                    }
+                    Inbox::Request { connector, conn, id: req_id, req } => {
+                        metrics.requests.fetch_add(1, Ordering::Relaxed);
+                        let (result, deliveries) = handle(&mut rooms, &connector, req, &metrics);
+                        if result.is_err() {
+                            metrics.rpc_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Some((c, out)) = links.get(&connector) {
+                            if *c == conn {
+                                let frame = cluster::encode_msg(&FromChat::Response { id: req_id, result });
+                                if out.try_send(frame).is_err() {
+                                    metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        send(&links, deliveries, &metrics);
+                    }
+                }
+            }
+        }
+        metrics.rooms.store(rooms.room_count() as u64, Ordering::Relaxed);
+        metrics.members.store(rooms.member_count() as u64, Ordering::Relaxed);
+    }
+}
+
+fn handle(
+    rooms: &mut Rooms,
+    connector: &Arc<str>,
+    req: ChatRequest,
+    metrics: &ChatMetrics,
+) -> (Result<ChatReply, cluster::ChatError>, Vec<Delivery>) {
+    match req {
+        ChatRequest::Join { member } => match rooms.join(connector, member) {
+            Ok((users, d)) => (Ok(ChatReply::Users { users }), d),
+            Err(e) => (Err(e), Vec::new()),
+        },
+        ChatRequest::Leave { member } => (Ok(ChatReply::Done), rooms.leave(connector, &member)),
+        ChatRequest::Send { rid, from, target, content } => {
+            metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+            match rooms.send(&rid, &from, &target, &content) {
+                Ok(d) => (Ok(ChatReply::Done), d),
+                Err(e) => (Err(e), Vec::new()),
+            }
+        }
+        ChatRequest::Rejoin { members } => {
+            rooms.rejoin(connector, members);
+            (Ok(ChatReply::Done), Vec::new())
+        }
+    }
+}
+
+/// Drops members of connectors that left the membership and rooms that moved to another chat server.
+fn follow_membership(me: &str, m: &Membership, rooms: &mut Rooms) -> Vec<Delivery> {
+    let chats: Vec<&str> = m.of_type(ServerType::Chat).map(|s| s.id.as_str()).collect();
+    let connectors: Vec<&str> = m.of_type(ServerType::Connector).map(|s| s.id.as_str()).collect();
+    let mut out = Vec::new();
+    // Until this server is in the membership it cannot tell which rooms are its own.
+    if !chats.contains(&me) {
+        return out;
+    }
+    for c in rooms.connectors() {
+        if !connectors.contains(&c.as_ref()) {
+            tracing::info!("connector `{c}` left the cluster: its members leave their rooms");
+            out.extend(rooms.drop_connector(&c));
+        }
+    }
+    let moved = rooms.retain(|rid| route::rendezvous(rid, chats.iter().copied()) == Some(me));
+    if moved > 0 {
+        tracing::info!("{moved} rooms moved to other chat servers");
+    }
+    out
+}
+
+fn send(links: &HashMap<Arc<str>, (u64, mpsc::Sender<Bytes>)>, deliveries: Vec<Delivery>, metrics: &ChatMetrics) {
+    for d in deliveries {
+        let Some((_, out)) = links.get(&d.connector) else {
+            metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let n = d.sessions.len() as u64;
+        if out.try_send(cluster::encode_deliver(&d.sessions, &d.payload)).is_ok() {
+            metrics.deliveries_out.fetch_add(n, Ordering::Relaxed);
+        } else {
+            metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("connector `{}` is not keeping up: a delivery to {n} sessions was dropped", d.connector);
+        }
+    }
+}
