@@ -143,3 +143,96 @@ fn sighup_and_the_reload_command_apply_the_file() {
     assert!(said.contains("removed: chat-2") || said.contains("unchanged: 3"), "{said}");
     wait_until(Duration::from_secs(10), "chat-2 removed", || (!ids(&c).contains(&"chat-2".into())).then_some(()));
 }
+
+#[test]
+fn rooms_moving_to_an_added_chat_server_keep_their_members() {
+    use crate::pomelo_client::login;
+    use serde_json::json;
+    let base = "  gate:\n    - {id: gate-1, clientPort: 0}\n  connector:\n    - {id: connector-1, port: 0, clientPort: 0}\n    - {id: connector-2, port: 0, clientPort: 0}\n  chat:\n    - {id: chat-1, port: 0}\n";
+    let c = Cluster::start(&yaml(base, ""));
+    c.wait_running();
+    let gate = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
+    // A room that chat-2 will own once it exists.
+    let rid = (0..)
+        .map(|i| format!("hall{i}"))
+        .find(|r| pomelo_proto::route::rendezvous(r, ["chat-1", "chat-2"].into_iter()) == Some("chat-2"))
+        .expect("a room for chat-2");
+    let mut users: Vec<_> = (0..6)
+        .map(|i| {
+            let (cl, reply) = wait_until(Duration::from_secs(10), "login", || {
+                let (cl, reply) = login(gate, &format!("m{i}"), &rid);
+                reply.get("users").is_some().then_some((cl, reply))
+            });
+            assert_eq!(reply["users"].as_array().map(Vec::len), Some(i + 1));
+            cl
+        })
+        .collect();
+    save(&c, &yaml(&format!("{base}    - {{id: chat-2, port: 0}}\n"), ""));
+    c.wait_state("chat-2", "running", Duration::from_secs(5));
+    // The room is rebuilt on chat-2 and forgotten on chat-1, with every member.
+    wait_until(Duration::from_secs(10), "the room on chat-2 with all 6 members", || {
+        let m = |id: &str| c.server(id)["stats"]["members"].as_f64().unwrap_or(-1.0);
+        (m("chat-2") == 6.0 && m("chat-1") == 0.0).then_some(())
+    });
+    for u in users.iter_mut() {
+        u.drain_pushes(Duration::from_millis(20));
+    }
+    let r = users[0]
+        .request("chat.chatHandler.send", json!({"rid": rid, "content": "moved?", "from": "m0", "target": "*"}));
+    assert_eq!(r, json!({}));
+    for (i, u) in users.iter_mut().enumerate() {
+        let got = u.collect("onChat", 1, Duration::from_secs(3), Duration::from_millis(30));
+        assert_eq!(got, vec![json!({"msg": "moved?", "from": "m0", "target": "*"})], "member {i}");
+    }
+    // The gate uses a connector added to the file at once.
+    let more = format!("{base}    - {{id: chat-2, port: 0}}\n")
+        .replace("  chat:\n", "    - {id: connector-3, port: 0, clientPort: 0}\n  chat:\n");
+    save(&c, &yaml(&more, ""));
+    c.wait_state("connector-3", "running", Duration::from_secs(5));
+    let port3 = c.server("connector-3")["addrs"]["client"]
+        .as_str()
+        .expect("addr")
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_string();
+    wait_until(Duration::from_secs(5), "the gate to send someone to connector-3", || {
+        (0..60).find_map(|i| {
+            let mut g = crate::pomelo_client::Client::connect(gate);
+            let e = g.request("gate.gateHandler.queryEntry", json!({"uid": format!("probe{i}")}));
+            (e["port"].to_string() == port3).then_some(())
+        })
+    });
+}
+
+#[test]
+fn a_changed_connector_drains_its_clients_with_a_reason() {
+    use crate::pomelo_client::login;
+    let c = Cluster::start(&yaml(BASE, ""));
+    c.wait_running();
+    let gate = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
+    let (mut client, reply) = wait_until(Duration::from_secs(10), "login", || {
+        let (cl, reply) = login(gate, "dora", "lobby");
+        reply.get("users").is_some().then_some((cl, reply))
+    });
+    assert_eq!(reply["users"][0], "dora");
+    save(
+        &c,
+        &yaml(
+            &BASE.replace(
+                "{id: connector-1, port: 0, clientPort: 0}",
+                "{id: connector-1, port: 0, clientPort: 0, maxConnections: 500}",
+            ),
+            "",
+        ),
+    );
+    assert!(client.wait_closed(Duration::from_secs(10)), "the connector closed the session");
+    let kick = client.kicked.clone().expect("a KICK package came before the close");
+    assert!(kick["reason"].as_str().is_some_and(|r| !r.is_empty()), "{kick}");
+    c.wait_state("connector-1", "running", Duration::from_secs(10));
+    let (_again, reply) = wait_until(Duration::from_secs(10), "login again", || {
+        let (cl, reply) = login(gate, "dora", "lobby");
+        reply.get("users").is_some().then_some((cl, reply))
+    });
+    assert_eq!(reply["users"][0], "dora");
+}
