@@ -189,13 +189,8 @@ fn rooms_moving_to_an_added_chat_server_keep_their_members() {
         .replace("  chat:\n", "    - {id: connector-3, port: 0, clientPort: 0}\n  chat:\n");
     save(&c, &yaml(&more, ""));
     c.wait_state("connector-3", "running", Duration::from_secs(5));
-    let port3 = c.server("connector-3")["addrs"]["client"]
-        .as_str()
-        .expect("addr")
-        .rsplit(':')
-        .next()
-        .expect("port")
-        .to_string();
+    let addr3: std::net::SocketAddr =
+        c.server("connector-3")["addrs"]["client"].as_str().expect("addr").parse().expect("addr");
     wait_until(Duration::from_secs(5), "the gate to send someone to connector-3", || {
         (0..60).find_map(|i| {
             let mut g = crate::pomelo_client::Client::connect(gate);
