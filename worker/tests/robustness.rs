@@ -83,6 +83,15 @@ async fn malformed_input_closes_only_that_connection() {
         }
         assert!(s.metric("oversized_total") >= 1);
 
+        // A WebSocket message over the WebSocket cap (4 full packages) is refused by the WebSocket layer.
+        let mut c = Client::connect(Kind::Ws, s.addr).await;
+        c.handshake(true).await;
+        let counted = s.metric("protocol_errors_total");
+        c.send_raw(&vec![3u8; 300 * 1024]).await;
+        c.expect_closed(Duration::from_secs(2)).await;
+        s.eventually("the WebSocket overflow counted", |s| s.metric("protocol_errors_total") == counted + 1).await;
+        definite += 1;
+
         // A WebSocket message ending in a truncated package.
         let mut c = Client::connect(Kind::Ws, s.addr).await;
         c.send_raw(&[3, 0, 0, 0, 4, 0, 0, 10, 1, 2]).await;

@@ -215,7 +215,8 @@ impl<'a> Conn<'a> {
                 r = reader.read(&mut tcp_buf), if inflight.len() < cfg.max_inflight_requests => {
                     let pkgs = match r {
                         Ok(Inbound::Closed) => return End::PeerClosed,
-                        Err(e) => return End::Failed(e),
+                        Err(transport::ReadError::Malformed(e)) => return End::Protocol(e),
+                        Err(transport::ReadError::Io(e)) => return End::Failed(e),
                         Ok(Inbound::Message(b)) => {
                             metrics::add(&self.shared.metrics.bytes_in_total, b.len());
                             self.decode_message(&b)

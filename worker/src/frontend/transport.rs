@@ -12,7 +12,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::WebSocketStream;
 
 use super::handler::Handler;
@@ -134,6 +134,12 @@ async fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &[u8])
     let _ = stream.shutdown().await;
 }
 
+/// Why a read failed: the peer broke the WebSocket rules (a protocol error), or the socket failed.
+pub(crate) enum ReadError {
+    Malformed(String),
+    Io(String),
+}
+
 /// The read side of a connection.
 pub(crate) enum Reader {
     Ws(SplitStream<Ws>),
@@ -149,7 +155,7 @@ pub(crate) enum Inbound {
 
 impl Reader {
     /// Cancel-safe: either nothing was consumed or the result is returned.
-    pub(crate) async fn read(&mut self, tcp_buf: &mut BytesMut) -> Result<Inbound, String> {
+    pub(crate) async fn read(&mut self, tcp_buf: &mut BytesMut) -> Result<Inbound, ReadError> {
         match self {
             Reader::Ws(s) => loop {
                 match s.next().await {
@@ -158,7 +164,10 @@ impl Reader {
                     // Pomelo's ws server hands text frames to the same decoder.
                     Some(Ok(WsMessage::Text(t))) => return Ok(Inbound::Message(Bytes::from(t))),
                     Some(Ok(_)) => continue, // ping/pong are answered by tungstenite
-                    Some(Err(e)) => return Err(format!("websocket: {e}")),
+                    Some(Err(e @ (WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_)))) => {
+                        return Err(ReadError::Malformed(format!("websocket: {e}")))
+                    }
+                    Some(Err(e)) => return Err(ReadError::Io(format!("websocket: {e}"))),
                 }
             },
             Reader::Tcp(r) => {
@@ -166,7 +175,7 @@ impl Reader {
                 match r.read_buf(tcp_buf).await {
                     Ok(0) => Ok(Inbound::Closed),
                     Ok(n) => Ok(Inbound::Stream(n)),
-                    Err(e) => Err(format!("tcp: {e}")),
+                    Err(e) => Err(ReadError::Io(format!("tcp: {e}"))),
                 }
             }
         }
