@@ -238,3 +238,50 @@ fn a_killed_connector_s_users_leave_and_can_log_in_again() {
         assert!(reply["users"].as_array().is_some_and(|l| l.iter().any(|n| n == name.as_str())), "{reply}");
     }
 }
+
+#[test]
+fn the_chat_page_works_in_a_browser() {
+    use crate::harness::{have, repo};
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !have(std::path::Path::new(&chromium).exists(), "chromium")
+        || !have(
+            repo().join("browser/node_modules/playwright-core").exists(),
+            "browser/node_modules (npm ci in browser/)",
+        )
+    {
+        return;
+    }
+    let (c, g) = start();
+    // The gate answers a plain GET / with the page.
+    let (status, body) = crate::harness::http(g, "GET", "/", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("<title>pomelo-rs chat</title>"));
+    let shot = c.dir.path().join("chat.png");
+    let out = std::process::Command::new("node")
+        .arg(repo().join("browser/chat.js"))
+        .arg(format!("http://{g}/"))
+        .arg(&shot)
+        .arg(format!("http://{}", c.admin_addr()))
+        .arg(c.token())
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+    assert_eq!(seen["ok"], true);
+    assert_eq!(seen["ada_users"], json!(["ada"]), "bob has left ada's list");
+    let log: Vec<String> = serde_json::from_value(seen["ada_log"].clone()).expect("log");
+    assert!(log.iter().any(|l| l.starts_with("disconnected: ")), "the page said why it lost the connector: {log:?}");
+    assert!(log.iter().any(|l| l == "reconnected"), "{log:?}");
+    assert_eq!(
+        c.server("connector-1")["restarts"].as_u64().unwrap_or(0)
+            + c.server("connector-2")["restarts"].as_u64().unwrap_or(0)
+            + c.server("connector-3")["restarts"].as_u64().unwrap_or(0),
+        1
+    );
+    let png = std::fs::read(&shot).expect("screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
+    let keep = repo().join("target/screenshots");
+    std::fs::create_dir_all(&keep).ok();
+    std::fs::write(keep.join("chat.png"), png).ok();
+}

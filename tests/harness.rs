@@ -230,3 +230,21 @@ fn dechunk(body: &str) -> String {
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().to_string()
 }
+
+/// Whether an external tool a test needs is here. Under CI (`CI` set) a missing tool fails the test;
+/// on a developer's machine the test is skipped with the reason printed.
+pub fn have(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is missing; .ci/run installs it");
+    }
+    eprintln!("SKIPPED: {what} is missing (run .ci/run, or install it, to run this test)");
+    false
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}

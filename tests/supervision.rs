@@ -225,3 +225,43 @@ fn an_invalid_servers_yaml_lists_every_error_and_starts_nothing() {
     assert_eq!(String::from_utf8_lossy(&start.stderr), err, "start refuses with the same list");
     assert!(!dir.path().join(".pomelo").exists(), "nothing was started or written");
 }
+
+#[test]
+fn daemon_mode_runs_in_the_background_until_stopped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("servers.yaml");
+    std::fs::write(&file, yaml("  chat:\n    - {id: chat-1, port: 0}\n", "")).expect("write");
+    let out =
+        std::process::Command::new(crate::harness::bin()).args(["start", "-D", "-c"]).arg(&file).output().expect("run");
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("running in the background") && said.contains("dashboard http://127.0.0.1:"), "{said}");
+    let master: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(".pomelo/master.json")).expect("master.json"))
+            .expect("json");
+    let pid = master["pid"].as_u64().expect("pid") as u32;
+    // Whatever happens below, the daemon must not outlive the test.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if alive(self.0) {
+                signal(self.0, 15);
+            }
+        }
+    }
+    let _reap = Reap(pid);
+    assert!(alive(pid));
+    wait_until(Duration::from_secs(10), "chat-1 running", || {
+        let out = std::process::Command::new(crate::harness::bin()).arg("list").arg("-c").arg(&file).output().ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("chat-1") && l.contains("running"))
+            .then_some(())
+    });
+    let out =
+        std::process::Command::new(crate::harness::bin()).arg("stop").arg("-c").arg(&file).output().expect("stop");
+    assert!(out.status.success(), "{out:?}");
+    assert!(!alive(pid), "stop returns once the master is gone");
+    let log = std::fs::read_to_string(dir.path().join("logs/master.log")).expect("master.log");
+    assert!(log.contains("every server has stopped"), "{log}");
+}

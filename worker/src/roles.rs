@@ -22,6 +22,9 @@ use crate::frontend::{self, FrontendConfig, FrontendMetrics, Sessions};
 use crate::gate::Gate;
 use crate::runtime::RoleContext;
 
+/// The chat demo page the gate serves on `GET /` (HTML, CSS and JS in one file; no build step).
+pub const CHAT_PAGE: &str = include_str!("../assets/chat.html");
+
 /// The frontend settings of a servers.yaml entry.
 pub fn frontend_config(spec: &ServerSpec) -> FrontendConfig {
     let base = match spec.server_type {
@@ -46,7 +49,8 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
             let metrics = Arc::new(FrontendMetrics::new());
             let m = metrics.clone();
             stats.push(Arc::new(move |s| m.snapshot(s)));
-            let handler = Arc::new(Gate::new(ctx.membership.clone()));
+            let page = bytes::Bytes::from_static(CHAT_PAGE.as_bytes());
+            let handler = Arc::new(Gate::new(ctx.membership.clone()).with_page("text/html; charset=utf-8", page));
             let config = frontend_config(&spec);
             let stop = ctx.shutdown.clone();
             ctx.tasks.spawn(async move {
