@@ -288,13 +288,7 @@ impl ChatClient {
         Link { addr, pid, tx, stop }
     }
 
-    async fn run_link(
-        self,
-        chat: String,
-        addr: SocketAddr,
-        mut rx: mpsc::Receiver<Queued>,
-        stop: CancellationToken,
-    ) {
+    async fn run_link(self, chat: String, addr: SocketAddr, mut rx: mpsc::Receiver<Queued>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(50);
         loop {
             let result = tokio::select! {
