@@ -475,7 +475,10 @@ impl Supervisor {
         // Membership follows file order; servers on their way out go last.
         let order = |id: &str| new.servers.iter().position(|s| s.id == id).unwrap_or(usize::MAX);
         self.slots.sort_by_key(|s| order(&s.server.spec.id));
-        let summary = d.summary();
+        let mut summary = d.summary();
+        if !fixed.is_empty() {
+            summary.push_str(&format!("; not applied until the master restarts: {}", fixed.join(", ")));
+        }
         tracing::info!("servers.yaml applied: {summary}");
         Ok(summary)
     }
