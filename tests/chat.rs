@@ -145,6 +145,26 @@ fn broadcasts_private_messages_joins_leaves_and_duplicate_logins() {
     // The same name in the same room is refused.
     let (_dup, reply) = login(g, "u0", &rooms[0]);
     assert_eq!(reply, json!({"code": 500, "error": true}));
+    // Also on another connector than the gate would pick (the room's chat server refuses it).
+    let mut gq = Client::connect(g);
+    let home = gq.request("gate.gateHandler.queryEntry", json!({"uid": "u0"}))["port"].as_u64();
+    let other: SocketAddr = c
+        .servers()
+        .iter()
+        .filter(|s| s["type"] == "connector")
+        .filter_map(|s| s["addrs"]["client"].as_str()?.parse::<SocketAddr>().ok())
+        .find(|a| Some(a.port() as u64) != home)
+        .expect("another connector");
+    let mut elsewhere = Client::connect(other);
+    let reply = elsewhere.request("connector.entryHandler.enter", json!({"username": "u0", "rid": rooms[0]}));
+    assert_eq!(reply, json!({"code": 500, "error": true}), "duplicate across connectors");
+    // The refused session can still enter under another name.
+    let reply = elsewhere.request("connector.entryHandler.enter", json!({"username": "u0b", "rid": rooms[0]}));
+    assert!(reply["users"].as_array().is_some_and(|u| u.len() == 6), "{reply}");
+    elsewhere.close();
+    for u in users.iter_mut() {
+        u.client.drain_pushes(Duration::from_millis(50));
+    }
 
     // A user who leaves is announced to the rest of the room.
     let mut gone = users.remove(1);

@@ -5,7 +5,7 @@
 use pomelo_proto::cluster::{ChatError, Member};
 
 use crate::chat_client::{ChatClient, RpcError};
-use crate::connector::{ChatSend, Rooms};
+use crate::connector::{ChatSend, JoinError, Rooms};
 use crate::frontend::{BoxFuture, HandlerError, Session};
 
 pub struct ClusterRooms {
@@ -22,7 +22,7 @@ impl Rooms for ClusterRooms {
         session: &'a Session,
         uid: &'a str,
         rid: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, HandlerError>> {
+    ) -> BoxFuture<'a, Result<Vec<String>, JoinError>> {
         Box::pin(async move {
             let member = Member {
                 rid: rid.to_string(),
@@ -35,10 +35,11 @@ impl Rooms for ClusterRooms {
                 Err(e) => {
                     // Not in a room after all: the client may try `enter` again on this session.
                     session.unbind();
-                    if !matches!(e, RpcError::Chat(ChatError::Duplicate { .. })) {
-                        tracing::warn!("enter of `{uid}` failed: {e}");
+                    if matches!(e, RpcError::Chat(ChatError::Duplicate { .. })) {
+                        return Err(JoinError::Duplicate);
                     }
-                    Err(HandlerError::new(e.to_string()))
+                    tracing::warn!("enter of `{uid}` failed: {e}");
+                    Err(JoinError::Failed(HandlerError::new(e.to_string())))
                 }
             }
         })

@@ -36,6 +36,17 @@ pub struct ChatSend {
     pub target: String,
 }
 
+/// Why a session could not enter its room.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JoinError {
+    /// The uid is already in the room (from another connector): the client sees `{code:500, error:true}`,
+    /// as for a duplicate on this connector.
+    #[error("already in the room")]
+    Duplicate,
+    #[error(transparent)]
+    Failed(#[from] HandlerError),
+}
+
 /// Room membership and fan-out, local or remote.
 pub trait Rooms: Send + Sync + 'static {
     /// Adds the session to room `rid` as `uid`, pushes `onAdd` to the others, returns the usernames.
@@ -44,7 +55,7 @@ pub trait Rooms: Send + Sync + 'static {
         session: &'a Session,
         uid: &'a str,
         rid: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, HandlerError>>;
+    ) -> BoxFuture<'a, Result<Vec<String>, JoinError>>;
     /// Removes the member and pushes `onLeave` to the rest.
     fn leave<'a>(&'a self, session: &'a Session, uid: &'a str, rid: &'a str) -> BoxFuture<'a, ()>;
     /// Pushes `onChat {msg, from, target}` to the room or to one member.
@@ -77,8 +88,11 @@ impl Connector {
         }
         session.bind(&uid).map_err(|e| HandlerError::new(e.to_string()))?;
         session.set("rid", Value::String(rid.clone()));
-        let users = self.rooms.join(&session, &uid, &rid).await?;
-        Ok(json!({"users": users}))
+        match self.rooms.join(&session, &uid, &rid).await {
+            Ok(users) => Ok(json!({"users": users})),
+            Err(JoinError::Duplicate) => Ok(json!({"code": 500, "error": true})),
+            Err(JoinError::Failed(e)) => Err(e),
+        }
     }
 
     async fn send(&self, session: Session, body: Value) -> Result<Value, HandlerError> {
@@ -157,7 +171,7 @@ impl Rooms for LocalRooms {
         session: &'a Session,
         uid: &'a str,
         rid: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<String>, HandlerError>> {
+    ) -> BoxFuture<'a, Result<Vec<String>, JoinError>> {
         let user = username_of(uid);
         let push = session.registry().encode_push("onAdd", &json!({"route": "onAdd", "user": user}));
         let mut rooms = self.lock();
