@@ -1,6 +1,7 @@
 //! End-to-end tests of the real `pomelo-rs` binary. One test binary, a module per area.
 
 mod chat;
+mod dashboard;
 mod harness;
 mod pomelo_client;
 mod reload;

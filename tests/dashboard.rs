@@ -1,0 +1,422 @@
+//! The admin server of a real cluster: JSON API, auth (bearer, login cookie, CSRF), the SSE live feed,
+//! `/metrics` checked by promtool, and the dashboard page in headless Chromium (browser/dashboard.js).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{have, repo, signal, wait_until, yaml, Cluster, SMALL};
+
+/// One request with arbitrary headers: (status, head, body). The body is read to the end (Connection: close).
+fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to admin");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("write");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+fn pid_of(c: &Cluster, id: &str) -> u64 {
+    c.server(id)["pid"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn api_lists_restarts_stops_starts_and_refuses_what_it_should() {
+    let c = Cluster::start(&yaml(SMALL, ""));
+    let pids = c.wait_running();
+    let token = c.token();
+    let addr = c.admin_addr();
+
+    // List: the master and every server, with live figures.
+    let list = c.api("/api/servers");
+    let ids: Vec<&str> = list["servers"].as_array().expect("servers").iter().filter_map(|s| s["id"].as_str()).collect();
+    assert_eq!(ids, ["gate-1", "connector-1", "connector-2", "chat-1", "chat-2"]);
+    assert_eq!(list["master"]["pid"].as_u64(), c.master_pid().map(u64::from));
+    assert!(list["servers"][0]["rss_bytes"].as_u64().is_some());
+
+    // No token: 401 with a JSON error, for every route but /healthz and the login form.
+    for path in ["/api/servers", "/api/servers/chat-1", "/api/events", "/metrics", "/assets/app.js"] {
+        let (status, body) = c.http("GET", path, None);
+        assert_eq!(status, 401, "GET {path} without a token: {body}");
+        let err: Value = serde_json::from_str(&body).expect("a JSON error body");
+        assert_eq!(err["error"], "unauthorized", "{body}");
+    }
+    assert_eq!(c.http("GET", "/api/servers", Some("wrong-token-wrong-token")).0, 401);
+    assert_eq!(c.http("POST", "/api/servers/chat-1/restart", None).0, 401);
+    assert_eq!(c.http("GET", "/healthz", None), (200, "ok".to_string()));
+
+    // Unknown ids: 404 with a JSON error.
+    let (status, body) = c.http("GET", "/api/servers/nope", Some(&token));
+    assert_eq!(status, 404);
+    assert_eq!(serde_json::from_str::<Value>(&body).expect("json")["error"], "unknown server");
+    assert_eq!(c.post("/api/servers/nope/restart").0, 404);
+    // Mutations are POST-only.
+    assert_eq!(c.http("GET", "/api/servers/chat-1/restart", Some(&token)).0, 405);
+
+    // Restart: a new pid, one more restart.
+    let before = c.server("chat-1");
+    let (status, reply) = c.post("/api/servers/chat-1/restart");
+    assert_eq!(status, 202, "{reply}");
+    let after = wait_until(Duration::from_secs(20), "chat-1 restarted", || {
+        let s = c.server("chat-1");
+        (s["state"] == "running" && s["pid"] != before["pid"] && s["pid"].is_u64()).then_some(s)
+    });
+    assert_eq!(after["restarts"].as_u64(), before["restarts"].as_u64().map(|r| r + 1));
+
+    // Stop, stop again (409), start.
+    assert_eq!(c.post("/api/servers/chat-2/stop").0, 202);
+    let stopped = c.wait_state("chat-2", "stopped", Duration::from_secs(10));
+    assert!(stopped["pid"].is_null(), "{stopped}");
+    let (status, reply) = c.post("/api/servers/chat-2/stop");
+    assert_eq!(status, 409, "{reply}");
+    assert!(reply["error"].is_string());
+    assert_eq!(c.post("/api/servers/chat-2/start").0, 202);
+    c.wait_state("chat-2", "running", Duration::from_secs(20));
+    assert_ne!(pid_of(&c, "chat-2"), pids.iter().find(|(id, _)| id == "chat-2").map(|p| u64::from(p.1)).unwrap_or(0));
+
+    // The login form: no token → form only; wrong → 401; right → cookie and redirect.
+    let (status, _, page) = request(addr, "GET", "/", &[], "");
+    assert_eq!(status, 200);
+    assert!(page.contains("name=\"token\"") && !page.contains("chat-1") && !page.contains("app.js"), "{page}");
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let (status, _, page) = request(addr, "POST", "/login", &form, "token=wrong");
+    assert_eq!(status, 401);
+    assert!(page.contains("not the admin token"));
+    let (status, head, _) = request(addr, "POST", "/login", &form, &format!("token={token}"));
+    assert_eq!(status, 303, "{head}");
+    let set = format!("set-cookie: pomelo_admin={token}; HttpOnly; SameSite=Strict; Path=/");
+    assert!(head.to_ascii_lowercase().contains(&set.to_ascii_lowercase()), "{head}");
+    assert!(head.to_ascii_lowercase().contains("location: /\r") || head.to_ascii_lowercase().ends_with("location: /"));
+
+    // The cookie authenticates reads and same-origin POSTs; a cross-origin POST is refused (CSRF).
+    let cookie = format!("pomelo_admin={token}");
+    let (status, _, page) = request(addr, "GET", "/", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200);
+    assert!(page.contains("/assets/app.js"));
+    let pid = pid_of(&c, "gate-1");
+    let evil = [("Cookie", cookie.as_str()), ("Origin", "http://evil.example")];
+    let (status, _, body) = request(addr, "POST", "/api/servers/gate-1/restart", &evil, "");
+    assert_eq!(status, 403, "{body}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(pid_of(&c, "gate-1"), pid, "a refused request changed nothing");
+    let origin = format!("http://{addr}");
+    let own = [("Cookie", cookie.as_str()), ("Origin", origin.as_str())];
+    assert_eq!(request(addr, "POST", "/api/servers/gate-1/restart", &own, "").0, 202);
+    let (status, head, _) = request(addr, "POST", "/logout", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 303);
+    assert!(head.contains("Max-Age=0"), "{head}");
+    // The CLI still works over the bearer API.
+    let out = c.run(&["list", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Reads SSE events from a raw socket: (event, data) pairs, chunk-size lines ignored.
+struct Sse {
+    stream: TcpStream,
+    buf: String,
+    event: String,
+}
+
+impl Sse {
+    fn open(addr: SocketAddr, token: &str) -> Sse {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        let req = format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n");
+        stream.write_all(req.as_bytes()).expect("write");
+        Sse { stream, buf: String::new(), event: String::new() }
+    }
+
+    /// The next event, waiting at most until `deadline`.
+    fn next(&mut self, deadline: Instant) -> Option<(String, String)> {
+        loop {
+            while let Some(i) = self.buf.find('\n') {
+                let line: String = self.buf.drain(..=i).collect();
+                let line = line.trim_end();
+                if let Some(e) = line.strip_prefix("event:") {
+                    self.event = e.trim().to_string();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    return Some((std::mem::take(&mut self.event), d.trim().to_string()));
+                }
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))).ok();
+            let mut chunk = [0u8; 16384];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+#[test]
+fn the_live_feed_reports_a_killed_worker_within_a_second() {
+    let c = Cluster::start(&yaml(SMALL, ""));
+    c.wait_running();
+    let mut sse = Sse::open(c.admin_addr(), &c.token());
+    let (event, data) = sse.next(Instant::now() + Duration::from_secs(5)).expect("a first event");
+    assert_eq!(event, "snapshot");
+    let snapshot: Value = serde_json::from_str(&data).expect("snapshot JSON");
+    assert_eq!(snapshot["servers"].as_array().map(Vec::len), Some(5));
+    assert!(snapshot["at_ms"].as_u64().is_some());
+    // A stats tick comes within about a second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while sse.next(deadline).expect("a stats event").0 != "stats" {}
+
+    let victim = pid_of(&c, "chat-1");
+    let killed = Instant::now();
+    signal(victim as u32, 9);
+    let deadline = killed + Duration::from_secs(1);
+    let (latency, ev) = loop {
+        let (event, data) = sse.next(deadline).expect("a state event for chat-1 within a second of kill -9");
+        let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+        if event == "state" && v["id"] == "chat-1" && v["state"] != "running" {
+            break (killed.elapsed(), v);
+        }
+    };
+    eprintln!("SSE: kill -9 of chat-1 seen after {latency:?}: {ev}");
+    // ... and it comes back, with a new pid, on the same feed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (event, data) = sse.next(deadline).expect("chat-1 running again on the feed");
+        let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+        if event == "state" && v["id"] == "chat-1" && v["state"] == "running" {
+            assert!(v["pid"].as_u64().is_some_and(|p| p != victim), "{v}");
+            break;
+        }
+    }
+
+    // Feeds are bounded: 32 at once (this one included), then 503.
+    let mut open: Vec<Sse> = (0..31).map(|_| Sse::open(c.admin_addr(), &c.token())).collect();
+    for s in &mut open {
+        assert_eq!(s.next(Instant::now() + Duration::from_secs(5)).map(|e| e.0).as_deref(), Some("snapshot"));
+    }
+    let (status, body) = c.http("GET", "/api/events", Some(&c.token()));
+    assert_eq!(status, 503, "{body}");
+    drop(open);
+}
+
+/// Per-server families that must have exactly one series per server.
+const PER_SERVER: &[&str] = &[
+    "pomelo_server_up",
+    "pomelo_server_state",
+    "pomelo_server_restarts_total",
+    "pomelo_server_uptime_seconds",
+    "pomelo_server_cpu_seconds_total",
+    "pomelo_server_resident_memory_bytes",
+    "pomelo_server_open_fds",
+    "pomelo_server_connections",
+    "pomelo_server_handshakes_total",
+    "pomelo_server_rooms",
+    "pomelo_server_members",
+    "pomelo_server_messages_in_total",
+    "pomelo_server_deliveries_out_total",
+    "pomelo_server_protocol_errors_total",
+];
+
+/// server_id → number of series, for one family.
+fn series(text: &str, family: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with(&format!("{family}{{"))) {
+        let id = line.split("server_id=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+        *out.entry(id.to_string()).or_insert(0) += 1;
+    }
+    out
+}
+
+fn promtool(text: &str) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), said)
+}
+
+#[test]
+fn metrics_pass_promtool_with_one_series_per_server() {
+    if !have(Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success()), "promtool") {
+        return;
+    }
+    let c = Cluster::start(&yaml(SMALL, ""));
+    c.wait_running();
+    // Wait for the workers' first stats reports.
+    let text = wait_until(Duration::from_secs(10), "worker stats in /metrics", || {
+        let (status, text) = c.http("GET", "/metrics", Some(&c.token()));
+        assert_eq!(status, 200);
+        text.contains("pomelo_server_connections{server_id=\"gate-1\"").then_some(text)
+    });
+    let (ok, said) = promtool(&text);
+    assert!(ok, "promtool check metrics failed:\n{said}\n--- /metrics ---\n{text}");
+    eprintln!("promtool check metrics: ok ({} lines){}", text.lines().count(), said.trim());
+    let ids = ["chat-1", "chat-2", "connector-1", "connector-2", "gate-1"];
+    for family in PER_SERVER {
+        let found = series(&text, family);
+        let want: BTreeMap<String, usize> = ids.iter().map(|id| (id.to_string(), 1)).collect();
+        assert_eq!(found, want, "{family}: one series per server\n{text}");
+    }
+    assert!(text.contains("pomelo_server_up{server_id=\"chat-1\",server_type=\"chat\"} 1"), "{text}");
+    assert!(text.contains("pomelo_server_state{server_id=\"chat-1\",server_type=\"chat\",state=\"running\"} 1"));
+    assert!(text.contains("# TYPE pomelo_server_messages_in_total counter"));
+    assert!(text.contains("pomelo_cluster_servers{state=\"running\"} 5"));
+    for own in [
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_start_time_seconds ",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(own)), "the master's {own}\n{text}");
+    }
+
+    // A server removed from servers.yaml leaves no series behind.
+    std::fs::write(c.config(), yaml(&SMALL.replace("    - {id: chat-2, port: 0}\n", ""), "")).expect("write");
+    let _ = c.post("/api/reload");
+    wait_until(Duration::from_secs(20), "chat-2 removed", || {
+        (!c.servers().iter().any(|s| s["id"] == "chat-2")).then_some(())
+    });
+    let (_, text) = c.http("GET", "/metrics", Some(&c.token()));
+    assert!(!text.contains("chat-2"), "chat-2 lingers:\n{text}");
+    assert_eq!(series(&text, "pomelo_server_up").len(), 4);
+    let (ok, said) = promtool(&text);
+    assert!(ok, "{said}");
+}
+
+/// A port that was free a moment ago, for a master that must come back on the same admin address.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Logged-in users sending a chat message every 120 ms, so the figures and charts have something to show.
+/// Stops when `stop` is set, or after 90 s whatever happens.
+fn chat_traffic(gate: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rooms = ["lobby", "tea", "ops"];
+        let mut users: Vec<_> = (0..6)
+            .map(|i| (crate::pomelo_client::login(gate, &format!("viewer{i}"), rooms[i % 3]).0, rooms[i % 3]))
+            .collect();
+        let until = Instant::now() + Duration::from_secs(90);
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+            let (client, rid) = &mut users[(n % 6) as usize];
+            let msg = json!({"rid": rid, "content": format!("tick {n}"), "from": "viewer", "target": "*"});
+            client.request("chat.chatHandler.send", msg);
+            client.drain_pushes(Duration::from_millis(1));
+            n += 1;
+            std::thread::sleep(Duration::from_millis(120));
+        }
+    })
+}
+
+/// Kills the node script if the test fails half-way.
+struct Script(std::process::Child);
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_dashboard_works_in_a_browser() {
+    use std::io::BufRead;
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !have(std::path::Path::new(&chromium).exists(), "chromium")
+        || !have(
+            repo().join("browser/node_modules/playwright-core").exists(),
+            "browser/node_modules (npm ci in browser/)",
+        )
+    {
+        return;
+    }
+    // A fixed admin port, so the page can find the master again after it restarts.
+    let port = free_port();
+    let mut c = Cluster::start(&yaml(SMALL, "").replace("admin: 127.0.0.1:0", &format!("admin: 127.0.0.1:{port}")));
+    c.wait_running();
+    let gate: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = chat_traffic(gate, stop.clone());
+    let shot = c.dir.path().join("dashboard.png");
+    let started = Instant::now();
+    let mut script = Script(
+        Command::new("node")
+            .arg(repo().join("browser/dashboard.js"))
+            .arg(format!("http://{}/", c.admin_addr()))
+            .arg(c.token())
+            .arg(&shot)
+            .args(["chat-1", "--master-restarts"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(c.dir.path().join("node.err")).expect("node.err"))
+            .spawn()
+            .expect("run node"),
+    );
+    let mut input = script.0.stdin.take().expect("stdin");
+    let output = std::io::BufReader::new(script.0.stdout.take().expect("stdout"));
+    let mut last = String::new();
+    for line in output.lines() {
+        let line = line.expect("read the script's output");
+        let asked: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        let answer = match asked["await"].as_str() {
+            Some("kill-master") => {
+                let mut m = c.master.take().expect("master");
+                let _ = m.kill();
+                let _ = m.wait();
+                "killed".to_string()
+            }
+            Some("start-master") => {
+                c.spawn_master();
+                format!("started {}", c.master_pid().unwrap_or(0))
+            }
+            Some("new-token") => {
+                let mut m = c.master.take().expect("master");
+                let _ = m.kill();
+                let _ = m.wait();
+                std::fs::remove_file(c.dir.path().join(".pomelo/admin-token")).expect("remove the token");
+                c.spawn_master();
+                assert_eq!(c.admin_addr().port(), port);
+                format!("token {} {}", c.token(), c.master_pid().unwrap_or(0))
+            }
+            _ => {
+                last = line;
+                continue;
+            }
+        };
+        writeln!(input, "{answer}").expect("answer the script");
+    }
+    let status = script.0.wait().expect("node exit");
+    stop.store(true, Ordering::Relaxed);
+    let _ = traffic.join();
+    let err = std::fs::read_to_string(c.dir.path().join("node.err")).unwrap_or_default();
+    assert!(status.success(), "browser test failed:\n{last}\n{err}");
+    eprintln!("browser test passed in {:?}: {last}", started.elapsed());
+    let seen: Value = serde_json::from_str(&last).expect("the script's JSON");
+    assert_eq!(seen["ok"], true);
+    assert_ne!(seen["pid_before"], seen["pid_after"]);
+    assert_eq!(seen["restarts"], 1);
+    assert_eq!(seen["relogged_in"], true);
+    let png = std::fs::read(&shot).expect("screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
+    let keep = repo().join("target/screenshots");
+    std::fs::create_dir_all(&keep).ok();
+    std::fs::write(keep.join("dashboard.png"), png).ok();
+}
