@@ -260,12 +260,12 @@ fn metrics_pass_promtool_with_one_series_per_server() {
     }
     let c = Cluster::start(&yaml(SMALL, ""));
     c.wait_running();
-    // Wait for the workers' first stats reports.
-    let text = wait_until(Duration::from_secs(10), "worker stats in /metrics", || {
-        let (status, text) = c.http("GET", "/metrics", Some(&c.token()));
-        assert_eq!(status, 200);
-        text.contains("pomelo_server_connections{server_id=\"gate-1\"").then_some(text)
+    // Wait for every worker's first stats report, so their own series are in the scrape too.
+    wait_until(Duration::from_secs(10), "stats from every worker", || {
+        c.servers().iter().all(|s| s["stats"].as_object().is_some_and(|m| !m.is_empty())).then_some(())
     });
+    let (status, text) = c.http("GET", "/metrics", Some(&c.token()));
+    assert_eq!(status, 200);
     let (ok, said) = promtool(&text);
     assert!(ok, "promtool check metrics failed:\n{said}\n--- /metrics ---\n{text}");
     eprintln!("promtool check metrics: ok ({} lines){}", text.lines().count(), said.trim());
@@ -279,6 +279,8 @@ fn metrics_pass_promtool_with_one_series_per_server() {
     assert!(text.contains("pomelo_server_state{server_id=\"chat-1\",server_type=\"chat\",state=\"running\"} 1"));
     assert!(text.contains("# TYPE pomelo_server_messages_in_total counter"));
     assert!(text.contains("pomelo_cluster_servers{state=\"running\"} 5"));
+    // Other worker stats are exported too, typed by their name.
+    assert!(text.contains("# TYPE pomelo_server_requests_total counter"), "{text}");
     for own in [
         "process_cpu_seconds_total ",
         "process_resident_memory_bytes ",
