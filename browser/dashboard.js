@@ -3,11 +3,13 @@
 // Checks: without the token the page is a login form with no cluster data; a wrong token is refused (401);
 // the right one logs in (HttpOnly, SameSite=Strict cookie); every server shows `running`; restarting a chat
 // server from its row (after the confirmation) changes its pid in the table; the charts move; logs load.
-// With --master-restarts the caller restarts the master twice, driven by lines on stdout/stdin:
+// With --master-restarts the caller breaks servers.yaml and restarts the master twice, driven by lines on
+// stdout/stdin (the page must show the config error, then reconnect by itself, then ask to log in again):
+//   script prints {"await":"break-config"}  caller writes an invalid servers.yaml, answers "broken"
+//   script prints {"await":"fix-config"}    caller writes the valid one back, answers "fixed"
 //   script prints {"await":"kill-master"}   caller kills the master, answers "killed"
 //   script prints {"await":"start-master"}  caller starts it again (same token), answers "started PID"
 //   script prints {"await":"new-token"}     caller restarts it with a new token, answers "token NEW PID"
-// and the page must reconnect by itself the first time and ask to log in again the second.
 // Prints one JSON line of what it saw last; exits non-zero (with the reason) on the first failed check.
 "use strict";
 const readline = require("readline");
@@ -39,6 +41,12 @@ const allRunning = (count) => {
 };
 
 async function masterRestarts(page, ids, seen) {
+  // An invalid servers.yaml shows a banner with the error; a valid one takes it away.
+  await ask("break-config");
+  await page.waitForSelector("#banner-config", { timeout: 15000 });
+  seen.config_banner = (await page.textContent("#banner-config pre")).trim();
+  await ask("fix-config");
+  await page.waitForSelector("#banner-config", { state: "detached", timeout: 15000 });
   // The master dies: the page notices and says it is reconnecting.
   await ask("kill-master");
   await page.waitForFunction(() => !document.querySelector("#live").classList.contains("live-on"), null, { timeout: 10000 });

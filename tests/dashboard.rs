@@ -352,7 +352,8 @@ fn the_dashboard_works_in_a_browser() {
     }
     // A fixed admin port, so the page can find the master again after it restarts.
     let port = free_port();
-    let mut c = Cluster::start(&yaml(SMALL, "").replace("admin: 127.0.0.1:0", &format!("admin: 127.0.0.1:{port}")));
+    let good = yaml(SMALL, "").replace("admin: 127.0.0.1:0", &format!("admin: 127.0.0.1:{port}"));
+    let mut c = Cluster::start(&good);
     c.wait_running();
     let gate: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
     let stop = Arc::new(AtomicBool::new(false));
@@ -379,6 +380,16 @@ fn the_dashboard_works_in_a_browser() {
         let line = line.expect("read the script's output");
         let asked: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         let answer = match asked["await"].as_str() {
+            Some("break-config") => {
+                std::fs::write(c.config(), format!("{good}bogus: 1\n")).expect("write servers.yaml");
+                let _ = c.post("/api/reload");
+                "broken".to_string()
+            }
+            Some("fix-config") => {
+                std::fs::write(c.config(), &good).expect("write servers.yaml");
+                let _ = c.post("/api/reload");
+                "fixed".to_string()
+            }
             Some("kill-master") => {
                 let mut m = c.master.take().expect("master");
                 let _ = m.kill();
@@ -416,6 +427,7 @@ fn the_dashboard_works_in_a_browser() {
     assert_ne!(seen["pid_before"], seen["pid_after"]);
     assert_eq!(seen["restarts"], 1);
     assert_eq!(seen["relogged_in"], true);
+    assert!(seen["config_banner"].as_str().is_some_and(|e| e.contains("bogus")), "{seen}");
     let png = std::fs::read(&shot).expect("screenshot");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
     let keep = repo().join("target/screenshots");
