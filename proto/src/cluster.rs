@@ -105,13 +105,22 @@ pub fn encode_msg<T: Serialize>(msg: &T) -> Bytes {
 }
 
 pub fn encode_deliver(sessions: &[u64], payload: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + sessions.len() * 8 + payload.len());
+    encode_deliver_parts(sessions, &[payload])
+}
+
+/// A delivery whose payload is several packages, written one after the other (the connector hands
+/// them to each session as one write).
+pub fn encode_deliver_parts<P: AsRef<[u8]>>(sessions: &[u64], parts: &[P]) -> Bytes {
+    let len: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+    let mut out = BytesMut::with_capacity(5 + sessions.len() * 8 + len);
     out.put_u8(b'D');
     out.put_u32(sessions.len() as u32);
     for s in sessions {
         out.put_u64(*s);
     }
-    out.extend_from_slice(payload);
+    for p in parts {
+        out.extend_from_slice(p.as_ref());
+    }
     out.freeze()
 }
 
@@ -154,6 +163,7 @@ mod tests {
             },
         };
         assert_eq!(decode::<ToChat>(encode_msg(&m)).expect("decode"), Frame::Msg(m));
+        assert_eq!(encode_deliver_parts(&[7], &[&b"ab"[..], b"c"]), encode_deliver(&[7], b"abc"));
         let d = encode_deliver(&[1, 2, u64::MAX], b"\x04\x00\x00\x01x");
         match decode::<FromChat>(d).expect("decode") {
             Frame::Deliver { sessions, payload } => {

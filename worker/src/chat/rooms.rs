@@ -1,7 +1,9 @@
 //! Rooms on a chat server, as plain data: who is in which room, on which connector, in which session.
 //!
 //! Every operation returns the [`Delivery`]s it causes, one per connector that holds recipients, each with
-//! a push encoded once; the server sends them. Nothing here does I/O, so the rules are unit-tested.
+//! a push encoded once; the server sends them. A room keeps its members grouped by connector (rebuilt
+//! lazily after a join or leave), so a broadcast costs one encode and one shared session list per
+//! connector, not a lookup per member. Nothing here does I/O, so the rules are unit-tested.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,11 +21,12 @@ struct OnChat<'a> {
     target: &'a str,
 }
 
-/// One push for some sessions of one connector.
+/// One push for some sessions of one connector, all members of `room`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub connector: Arc<str>,
-    pub sessions: Vec<u64>,
+    pub room: Arc<str>,
+    pub sessions: Arc<[u64]>,
     pub payload: Bytes,
 }
 
@@ -34,22 +37,40 @@ struct Entry {
     session: u64,
 }
 
-#[derive(Debug, Default)]
+/// Session ids of one room's members on each connector, in join order.
+type Groups = Vec<(Arc<str>, Arc<[u64]>)>;
+
+#[derive(Debug)]
 struct Room {
+    rid: Arc<str>,
     /// uids in the order they joined (the user list is shown in that order).
     order: Vec<String>,
     members: HashMap<String, Entry>,
+    /// Every member grouped by connector; `None` after a change until the next broadcast.
+    groups: Option<Groups>,
 }
 
 impl Room {
+    fn new(rid: &str) -> Room {
+        Room { rid: rid.into(), order: Vec::new(), members: HashMap::new(), groups: None }
+    }
+
     fn remove(&mut self, uid: &str) -> Option<Entry> {
         let e = self.members.remove(uid)?;
         self.order.retain(|u| u != uid);
+        self.groups = None;
         Some(e)
     }
 
+    fn insert(&mut self, uid: String, e: Entry) {
+        if self.members.insert(uid.clone(), e).is_none() {
+            self.order.push(uid);
+        }
+        self.groups = None;
+    }
+
     /// Members grouped by connector, optionally leaving one uid out.
-    fn by_connector(&self, except: Option<&str>) -> Vec<(Arc<str>, Vec<u64>)> {
+    fn by_connector(&self, except: Option<&str>) -> Groups {
         let mut groups: Vec<(Arc<str>, Vec<u64>)> = Vec::new();
         for uid in &self.order {
             if Some(uid.as_str()) == except {
@@ -61,7 +82,15 @@ impl Room {
                 None => groups.push((e.connector.clone(), vec![e.session])),
             }
         }
-        groups
+        groups.into_iter().map(|(c, s)| (c, s.into())).collect()
+    }
+
+    /// Every member grouped by connector, from the cache.
+    fn groups(&mut self) -> &Groups {
+        if self.groups.is_none() {
+            self.groups = Some(self.by_connector(None));
+        }
+        self.groups.get_or_insert_with(Vec::new)
     }
 
     fn users(&self) -> Vec<String> {
@@ -74,6 +103,29 @@ pub struct Rooms {
     rooms: HashMap<String, Room>,
     dict: Option<Arc<Dictionary>>,
     members: usize,
+}
+
+fn push<T: serde::Serialize>(dict: Option<&Dictionary>, route: &str, body: &T) -> Option<Bytes> {
+    match wire::encode_push_json(dict, route, body) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::warn!("cannot encode {route} push: {e}");
+            None
+        }
+    }
+}
+
+fn deliveries(room: &Arc<str>, groups: &Groups, payload: Option<Bytes>) -> Vec<Delivery> {
+    let Some(payload) = payload else { return Vec::new() };
+    groups
+        .iter()
+        .map(|(connector, sessions)| Delivery {
+            connector: connector.clone(),
+            room: room.clone(),
+            sessions: sessions.clone(),
+            payload: payload.clone(),
+        })
+        .collect()
 }
 
 impl Rooms {
@@ -89,55 +141,33 @@ impl Rooms {
         self.members
     }
 
-    fn push<T: serde::Serialize>(&self, route: &str, body: &T) -> Option<Bytes> {
-        match wire::encode_push_json(self.dict.as_deref(), route, body) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                tracing::warn!("cannot encode {route} push: {e}");
-                None
-            }
-        }
-    }
-
-    fn fan_out(&self, room: &Room, except: Option<&str>, payload: Option<Bytes>) -> Vec<Delivery> {
-        let Some(payload) = payload else { return Vec::new() };
-        room.by_connector(except)
-            .into_iter()
-            .map(|(connector, sessions)| Delivery { connector, sessions, payload: payload.clone() })
-            .collect()
-    }
-
     /// Adds a member; `onAdd` goes to the others. Joining twice from the same session is harmless.
     pub fn join(&mut self, connector: &Arc<str>, m: Member) -> Result<(Vec<String>, Vec<Delivery>), ChatError> {
-        let room = self.rooms.entry(m.rid.clone()).or_default();
+        let room = self.rooms.entry(m.rid.clone()).or_insert_with(|| Room::new(&m.rid));
         if let Some(e) = room.members.get(&m.uid) {
             if &e.connector == connector && e.session == m.session {
                 return Ok((room.users(), Vec::new()));
             }
             return Err(ChatError::Duplicate { uid: m.uid });
         }
-        room.order.push(m.uid.clone());
-        room.members.insert(
+        room.insert(
             m.uid.clone(),
             Entry { username: m.username.clone(), connector: connector.clone(), session: m.session },
         );
         self.members += 1;
-        let room = &self.rooms[&m.rid];
-        let payload = self.push("onAdd", &json!({"route": "onAdd", "user": m.username}));
-        let deliveries = self.fan_out(room, Some(&m.uid), payload);
-        Ok((room.users(), deliveries))
+        let payload = push(self.dict.as_deref(), "onAdd", &json!({"route": "onAdd", "user": m.username}));
+        let out = deliveries(&room.rid, &room.by_connector(Some(&m.uid)), payload);
+        Ok((room.users(), out))
     }
 
     /// Adds members without telling anyone: they were already in the room on another owner.
     pub fn rejoin(&mut self, connector: &Arc<str>, members: Vec<Member>) {
         for m in members {
-            let room = self.rooms.entry(m.rid.clone()).or_default();
+            let room = self.rooms.entry(m.rid.clone()).or_insert_with(|| Room::new(&m.rid));
             if !room.members.contains_key(&m.uid) {
-                room.order.push(m.uid.clone());
                 self.members += 1;
             }
-            room.members
-                .insert(m.uid, Entry { username: m.username, connector: connector.clone(), session: m.session });
+            room.insert(m.uid, Entry { username: m.username, connector: connector.clone(), session: m.session });
         }
     }
 
@@ -154,32 +184,37 @@ impl Rooms {
     }
 
     fn after_leave(&mut self, rid: &str, username: &str) -> Vec<Delivery> {
-        let Some(room) = self.rooms.get(rid) else { return Vec::new() };
+        let Some(room) = self.rooms.get_mut(rid) else { return Vec::new() };
         if room.members.is_empty() {
             self.rooms.remove(rid);
             return Vec::new();
         }
-        let payload = self.push("onLeave", &json!({"route": "onLeave", "user": username}));
-        self.fan_out(room, None, payload)
+        let payload = push(self.dict.as_deref(), "onLeave", &json!({"route": "onLeave", "user": username}));
+        deliveries(&room.rid.clone(), room.groups(), payload)
     }
 
     /// `chat.chatHandler.send`: `onChat {msg, from, target}` to the whole room (sender included) or to the
     /// member whose user name is `target`.
     pub fn send(
-        &self,
+        &mut self,
         rid: &str,
         from: &str,
         target: &str,
         content: &serde_json::Value,
     ) -> Result<Vec<Delivery>, ChatError> {
-        let room = self.rooms.get(rid).ok_or_else(|| ChatError::Other { msg: format!("no room `{rid}`") })?;
-        let payload = self.push("onChat", &OnChat { msg: content, from, target });
+        let room = self.rooms.get_mut(rid).ok_or_else(|| ChatError::Other { msg: format!("no room `{rid}`") })?;
+        let payload = push(self.dict.as_deref(), "onChat", &OnChat { msg: content, from, target });
         if target == "*" {
-            return Ok(self.fan_out(room, None, payload));
+            return Ok(deliveries(&room.rid.clone(), room.groups(), payload));
         }
         let uid = format!("{target}*{rid}");
         let (Some(e), Some(payload)) = (room.members.get(&uid), payload) else { return Ok(Vec::new()) };
-        Ok(vec![Delivery { connector: e.connector.clone(), sessions: vec![e.session], payload }])
+        Ok(vec![Delivery {
+            connector: e.connector.clone(),
+            room: room.rid.clone(),
+            sessions: Arc::from([e.session]),
+            payload,
+        }])
     }
 
     /// Connectors that hold members.
@@ -249,7 +284,7 @@ mod tests {
         let (users, d) = r.join(&c2, m("cy", "r", 7)).expect("join");
         assert_eq!(users, ["ann", "bob", "cy"]);
         assert_eq!(d.len(), 1, "one delivery for connector c1");
-        assert_eq!(d[0].sessions, [1, 2]);
+        assert_eq!(&d[0].sessions[..], [1, 2]);
         assert!(d[0].payload.ends_with(br#"{"route":"onAdd","user":"cy"}"#));
         assert!(matches!(r.join(&c2, m("ann", "r", 9)), Err(ChatError::Duplicate { .. })));
         assert!(r.join(&c1, m("ann", "r", 1)).is_ok(), "the same session joining again is harmless");
@@ -269,8 +304,21 @@ mod tests {
         assert!(d[0].payload.ends_with(br#"{"msg":"hi","from":"ann","target":"*"}"#));
         let d = r.send("r", "ann", "bob", &json!("psst")).expect("send");
         assert_eq!(d.len(), 1);
-        assert_eq!((&*d[0].connector, d[0].sessions.as_slice()), ("c2", &[2u64][..]));
+        assert_eq!((&*d[0].connector, &d[0].sessions[..]), ("c2", &[2u64][..]));
         assert!(r.send("r", "ann", "eve", &json!("x")).expect("send").is_empty(), "eve is in another room");
+    }
+
+    #[test]
+    fn broadcasts_follow_joins_and_leaves() {
+        let mut r = Rooms::new(None);
+        let c1: Arc<str> = "c1".into();
+        r.join(&c1, m("ann", "r", 1)).expect("join");
+        assert_eq!(&r.send("r", "ann", "*", &json!("a")).expect("send")[0].sessions[..], [1]);
+        r.join(&c1, m("bob", "r", 2)).expect("join");
+        let d = r.send("r", "ann", "*", &json!("b")).expect("send");
+        assert_eq!((&d[0].sessions[..], &*d[0].room), (&[1u64, 2][..], "r"));
+        r.leave(&c1, &m("ann", "r", 1));
+        assert_eq!(&r.send("r", "bob", "*", &json!("c")).expect("send")[0].sessions[..], [2]);
     }
 
     #[test]
@@ -282,7 +330,7 @@ mod tests {
         r.join(&c2, m("cy", "solo", 3)).expect("join");
         let d = r.drop_connector("c2");
         assert_eq!(d.len(), 1);
-        assert_eq!(d[0].sessions, [1]);
+        assert_eq!(&d[0].sessions[..], [1]);
         assert!(d[0].payload.ends_with(br#"{"route":"onLeave","user":"bob"}"#));
         assert_eq!(r.room_count(), 1, "the emptied room is gone");
         assert_eq!(r.member_count(), 1);
@@ -300,6 +348,6 @@ mod tests {
         let d = r.leave(&c1, &m("ann", "r1", 99));
         assert!(d.is_empty(), "another session cannot remove ann");
         let d = r.leave(&c1, &m("ann", "r1", 1));
-        assert_eq!(d[0].sessions, [2]);
+        assert_eq!(&d[0].sessions[..], [2]);
     }
 }

@@ -1,11 +1,14 @@
 //! The chat server: the cluster RPC listener, one task per connector link, and one rooms task.
 //!
 //! Link tasks read requests and pass them to the rooms task on a bounded channel; the rooms task owns
-//! [`Rooms`], answers on the link's bounded outbox and sends each delivery as one frame to the connector
-//! that holds the recipients. A connector whose outbox is full loses that frame (counted), never the
-//! server. The rooms task also follows the membership: a connector that leaves it loses its members
-//! (`onLeave` to the rest) and rooms now owned by another chat server are forgotten. All tasks end when
-//! the shutdown token is cancelled.
+//! [`Rooms`], answers on the link's bounded outbox and sends deliveries as frames to the connectors that
+//! hold the recipients. It handles every request already queued (up to [`DRAIN`]) before it sends their
+//! deliveries, merged per room and connector ([`Batches`]), and a busy room sends each connector at most
+//! one frame per [`FLUSH_DELAY`] ([`Pacer`]): a connector then writes each session once for many
+//! messages, while a quiet room's message goes at once. A connector whose outbox is full loses that
+//! frame (counted), never the server. The rooms task also follows the membership: a connector that
+//! leaves it loses its members (`onLeave` to the rest) and rooms now owned by another chat server are
+//! forgotten. All tasks end when the shutdown token is cancelled.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,12 +27,17 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::batch::{Batch, Batches, Pacer};
 use super::rooms::{Delivery, Rooms};
 
 /// Frames queued for one connector.
 const OUTBOX: usize = 16 * 1024;
 /// Requests queued for the rooms task from all links.
 const INBOX: usize = 16 * 1024;
+/// Requests handled at most before their deliveries are sent.
+pub const DRAIN: usize = 256;
+/// Deliveries waiting to be merged are sent at once past this many payload bytes.
+const MAX_PENDING_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Default)]
 pub struct ChatMetrics {
@@ -162,6 +170,20 @@ async fn link(
     result
 }
 
+/// A room sends a connector at most one frame per this long (see [`Pacer`]); `POMELO_CHAT_FLUSH_US` in a
+/// chat server's environment overrides it (microseconds, 0 = send at once, at most 100 ms). A merged
+/// frame costs the connector one write per session for many messages; the wait is the most it adds to a
+/// message's latency, and only in a room that sent something less than this long ago.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(2);
+
+fn flush_delay() -> Duration {
+    std::env::var("POMELO_CHAT_FLUSH_US")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|us| Duration::from_micros(us.min(100_000)))
+        .unwrap_or(FLUSH_DELAY)
+}
+
 async fn rooms_task(
     id: String,
     dict: Option<Arc<Dictionary>>,
@@ -171,9 +193,13 @@ async fn rooms_task(
     stop: CancellationToken,
 ) {
     let mut rooms = Rooms::new(dict);
-    let mut links: HashMap<Arc<str>, (u64, mpsc::Sender<Bytes>)> = HashMap::new();
+    let mut links: Links = HashMap::new();
+    let mut pacer = Pacer::new(flush_delay());
+    let mut pending = Batches::default();
+    let flush_at = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(flush_at);
     loop {
-        tokio::select! {
+        let wake = tokio::select! {
             _ = stop.cancelled() => return,
             changed = membership.changed() => {
                 if changed.is_err() {
@@ -181,40 +207,79 @@ async fn rooms_task(
                 }
                 let m = membership.borrow_and_update().clone();
                 let deliveries = follow_membership(&id, &m, &mut rooms);
-                send(&links, deliveries, &metrics);
+                send_batches(&links, pending.take(), &metrics);
+                let mut now = Batches::default();
+                deliveries.into_iter().for_each(|d| now.add(d));
+                send_batches(&links, now.take(), &metrics);
+                None
             }
             msg = inbox.recv() => {
                 let Some(msg) = msg else { return };
-                match msg {
-                    Inbox::Link { connector, conn, outbox } => {
-                        links.insert(connector, (conn, outbox));
-                    }
-                    Inbox::Unlink { connector, conn } => {
-                        if links.get(&connector).is_some_and(|(c, _)| *c == conn) {
-                            links.remove(&connector);
-                        }
-                    }
-                    Inbox::Request { connector, conn, id: req_id, req } => {
-                        metrics.requests.fetch_add(1, Ordering::Relaxed);
-                        let (result, deliveries) = handle(&mut rooms, &connector, req, &metrics);
-                        if result.is_err() {
-                            metrics.rpc_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if let Some((c, out)) = links.get(&connector) {
-                            if *c == conn {
-                                let frame = cluster::encode_msg(&FromChat::Response { id: req_id, result });
-                                if out.try_send(frame).is_err() {
-                                    metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                        send(&links, deliveries, &metrics);
-                    }
+                on_inbox(msg, &mut rooms, &mut links, &metrics, &mut pending);
+                for _ in 1..DRAIN {
+                    let Ok(msg) = inbox.try_recv() else { break };
+                    on_inbox(msg, &mut rooms, &mut links, &metrics, &mut pending);
                 }
+                if pending.bytes() >= MAX_PENDING_BYTES {
+                    send_batches(&links, pending.take(), &metrics);
+                }
+                pace(&mut pacer, &mut pending, &links, &metrics)
             }
+            _ = &mut flush_at, if !pending.is_empty() => pace(&mut pacer, &mut pending, &links, &metrics),
+        };
+        if let Some(t) = wake {
+            flush_at.as_mut().reset(t);
         }
         metrics.rooms.store(rooms.room_count() as u64, Ordering::Relaxed);
         metrics.members.store(rooms.member_count() as u64, Ordering::Relaxed);
+    }
+}
+
+type Links = HashMap<Arc<str>, (u64, mpsc::Sender<Bytes>)>;
+
+/// Sends what may go now; when the rest may go.
+fn pace(
+    pacer: &mut Pacer,
+    pending: &mut Batches,
+    links: &Links,
+    metrics: &ChatMetrics,
+) -> Option<tokio::time::Instant> {
+    if pending.is_empty() {
+        return None;
+    }
+    let (ready, next) = pacer.ready(pending, tokio::time::Instant::now());
+    send_batches(links, ready, metrics);
+    next
+}
+
+fn on_inbox(msg: Inbox, rooms: &mut Rooms, links: &mut Links, metrics: &ChatMetrics, batches: &mut Batches) {
+    match msg {
+        Inbox::Link { connector, conn, outbox } => {
+            links.insert(connector, (conn, outbox));
+        }
+        Inbox::Unlink { connector, conn } => {
+            if links.get(&connector).is_some_and(|(c, _)| *c == conn) {
+                links.remove(&connector);
+            }
+        }
+        Inbox::Request { connector, conn, id: req_id, req } => {
+            metrics.requests.fetch_add(1, Ordering::Relaxed);
+            let (result, deliveries) = handle(rooms, &connector, req, metrics);
+            if result.is_err() {
+                metrics.rpc_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some((c, out)) = links.get(&connector) {
+                if *c == conn {
+                    let frame = cluster::encode_msg(&FromChat::Response { id: req_id, result });
+                    if out.try_send(frame).is_err() {
+                        metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            for d in deliveries {
+                batches.add(d);
+            }
+        }
     }
 }
 
@@ -266,18 +331,18 @@ fn follow_membership(me: &str, m: &Membership, rooms: &mut Rooms) -> Vec<Deliver
     out
 }
 
-fn send(links: &HashMap<Arc<str>, (u64, mpsc::Sender<Bytes>)>, deliveries: Vec<Delivery>, metrics: &ChatMetrics) {
-    for d in deliveries {
-        let Some((_, out)) = links.get(&d.connector) else {
+fn send_batches(links: &Links, batches: Vec<Batch>, metrics: &ChatMetrics) {
+    for b in batches {
+        let Some((_, out)) = links.get(&b.connector) else {
             metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let n = d.sessions.len() as u64;
-        if out.try_send(cluster::encode_deliver(&d.sessions, &d.payload)).is_ok() {
+        let n = b.deliveries();
+        if out.try_send(cluster::encode_deliver_parts(&b.sessions, &b.payloads)).is_ok() {
             metrics.deliveries_out.fetch_add(n, Ordering::Relaxed);
         } else {
             metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("connector `{}` is not keeping up: a delivery to {n} sessions was dropped", d.connector);
+            tracing::warn!("connector `{}` is not keeping up: {n} deliveries were dropped", b.connector);
         }
     }
 }

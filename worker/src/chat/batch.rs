@@ -1,0 +1,189 @@
+//! Deliveries waiting to be sent, merged so that a connector gets one frame (and each session one write)
+//! per room and batch instead of one per message, and the [`Pacer`] that decides when they go.
+//!
+//! Deliveries of the same room to the same connector with the same sessions are concatenated, in order.
+//! A delivery whose sessions differ from the room's last batch on that connector (a join, a leave, a
+//! private message) starts a new batch after it, so every session still sees its packages in order;
+//! batches of different rooms never share a session (a session is in one room), so they may go in any
+//! order. Batches are capped in bytes so a frame stays far below the cluster frame limit.
+//!
+//! Pacing works like Nagle's algorithm, per room and connector: a batch goes at once unless that pair
+//! sent one less than `delay` ago; then it waits for the rest of `delay`, gathering what else comes.
+//! A quiet room never waits; a busy one sends at most one frame per `delay`. Plain data, no I/O.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::rooms::Delivery;
+
+/// Largest payload of one merged frame.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Packages for some sessions of one connector.
+#[derive(Debug)]
+pub struct Batch {
+    pub connector: Arc<str>,
+    pub room: Arc<str>,
+    pub sessions: Arc<[u64]>,
+    pub payloads: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Deliveries in this batch: packages times sessions.
+    pub fn deliveries(&self) -> u64 {
+        (self.payloads.len() * self.sessions.len()) as u64
+    }
+}
+
+type Key = (Arc<str>, Arc<str>);
+
+#[derive(Debug, Default)]
+pub struct Batches {
+    batches: Vec<Batch>,
+    /// (connector, room) → index of that pair's last batch.
+    last: HashMap<Key, usize>,
+    bytes: usize,
+}
+
+impl Batches {
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Payload bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn add(&mut self, d: Delivery) {
+        self.bytes += d.payload.len();
+        let key = (d.connector, d.room);
+        if let Some(b) = self.last.get(&key).and_then(|&i| self.batches.get_mut(i)) {
+            let same = Arc::ptr_eq(&b.sessions, &d.sessions) || b.sessions == d.sessions;
+            if same && b.bytes + d.payload.len() <= MAX_BATCH_BYTES {
+                b.bytes += d.payload.len();
+                b.payloads.push(d.payload);
+                return;
+            }
+        }
+        self.last.insert(key.clone(), self.batches.len());
+        let bytes = d.payload.len();
+        let (connector, room) = key;
+        self.batches.push(Batch { connector, room, sessions: d.sessions, payloads: vec![d.payload], bytes });
+    }
+
+    /// The batches in the order they were started; empties the set.
+    pub fn take(&mut self) -> Vec<Batch> {
+        self.last.clear();
+        self.bytes = 0;
+        std::mem::take(&mut self.batches)
+    }
+
+    /// Takes the batches whose (connector, room) `go` accepts, in order; keeps the others.
+    fn take_if(&mut self, mut go: impl FnMut(&Batch) -> bool) -> Vec<Batch> {
+        let (out, keep): (Vec<Batch>, Vec<Batch>) = self.take().into_iter().partition(|b| go(b));
+        for b in keep {
+            self.bytes += b.bytes;
+            self.last.insert((b.connector.clone(), b.room.clone()), self.batches.len());
+            self.batches.push(b);
+        }
+        out
+    }
+}
+
+/// When each (connector, room) last sent a batch, to send at most one per `delay`.
+#[derive(Debug)]
+pub struct Pacer {
+    delay: Duration,
+    sent: HashMap<Key, Instant>,
+}
+
+impl Pacer {
+    pub fn new(delay: Duration) -> Pacer {
+        Pacer { delay, sent: HashMap::new() }
+    }
+
+    /// Takes the batches that may go at `now`; returns them and when the first held one may go.
+    pub fn ready(&mut self, pending: &mut Batches, now: Instant) -> (Vec<Batch>, Option<Instant>) {
+        let delay = self.delay;
+        self.sent.retain(|_, t| now.saturating_duration_since(*t) < delay);
+        let sent = &self.sent;
+        let mut next: Option<Instant> = None;
+        let out = pending.take_if(|b| match sent.get(&(b.connector.clone(), b.room.clone())) {
+            Some(t) if *t + delay > now => {
+                next = Some(next.map_or(*t + delay, |n| n.min(*t + delay)));
+                false
+            }
+            _ => true,
+        });
+        for b in &out {
+            self.sent.insert((b.connector.clone(), b.room.clone()), now);
+        }
+        (out, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: &str, room: &str, sessions: &[u64], p: &'static [u8]) -> Delivery {
+        Delivery { connector: c.into(), room: room.into(), sessions: sessions.into(), payload: Bytes::from_static(p) }
+    }
+
+    /// A batch as (connector, sessions, payloads).
+    type Row<'a> = (&'a str, Vec<u64>, Vec<&'a [u8]>);
+
+    #[test]
+    fn same_room_and_sessions_merge_in_order_and_changes_start_a_batch() {
+        let mut b = Batches::default();
+        b.add(d("c1", "r1", &[1, 2], b"a"));
+        b.add(d("c1", "r2", &[3], b"x"));
+        b.add(d("c1", "r1", &[1, 2], b"b"));
+        b.add(d("c2", "r1", &[1, 2], b"other connector"));
+        b.add(d("c1", "r1", &[1], b"private"));
+        b.add(d("c1", "r1", &[1, 2], b"c"));
+        let out = b.take();
+        let got: Vec<Row> = out
+            .iter()
+            .map(|b| (&*b.connector, b.sessions.to_vec(), b.payloads.iter().map(|p| &p[..]).collect()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("c1", vec![1, 2], vec![&b"a"[..], b"b"]),
+                ("c1", vec![3], vec![&b"x"[..]]),
+                ("c2", vec![1, 2], vec![&b"other connector"[..]]),
+                ("c1", vec![1], vec![&b"private"[..]]),
+                ("c1", vec![1, 2], vec![&b"c"[..]]),
+            ]
+        );
+        assert_eq!(out[0].deliveries(), 4);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn the_pacer_sends_a_quiet_room_at_once_and_a_busy_one_once_per_delay() {
+        let ms = Duration::from_millis;
+        let mut p = Pacer::new(ms(2));
+        let mut b = Batches::default();
+        let t0 = Instant::now();
+        b.add(d("c1", "r1", &[1], b"a"));
+        let (out, next) = p.ready(&mut b, t0);
+        assert_eq!((out.len(), next), (1, None), "nothing sent lately: at once");
+        b.add(d("c1", "r1", &[1], b"b"));
+        b.add(d("c1", "r2", &[2], b"x"));
+        let (out, next) = p.ready(&mut b, t0 + ms(1));
+        assert_eq!((&*out[0].room, out.len(), next), ("r2", 1, Some(t0 + ms(2))), "r1 waits");
+        b.add(d("c1", "r1", &[1], b"c"));
+        assert_eq!(p.ready(&mut b, t0 + ms(1)).0.len(), 0);
+        let (out, next) = p.ready(&mut b, t0 + ms(2));
+        assert_eq!((out.len(), out[0].payloads.len(), next), (1, 2, None), "b and c in one frame");
+        assert!(b.is_empty() && b.bytes() == 0);
+    }
+}
