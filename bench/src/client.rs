@@ -1,0 +1,422 @@
+//! One simulated chat user: gate, connector, `enter`, then a loop that answers the server's heartbeat
+//! the way the JS client does, sends `chat.chatHandler.send` on the step's schedule and counts every
+//! `onChat` it receives (unique or duplicate, latency from the send timestamp in the content).
+//!
+//! Sends are open-loop: message `n` of a step is due at `start + (phase + n) / rate` whatever happened to
+//! the previous ones, so a slow server shows up as latency, not as a lower offered rate. Reads go
+//! through the shard's shared scratch buffer; only a partial package is kept per client. The task ends
+//! at `Finish`, or when the server closes the connection (counted as lost).
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{recv, MsgFlags};
+use pomelo_proto::wire::Route;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::connect::{self, fail, Failure, Stage};
+use crate::shard::{now_us, Phase, Shard};
+use crate::spec::Spec;
+use crate::track::Window;
+use crate::wire::{self, Data, Stamp};
+
+/// Bytes a client may have waiting to be written before its sends are counted as failed.
+const MAX_OUT: usize = 256 * 1024;
+/// The id of the `enter` request.
+const ENTER_ID: u32 = 1;
+
+enum Hb {
+    /// Before the server's first heartbeat.
+    Idle,
+    /// Send one at this time.
+    Due(Instant),
+    /// Sent; the echo should arrive before this time.
+    Awaiting(Instant),
+}
+
+/// The sending schedule of the current step.
+struct Plan {
+    k: u32,
+    start_us: u64,
+    end_us: u64,
+    interval_us: f64,
+    offset: f64,
+    n: u64,
+}
+
+impl Plan {
+    fn due_us(&self) -> u64 {
+        self.start_us + ((self.offset + self.n as f64) * self.interval_us) as u64
+    }
+}
+
+struct Client {
+    g: u32,
+    room: u32,
+    rid: String,
+    username: String,
+    stream: TcpStream,
+    pending: Vec<u8>,
+    out: Vec<u8>,
+    /// Per sender slot of the room, allocated on the first `onChat`.
+    windows: Vec<Window>,
+    next_id: u32,
+    send_route: Route,
+    hb_every: Option<Duration>,
+    hb: Hb,
+    entered: Option<bool>,
+    seq: u32,
+    /// The step sends are counted in (acks and errors too).
+    cur_step: usize,
+}
+
+pub async fn run(shard: Rc<Shard>, g: u32) {
+    let t0 = now_us();
+    let connected = match shard.connecting.acquire().await {
+        Ok(_permit) => connect(&shard, g).await,
+        Err(_) => fail(Stage::Connect, "shutting down"),
+    };
+    let mut client = match connected {
+        Ok(c) => c,
+        Err(f) => {
+            shard.fail(&f);
+            shard.settle();
+            return;
+        }
+    };
+    {
+        let mut c = shard.counts.borrow_mut();
+        c.made += 1;
+        if let Some(j) = c.joined_by_room.get_mut(client.room as usize) {
+            *j += 1;
+        }
+        let _ = shard.connect_hist.borrow_mut().record((now_us() - t0).max(1));
+    }
+    shard.settle();
+    if let Err(why) = client.drive(&shard).await {
+        tracing_lost(&shard, g, &why);
+    }
+}
+
+fn tracing_lost(shard: &Shard, g: u32, why: &str) {
+    let mut c = shard.counts.borrow_mut();
+    c.lost += 1;
+    if c.lost <= 3 {
+        eprintln!("pomelo-bench: client {g} lost: {why}");
+    }
+}
+
+async fn connect(shard: &Shard, g: u32) -> Result<Client, Failure> {
+    let spec: &Spec = &shard.spec;
+    let stage = Duration::from_secs_f64(spec.stage_timeout);
+    let (username, src) = (spec.username(g), spec.source_of(g));
+    let addr = match timeout(stage, connect::query_gate(spec.gate, src, &username)).await {
+        Ok(r) => r?,
+        Err(_) => return fail(Stage::Gate, "gate timed out"),
+    };
+    let stream = match timeout(stage, connect::dial(addr, src)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(Stage::Connect, format_args!("connect to {addr}: {e}")),
+        Err(_) => return fail(Stage::Connect, format_args!("connect to {addr} timed out")),
+    };
+    let mut pending = Vec::new();
+    let hs = match timeout(stage, connect::handshake(&stream, &mut pending)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return fail(Stage::Handshake, e),
+        Err(_) => return fail(Stage::Handshake, "handshake timed out"),
+    };
+    let room = spec.room_of(g);
+    let mut c = Client {
+        g,
+        room,
+        rid: format!("r{room}"),
+        username,
+        stream,
+        pending,
+        out: Vec::new(),
+        windows: Vec::new(),
+        next_id: ENTER_ID + 1,
+        send_route: hs.route(wire::SEND_ROUTE),
+        hb_every: hs.heartbeat_secs.map(Duration::from_secs),
+        hb: Hb::Idle,
+        entered: None,
+        seq: 0,
+        cur_step: 0,
+    };
+    if !spec.enter {
+        return Ok(c);
+    }
+    let body = serde_json::json!({"username": c.username, "rid": c.rid}).to_string().into_bytes();
+    let Some(req) = wire::request(ENTER_ID, hs.route(wire::ENTER_ROUTE), body) else {
+        return fail(Stage::Enter, "cannot encode enter");
+    };
+    if let Err(e) = c.write(&req) {
+        return fail(Stage::Enter, e);
+    }
+    let entered = timeout(stage, async {
+        // Packages that came with the handshake reply (the first heartbeat) are handled first.
+        c.process_pending(shard)?;
+        while c.entered.is_none() {
+            c.stream.readable().await.map_err(|e| e.to_string())?;
+            c.on_readable(shard)?;
+        }
+        Ok::<_, String>(())
+    })
+    .await;
+    match (entered, c.entered) {
+        (Ok(Ok(())), Some(true)) => Ok(c),
+        (Ok(Ok(())), _) => fail(Stage::Enter, "enter refused"),
+        (Ok(Err(e)), _) => fail(Stage::Enter, e),
+        (Err(_), _) => fail(Stage::Enter, "enter timed out"),
+    }
+}
+
+impl Client {
+    async fn drive(&mut self, shard: &Shard) -> Result<(), String> {
+        let mut phase = shard.phase.clone();
+        let far = Instant::now() + Duration::from_secs(365 * 86_400);
+        let send_sleep = sleep_until(far);
+        let hb_sleep = sleep_until(self.hb_deadline().unwrap_or(far));
+        tokio::pin!(send_sleep, hb_sleep);
+        let mut plan: Option<Plan> = None;
+        phase.mark_changed();
+        loop {
+            tokio::select! {
+                biased;
+                changed = phase.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let p = phase.borrow_and_update().clone();
+                    plan = match p {
+                        Phase::Finish => return Ok(()),
+                        Phase::Step { k, start_us, end_us, rate } if rate > 0.0 => Some(Plan {
+                            k, start_us, end_us, interval_us: 1e6 / rate, offset: Spec::phase_of(self.g), n: 0,
+                        }),
+                        _ => None,
+                    };
+                    if let Some(p) = &plan {
+                        self.cur_step = p.k as usize;
+                        send_sleep.as_mut().reset(shard.clock.instant(p.due_us()));
+                    }
+                }
+                r = self.stream.readable() => {
+                    r.map_err(|e| e.to_string())?;
+                    self.on_readable(shard)?;
+                }
+                _ = &mut send_sleep, if plan.is_some() => {
+                    if let Some(p) = &mut plan {
+                        self.send_due(shard, p);
+                        if p.due_us() >= p.end_us {
+                            plan = None;
+                        } else {
+                            send_sleep.as_mut().reset(shard.clock.instant(p.due_us()));
+                        }
+                    }
+                }
+                _ = &mut hb_sleep, if !matches!(self.hb, Hb::Idle) => self.on_hb_timer(shard)?,
+                r = self.stream.writable(), if !self.out.is_empty() => {
+                    r.map_err(|e| e.to_string())?;
+                    self.flush()?;
+                }
+            }
+            let hb_at = self.hb_deadline().unwrap_or(far);
+            if hb_sleep.deadline() != hb_at {
+                hb_sleep.as_mut().reset(hb_at);
+            }
+        }
+    }
+
+    fn hb_deadline(&self) -> Option<Instant> {
+        match self.hb {
+            Hb::Idle => None,
+            Hb::Due(t) | Hb::Awaiting(t) => Some(t),
+        }
+    }
+
+    fn on_hb_timer(&mut self, shard: &Shard) -> Result<(), String> {
+        let Some(every) = self.hb_every else { return Ok(()) };
+        let now = Instant::now();
+        match self.hb {
+            Hb::Idle => {}
+            Hb::Due(due) => {
+                self.write(&wire::heartbeat())?;
+                let mut c = shard.counts.borrow_mut();
+                c.heartbeats_sent += 1;
+                c.heartbeat_max_lag_us =
+                    c.heartbeat_max_lag_us.max(now.saturating_duration_since(due).as_micros() as u64);
+                self.hb = Hb::Awaiting(now + every * 2);
+            }
+            Hb::Awaiting(_) => {
+                shard.counts.borrow_mut().heartbeat_timeouts += 1;
+                self.hb = Hb::Due(now);
+            }
+        }
+        Ok(())
+    }
+
+    fn send_due(&mut self, shard: &Shard, p: &mut Plan) {
+        let now = now_us();
+        let lag = now.saturating_sub(p.due_us());
+        p.n += 1;
+        let stamp = Stamp { sender: self.g, seq: self.seq, step: p.k, sent_us: now };
+        self.seq += 1;
+        let content = wire::content(stamp, shard.spec.payload);
+        let body = wire::send_body(&self.rid, &content, &self.username);
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(ENTER_ID + 1);
+        let mut steps = shard.steps.borrow_mut();
+        let Some(step) = steps.get_mut(p.k as usize) else { return };
+        step.counts.max_send_lag_us = step.counts.max_send_lag_us.max(lag);
+        let sent = self.out.len() < MAX_OUT
+            && wire::request(id, self.send_route.clone(), body).is_some_and(|req| self.write(&req).is_ok());
+        if sent {
+            if let Some(n) = step.counts.sent_by_room.get_mut(self.room as usize) {
+                *n += 1;
+            }
+        } else {
+            step.counts.send_errors += 1;
+        }
+    }
+
+    /// Writes now what the socket takes; keeps the rest for when it is writable.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if !self.out.is_empty() {
+            self.out.extend_from_slice(bytes);
+            return Ok(());
+        }
+        match self.stream.try_write(bytes) {
+            Ok(n) => self.out.extend_from_slice(&bytes[n..]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.out.extend_from_slice(bytes),
+            Err(e) => return Err(e.to_string()),
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        match self.stream.try_write(&self.out) {
+            Ok(n) => {
+                self.out.drain(..n);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Handles packages already in `pending`.
+    fn process_pending(&mut self, shard: &Shard) -> Result<(), String> {
+        let buf = std::mem::take(&mut self.pending);
+        let used = self.process(shard, &buf, now_us())?;
+        self.pending = buf[used..].to_vec();
+        Ok(())
+    }
+
+    /// One read into the shared scratch buffer, then every whole package in it. A read that leaves room
+    /// in the buffer emptied the socket, so its readiness is cleared at once (as tokio's `AsyncRead`
+    /// does) instead of by a second read that would find nothing.
+    fn on_readable(&mut self, shard: &Shard) -> Result<(), String> {
+        let mut scratch = shard.scratch.borrow_mut();
+        let keep = self.pending.len();
+        if scratch.len() < keep + 16 * 1024 {
+            scratch.resize(keep + 16 * 1024, 0);
+        }
+        scratch[..keep].copy_from_slice(&self.pending);
+        let space = scratch.len() - keep;
+        let fd = self.stream.as_raw_fd();
+        let mut got = 0;
+        let r = self.stream.try_io(Interest::READABLE, || {
+            let n = recv(fd, &mut scratch[keep..], MsgFlags::empty()).map_err(std::io::Error::from)?;
+            got = n;
+            if n > 0 && n < space {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        });
+        match r {
+            Ok(()) if got == 0 => return Err("closed by the server".into()),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && got > 0 => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+        let used = self.process(shard, &scratch[..keep + got], now_us())?;
+        self.pending.clear();
+        self.pending.extend_from_slice(&scratch[used..keep + got]);
+        Ok(())
+    }
+
+    /// Handles every whole package at the front of `buf`; returns the bytes used.
+    fn process(&mut self, shard: &Shard, buf: &[u8], now: u64) -> Result<usize, String> {
+        let mut used = 0;
+        while let Some((pkg, n)) = wire::next_package(&buf[used..])? {
+            used += n;
+            match pkg.kind {
+                3 => self.on_heartbeat(shard),
+                4 => self.on_data(shard, pkg.body, now),
+                5 => {
+                    shard.counts.borrow_mut().kicked += 1;
+                    return Err(format!("kicked: {}", String::from_utf8_lossy(pkg.body)));
+                }
+                _ => {}
+            }
+        }
+        Ok(used)
+    }
+
+    fn on_heartbeat(&mut self, shard: &Shard) {
+        shard.counts.borrow_mut().heartbeats_received += 1;
+        if let (Some(every), Hb::Idle | Hb::Awaiting(_)) = (self.hb_every, &self.hb) {
+            self.hb = Hb::Due(Instant::now() + every);
+        }
+    }
+
+    fn on_data(&mut self, shard: &Shard, body: &[u8], now: u64) {
+        match wire::classify(body) {
+            Data::Response { id: ENTER_ID, body } if self.entered.is_none() => {
+                self.entered = Some(body.starts_with(br#"{"users":"#));
+            }
+            Data::Response { body, .. } => {
+                let mut steps = shard.steps.borrow_mut();
+                if let Some(s) = steps.get_mut(self.cur_step) {
+                    if body == b"{}" {
+                        s.counts.acks += 1;
+                    } else {
+                        s.counts.send_errors += 1;
+                    }
+                }
+            }
+            Data::Push { route: b"onChat", body, .. } => self.on_chat(shard, body, now),
+            Data::Push { .. } => shard.counts.borrow_mut().other_pushes += 1,
+            Data::Other => shard.counts.borrow_mut().unparsed += 1,
+        }
+    }
+
+    fn on_chat(&mut self, shard: &Shard, body: &[u8], now: u64) {
+        let spec = &shard.spec;
+        let Some(stamp) = wire::parse_chat(body) else {
+            shard.counts.borrow_mut().unparsed += 1;
+            return;
+        };
+        let slot = spec.slot_of(stamp.sender) as usize;
+        let mut steps = shard.steps.borrow_mut();
+        let (Some(step), true) = (steps.get_mut(stamp.step as usize), spec.room_of(stamp.sender) == self.room) else {
+            shard.counts.borrow_mut().stray += 1;
+            return;
+        };
+        if self.windows.is_empty() {
+            self.windows = vec![Window::default(); spec.room_capacity() as usize];
+        }
+        let Some(w) = self.windows.get_mut(slot) else { return };
+        if w.see(stamp.seq) {
+            step.counts.received += 1;
+            let _ = step.hist.record(now.saturating_sub(stamp.sent_us).max(1));
+        } else {
+            step.counts.duplicates += 1;
+        }
+    }
+}

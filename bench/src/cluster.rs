@@ -1,0 +1,184 @@
+//! The cluster under test, seen from outside: its master's admin API (address in `.pomelo/master.json`,
+//! bearer token in `.pomelo/admin-token`) for the gate's address and every server's pid, state and stats,
+//! and `/proc` for CPU time and RSS of any pid. Blocking std I/O with timeouts; no tasks.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde::Serialize;
+use serde_json::Value;
+
+/// A running cluster's admin endpoint.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub addr: SocketAddr,
+    pub token: String,
+}
+
+impl Admin {
+    /// Reads `master.json` and `admin-token` from the run directory (`.pomelo` beside servers.yaml).
+    pub fn from_run_dir(run_dir: &Path) -> anyhow::Result<Admin> {
+        let master = std::fs::read_to_string(run_dir.join("master.json"))
+            .with_context(|| format!("no master.json in {}: is the cluster running?", run_dir.display()))?;
+        let master: Value = serde_json::from_str(&master).context("master.json is not JSON")?;
+        let addr = master["admin_addr"].as_str().ok_or_else(|| anyhow!("master.json has no admin_addr"))?;
+        let token = std::fs::read_to_string(run_dir.join("admin-token")).context("cannot read admin-token")?;
+        Ok(Admin { addr: addr.parse().context("bad admin_addr")?, token: token.trim().to_string() })
+    }
+
+    /// `GET path` → JSON body (HTTP/1.0, so the body is never chunked).
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n", self.addr, self.token);
+        s.write_all(req.as_bytes())?;
+        let mut raw = Vec::new();
+        s.take(64 << 20).read_to_end(&mut raw)?;
+        let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no HTTP head"))?;
+        let head = String::from_utf8_lossy(&raw[..head_end]);
+        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+            bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+        }
+        Ok(serde_json::from_slice(&raw[head_end + 4..])?)
+    }
+
+    pub fn servers(&self) -> anyhow::Result<Value> {
+        self.get("/api/servers")
+    }
+}
+
+/// One process of the cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct Proc {
+    pub id: String,
+    pub kind: String,
+    pub pid: u32,
+}
+
+/// The master and every server with a pid, from an `/api/servers` answer.
+pub fn procs(view: &Value) -> Vec<Proc> {
+    let mut out = Vec::new();
+    if let Some(pid) = view["master"]["pid"].as_u64() {
+        out.push(Proc { id: "master".into(), kind: "master".into(), pid: pid as u32 });
+    }
+    for s in view["servers"].as_array().into_iter().flatten() {
+        if let (Some(id), Some(kind), Some(pid)) = (s["id"].as_str(), s["type"].as_str(), s["pid"].as_u64()) {
+            out.push(Proc { id: id.into(), kind: kind.into(), pid: pid as u32 });
+        }
+    }
+    out
+}
+
+/// Servers of the view that are not `running`.
+pub fn not_running(view: &Value) -> Vec<String> {
+    view["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["state"] != "running")
+        .map(|s| format!("{}={}", s["id"].as_str().unwrap_or("?"), s["state"]))
+        .collect()
+}
+
+/// The gate's client address.
+pub fn gate_addr(view: &Value) -> anyhow::Result<SocketAddr> {
+    let gate = view["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["type"] == "gate" && s["state"] == "running")
+        .ok_or_else(|| anyhow!("no running gate"))?;
+    let addr = gate["addrs"]["client"].as_str().ok_or_else(|| anyhow!("the gate reports no client address"))?;
+    Ok(addr.parse()?)
+}
+
+fn ticks_per_sec() -> f64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as f64,
+        _ => 100.0,
+    }
+}
+
+fn page_size() -> u64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
+        Ok(Some(p)) if p > 0 => p as u64,
+        _ => 4096,
+    }
+}
+
+/// CPU seconds (user + system) and RSS bytes of a pid; `None` once it is gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Usage {
+    pub cpu_secs: f64,
+    pub rss_bytes: u64,
+}
+
+pub fn usage(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(PathBuf::from(format!("/proc/{pid}/stat"))).ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let rss_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Usage { cpu_secs: (utime + stime) / ticks_per_sec(), rss_bytes: rss_pages * page_size() })
+}
+
+/// Summed usage of several pids (missing ones count zero).
+pub fn total(pids: impl IntoIterator<Item = u32>) -> Usage {
+    pids.into_iter().filter_map(usage).fold(Usage::default(), |a, u| Usage {
+        cpu_secs: a.cpu_secs + u.cpu_secs,
+        rss_bytes: a.rss_bytes + u.rss_bytes,
+    })
+}
+
+/// Busy and total CPU seconds of the whole machine, from the first line of `/proc/stat`.
+pub fn machine_cpu() -> (f64, f64) {
+    let Some(line) = std::fs::read_to_string("/proc/stat").ok().and_then(|s| s.lines().next().map(String::from)) else {
+        return (0.0, 0.0);
+    };
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    let t = ticks_per_sec();
+    ((total - idle) / t, total / t)
+}
+
+/// `nproc` and MemTotal, for the report.
+pub fn machine() -> Value {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<u64>().ok());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| Some(c.lines().find(|l| l.starts_with("model name"))?.split(':').nth(1)?.trim().to_string()));
+    serde_json::json!({"nproc": cpus, "mem_total_kib": mem_kib, "cpu_model": model})
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_usage_is_readable() {
+        let u = usage(std::process::id()).unwrap();
+        assert!(u.rss_bytes > 0);
+        assert!(usage(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn view_parsing() {
+        let v = serde_json::json!({"master": {"pid": 10}, "servers": [
+            {"id": "gate-1", "type": "gate", "pid": 11, "state": "running", "addrs": {"client": "127.0.0.1:4000"}},
+            {"id": "chat-1", "type": "chat", "pid": null, "state": "backoff"}]});
+        assert_eq!(procs(&v).len(), 2);
+        assert_eq!(gate_addr(&v).unwrap().port(), 4000);
+        assert_eq!(not_running(&v), ["chat-1=\"backoff\""]);
+    }
+}

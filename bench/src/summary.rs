@@ -1,0 +1,169 @@
+//! `pomelo-bench summary REPORT.json...`: the figures of each report against the bar of issue 7, one
+//! block per scenario, as text. Reads the reports `run` wrote; recognizes the scenario by its name.
+//!
+//! - rooms-100: every delivery arrives, p99 ≤ 25 ms.
+//! - many-rooms: no connection lost, no delivery missing, p99 ≤ 25 ms.
+//! - big-room: server CPU per delivery ≤ 0.45 µs at the highest sustained step (no delivery missing,
+//!   p99 ≤ 100 ms).
+//! - idle: every connection made and kept, heartbeats answered, server RSS ≤ 5 KiB per connection above
+//!   the empty cluster.
+//! - overflow: the connector refuses what passes `maxConnections`, the others keep working.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde_json::Value;
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// `figure (≤ bar: ok / N× over)`.
+fn against(figure: f64, bar: f64, unit: &str) -> String {
+    if figure <= bar {
+        format!("{figure:.3} {unit} (bar {bar} {unit}: met, {:.2}× the bar)", figure / bar)
+    } else {
+        format!("{figure:.3} {unit} (bar {bar} {unit}: MISSED by {:.2}×)", figure / bar)
+    }
+}
+
+fn yes(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// The last measured step (the only one, for a fixed-rate scenario).
+fn last_step(r: &Value) -> Value {
+    r["steps"].as_array().and_then(|s| s.iter().rev().find(|s| s["warmup"] != true).cloned()).unwrap_or(Value::Null)
+}
+
+fn step_line(s: &Value) -> String {
+    let l = &s["latency_ms"];
+    format!(
+        "{} msg/s per client: {} of {} deliveries ({} missing, {} dup), {:.0}/s, p50 {} p99 {} max {} ms, server {:.3} µs/delivery, generator {:.3} µs/delivery, machine {:.0}% busy",
+        s["rate_per_client"],
+        s["deliveries_received"],
+        s["deliveries_expected"],
+        s["missing"],
+        s["duplicates"],
+        f(&s["deliveries_per_sec"]),
+        l["p50"],
+        l["p99"],
+        l["max"],
+        f(&s["server_cpu_us_per_delivery"]),
+        f(&s["generator_cpu_us_per_delivery"]),
+        f(&s["machine_cpu_busy"]) * 100.0,
+    )
+}
+
+fn connections_line(r: &Value) -> String {
+    let c = &r["connections"];
+    format!(
+        "connections: {} of {} made in {:.1} s ({} failed, {} lost), heartbeats {} sent / {} received / {} timed out",
+        c["made"],
+        c["attempted"],
+        f(&c["connect_secs"]),
+        c["failed"],
+        c["lost"],
+        r["heartbeats"]["sent"],
+        r["heartbeats"]["received"],
+        r["heartbeats"]["timeouts"]
+    )
+}
+
+/// The text block for one report.
+pub fn block(r: &Value) -> String {
+    let name = r["scenario"].as_str().unwrap_or("?");
+    let mut out = format!("== {name}\n  {}\n", connections_line(r));
+    let s = last_step(r);
+    let lost = r["connections"]["lost"].as_u64().unwrap_or(u64::MAX);
+    let p99 = f(&s["latency_ms"]["p99"]);
+    match name {
+        "rooms-100" | "many-rooms" => {
+            let _ = writeln!(out, "  {}", step_line(&s));
+            let missing = s["missing"].as_u64().unwrap_or(u64::MAX);
+            let _ = writeln!(
+                out,
+                "  bar: deliveries missing {missing} ({}), p99 {}",
+                yes(missing == 0),
+                against(p99, 25.0, "ms")
+            );
+            if name == "many-rooms" {
+                let _ = writeln!(out, "  bar: connections lost {lost} ({})", yes(lost == 0));
+            }
+        }
+        "big-room" => {
+            let steps: Vec<&Value> =
+                r["steps"].as_array().into_iter().flatten().filter(|s| s["warmup"] != true).collect();
+            for s in &steps {
+                let _ = writeln!(out, "  {}", step_line(s));
+            }
+            let best = steps.iter().rev().find(|s| s["missing"] == 0 && f(&s["latency_ms"]["p99"]) <= 100.0);
+            match best {
+                Some(b) => {
+                    let us = f(&b["server_cpu_us_per_delivery"]);
+                    let _ = writeln!(
+                        out,
+                        "  highest sustained: {} msg/s per client, {:.0} deliveries/s; bar: server CPU {}",
+                        b["rate_per_client"],
+                        f(&b["deliveries_per_sec"]),
+                        against(us, 0.45, "µs/delivery")
+                    );
+                }
+                None => out.push_str("  no step was sustained (p99 ≤ 100 ms, nothing missing): bar MISSED\n"),
+            }
+        }
+        "idle" => {
+            let srv = &r["server"];
+            let per = f(&srv["rss_per_connection_bytes"]) / 1024.0;
+            let made = r["connections"]["made"].as_u64().unwrap_or(0);
+            let timeouts = r["heartbeats"]["timeouts"].as_u64().unwrap_or(u64::MAX);
+            let _ = writeln!(
+                out,
+                "  held {:.0} s; server RSS {:.1} MiB empty, {:.1} MiB with the clients",
+                f(&s["secs"]),
+                f(&srv["rss_empty_bytes"]) / 1048576.0,
+                f(&srv["rss_after_steps_bytes"]) / 1048576.0
+            );
+            let _ = writeln!(
+                out,
+                "  bar: {made} connections held ({}), none lost ({}), heartbeats answered ({}), RSS {}",
+                yes(made >= 100_000),
+                yes(lost == 0),
+                yes(timeouts == 0),
+                against(per, 5.0, "KiB/connection")
+            );
+        }
+        "overflow" => {
+            let refused: f64 = r["server"]["servers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| s["stats"]["refused_total"].as_f64().unwrap_or(0.0))
+                .sum();
+            let c = &r["connections"];
+            let _ = writeln!(
+                out,
+                "  {} made, {} failed, {} refused by the connector (refused_total), {} lost",
+                c["made"], c["failed"], refused, c["lost"]
+            );
+        }
+        _ => {
+            let _ = writeln!(out, "  {}", step_line(&s));
+        }
+    }
+    out
+}
+
+pub fn run(files: &[PathBuf]) -> anyhow::Result<()> {
+    for path in files {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let r: Value = serde_json::from_str(&text).with_context(|| format!("{} is not a report", path.display()))?;
+        print!("{}", block(&r));
+    }
+    Ok(())
+}
