@@ -3,33 +3,32 @@
 //! `onChat` it receives (unique or duplicate, latency from the send timestamp in the content).
 //!
 //! Sends are open-loop: message `n` of a step is due at `start + (phase + n) / rate` whatever happened to
-//! the previous ones, so a slow server shows up as latency, not as a lower offered rate. Reads go
-//! through the shard's shared scratch buffer; only a partial package is kept per client. The task ends
-//! at `Finish`, or when the server closes the connection (counted as lost).
+//! the previous ones, so a slow server shows up as latency, not as a lower offered rate. Reads (in
+//! `inbound.rs`) go through the shard's shared scratch buffer; only a partial package is kept per
+//! client. The task ends at `Finish`, or when the server closes the connection (counted as lost).
 
 use std::rc::Rc;
 use std::time::Duration;
 
-use std::os::fd::AsRawFd;
+use std::future::poll_fn;
 
-use nix::sys::socket::{recv, MsgFlags};
 use pomelo_proto::wire::Route;
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_stream::{wrappers::WatchStream, StreamExt};
 
 use crate::connect::{self, fail, Failure, Stage};
 use crate::shard::{now_us, Phase, Shard};
 use crate::spec::Spec;
 use crate::track::Window;
-use crate::wire::{self, Data, Stamp};
+use crate::wire::{self, Stamp};
 
 /// Bytes a client may have waiting to be written before its sends are counted as failed.
 const MAX_OUT: usize = 256 * 1024;
 /// The id of the `enter` request.
-const ENTER_ID: u32 = 1;
+pub(crate) const ENTER_ID: u32 = 1;
 
-enum Hb {
+pub(crate) enum Hb {
     /// Before the server's first heartbeat.
     Idle,
     /// Send one at this time.
@@ -54,24 +53,24 @@ impl Plan {
     }
 }
 
-struct Client {
-    g: u32,
-    room: u32,
-    rid: String,
-    username: String,
-    stream: TcpStream,
-    pending: Vec<u8>,
-    out: Vec<u8>,
+pub(crate) struct Client {
+    pub(crate) g: u32,
+    pub(crate) room: u32,
+    pub(crate) rid: String,
+    pub(crate) username: String,
+    pub(crate) stream: TcpStream,
+    pub(crate) pending: Vec<u8>,
+    pub(crate) out: Vec<u8>,
     /// Per sender slot of the room, allocated on the first `onChat`.
-    windows: Vec<Window>,
-    next_id: u32,
-    send_route: Route,
-    hb_every: Option<Duration>,
-    hb: Hb,
-    entered: Option<bool>,
-    seq: u32,
+    pub(crate) windows: Vec<Window>,
+    pub(crate) next_id: u32,
+    pub(crate) send_route: Route,
+    pub(crate) hb_every: Option<Duration>,
+    pub(crate) hb: Hb,
+    pub(crate) entered: Option<bool>,
+    pub(crate) seq: u32,
     /// The step sends are counted in (acks and errors too).
-    cur_step: usize,
+    pub(crate) cur_step: usize,
 }
 
 pub async fn run(shard: Rc<Shard>, g: u32) {
@@ -177,21 +176,18 @@ async fn connect(shard: &Shard, g: u32) -> Result<Client, Failure> {
 
 impl Client {
     async fn drive(&mut self, shard: &Shard) -> Result<(), String> {
-        let mut phase = shard.phase.clone();
+        // Polled in place across iterations (no waiter re-registered per wake-up, unlike `changed()`).
+        let mut phases = WatchStream::new(shard.phase.clone());
         let far = Instant::now() + Duration::from_secs(365 * 86_400);
         let send_sleep = sleep_until(far);
         let hb_sleep = sleep_until(self.hb_deadline().unwrap_or(far));
         tokio::pin!(send_sleep, hb_sleep);
         let mut plan: Option<Plan> = None;
-        phase.mark_changed();
         loop {
             tokio::select! {
                 biased;
-                changed = phase.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                    let p = phase.borrow_and_update().clone();
+                p = phases.next() => {
+                    let Some(p) = p else { return Ok(()) };
                     plan = match p {
                         Phase::Finish => return Ok(()),
                         Phase::Step { k, start_us, end_us, rate } if rate > 0.0 => Some(Plan {
@@ -204,7 +200,7 @@ impl Client {
                         send_sleep.as_mut().reset(shard.clock.instant(p.due_us()));
                     }
                 }
-                r = self.stream.readable() => {
+                r = poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
                     r.map_err(|e| e.to_string())?;
                     self.on_readable(shard)?;
                 }
@@ -219,7 +215,7 @@ impl Client {
                     }
                 }
                 _ = &mut hb_sleep, if !matches!(self.hb, Hb::Idle) => self.on_hb_timer(shard)?,
-                r = self.stream.writable(), if !self.out.is_empty() => {
+                r = poll_fn(|cx| self.stream.poll_write_ready(cx)), if !self.out.is_empty() => {
                     r.map_err(|e| e.to_string())?;
                     self.flush()?;
                 }
@@ -284,7 +280,7 @@ impl Client {
     }
 
     /// Writes now what the socket takes; keeps the rest for when it is writable.
-    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
         if !self.out.is_empty() {
             self.out.extend_from_slice(bytes);
             return Ok(());
@@ -305,118 +301,6 @@ impl Client {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(e.to_string()),
-        }
-    }
-
-    /// Handles packages already in `pending`.
-    fn process_pending(&mut self, shard: &Shard) -> Result<(), String> {
-        let buf = std::mem::take(&mut self.pending);
-        let used = self.process(shard, &buf, now_us())?;
-        self.pending = buf[used..].to_vec();
-        Ok(())
-    }
-
-    /// One read into the shared scratch buffer, then every whole package in it. A read that leaves room
-    /// in the buffer emptied the socket, so its readiness is cleared at once (as tokio's `AsyncRead`
-    /// does) instead of by a second read that would find nothing.
-    fn on_readable(&mut self, shard: &Shard) -> Result<(), String> {
-        let mut scratch = shard.scratch.borrow_mut();
-        let keep = self.pending.len();
-        if scratch.len() < keep + 16 * 1024 {
-            scratch.resize(keep + 16 * 1024, 0);
-        }
-        scratch[..keep].copy_from_slice(&self.pending);
-        let space = scratch.len() - keep;
-        let fd = self.stream.as_raw_fd();
-        let mut got = 0;
-        let r = self.stream.try_io(Interest::READABLE, || {
-            let n = recv(fd, &mut scratch[keep..], MsgFlags::empty()).map_err(std::io::Error::from)?;
-            got = n;
-            if n > 0 && n < space {
-                return Err(std::io::ErrorKind::WouldBlock.into());
-            }
-            Ok(())
-        });
-        match r {
-            Ok(()) if got == 0 => return Err("closed by the server".into()),
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && got > 0 => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        }
-        let used = self.process(shard, &scratch[..keep + got], now_us())?;
-        self.pending.clear();
-        self.pending.extend_from_slice(&scratch[used..keep + got]);
-        Ok(())
-    }
-
-    /// Handles every whole package at the front of `buf`; returns the bytes used.
-    fn process(&mut self, shard: &Shard, buf: &[u8], now: u64) -> Result<usize, String> {
-        let mut used = 0;
-        while let Some((pkg, n)) = wire::next_package(&buf[used..])? {
-            used += n;
-            match pkg.kind {
-                3 => self.on_heartbeat(shard),
-                4 => self.on_data(shard, pkg.body, now),
-                5 => {
-                    shard.counts.borrow_mut().kicked += 1;
-                    return Err(format!("kicked: {}", String::from_utf8_lossy(pkg.body)));
-                }
-                _ => {}
-            }
-        }
-        Ok(used)
-    }
-
-    fn on_heartbeat(&mut self, shard: &Shard) {
-        shard.counts.borrow_mut().heartbeats_received += 1;
-        if let (Some(every), Hb::Idle | Hb::Awaiting(_)) = (self.hb_every, &self.hb) {
-            self.hb = Hb::Due(Instant::now() + every);
-        }
-    }
-
-    fn on_data(&mut self, shard: &Shard, body: &[u8], now: u64) {
-        match wire::classify(body) {
-            Data::Response { id: ENTER_ID, body } if self.entered.is_none() => {
-                self.entered = Some(body.starts_with(br#"{"users":"#));
-            }
-            Data::Response { body, .. } => {
-                let mut steps = shard.steps.borrow_mut();
-                if let Some(s) = steps.get_mut(self.cur_step) {
-                    if body == b"{}" {
-                        s.counts.acks += 1;
-                    } else {
-                        s.counts.send_errors += 1;
-                    }
-                }
-            }
-            Data::Push { route: b"onChat", body, .. } => self.on_chat(shard, body, now),
-            Data::Push { .. } => shard.counts.borrow_mut().other_pushes += 1,
-            Data::Other => shard.counts.borrow_mut().unparsed += 1,
-        }
-    }
-
-    fn on_chat(&mut self, shard: &Shard, body: &[u8], now: u64) {
-        let spec = &shard.spec;
-        let Some(stamp) = wire::parse_chat(body) else {
-            shard.counts.borrow_mut().unparsed += 1;
-            return;
-        };
-        let slot = spec.slot_of(stamp.sender) as usize;
-        let mut steps = shard.steps.borrow_mut();
-        let (Some(step), true) = (steps.get_mut(stamp.step as usize), spec.room_of(stamp.sender) == self.room) else {
-            shard.counts.borrow_mut().stray += 1;
-            return;
-        };
-        if self.windows.is_empty() {
-            self.windows = vec![Window::default(); spec.room_capacity() as usize];
-        }
-        let Some(w) = self.windows.get_mut(slot) else { return };
-        if w.see(stamp.seq) {
-            step.counts.received += 1;
-            let _ = step.hist.record(now.saturating_sub(stamp.sent_us).max(1));
-        } else {
-            step.counts.duplicates += 1;
         }
     }
 }

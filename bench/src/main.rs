@@ -6,13 +6,14 @@
 //! - `pomelo-bench summary REPORT...`: the reports' figures against the bar.
 //! - `pomelo-bench gen` (internal): one generator process, driven by `run` over stdin/stdout.
 //!
-//! Modules: [`spec`] what a run does; [`connect`], [`client`] and [`wire`] one simulated user;
+//! Modules: [`spec`] what a run does; [`connect`], [`client`], [`inbound`] and [`wire`] one simulated user;
 //! [`shard`] a generator process; [`track`] counting; [`orchestrate`] the conductor; [`cluster`] the
 //! admin API and `/proc`; [`report`] the figures; [`summary`] the figures against the bar.
 
 mod client;
 mod cluster;
 mod connect;
+mod inbound;
 mod orchestrate;
 mod report;
 mod shard;
