@@ -223,7 +223,12 @@ impl<'a> Conn<'a> {
                         }
                         Ok(Inbound::Stream(n)) => {
                             metrics::add(&self.shared.metrics.bytes_in_total, n);
-                            self.decode_stream(&mut tcp_buf)
+                            let pkgs = self.decode_stream(&mut tcp_buf);
+                            if tcp_buf.is_empty() {
+                                // Give the allocation back (once the packages are dropped) while idle.
+                                tcp_buf = BytesMut::new();
+                            }
+                            pkgs
                         }
                     };
                     let pkgs = match pkgs {

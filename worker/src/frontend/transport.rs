@@ -170,17 +170,34 @@ impl Reader {
                     Some(Err(e)) => return Err(ReadError::Io(format!("websocket: {e}"))),
                 }
             },
-            Reader::Tcp(r) => {
-                tcp_buf.reserve(4096);
-                match r.read_buf(tcp_buf).await {
-                    Ok(0) => Ok(Inbound::Closed),
-                    Ok(n) => Ok(Inbound::Stream(n)),
-                    Err(e) => Err(ReadError::Io(format!("tcp: {e}"))),
+            Reader::Tcp(r) => loop {
+                // An idle connection holds no read buffer: wait for readiness, then read into the stack
+                // and keep only the bytes that arrived (or into room a partial package reserved).
+                r.readable().await.map_err(|e| ReadError::Io(format!("tcp: {e}")))?;
+                match try_read_tcp(r, tcp_buf) {
+                    Ok(0) => return Ok(Inbound::Closed),
+                    Ok(n) => return Ok(Inbound::Stream(n)),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(ReadError::Io(format!("tcp: {e}"))),
                 }
-            }
+            },
         }
     }
 }
+
+/// One non-blocking read, appended to `buf`. Not async, so the stack chunk is never part of a future.
+fn try_read_tcp(r: &OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() >= READ_CHUNK {
+        return r.try_read_buf(buf);
+    }
+    let mut chunk = [0u8; READ_CHUNK];
+    let n = r.try_read(&mut chunk)?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+/// Bytes one TCP read takes at most when the buffer has no room reserved.
+const READ_CHUNK: usize = 4096;
 
 /// The write side of a connection.
 pub(crate) enum Writer {
