@@ -300,11 +300,12 @@ pub fn worker(id: &str, server_type: &str, log_level: &str, threads: Option<usiz
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(false).with_target(false).init();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        rt.worker_threads(n.max(1));
-    }
-    let rt = rt.enable_all().build()?;
+    // One thread: no work stealing and no wake-ups between threads, which on a machine shared by several
+    // servers costs more than it gives.
+    let rt = match threads.unwrap_or(spec.threads) {
+        0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
     let exit = rt.block_on(pomelo_worker::runtime::run(spec, token))?;
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(match exit {

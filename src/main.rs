@@ -85,7 +85,7 @@ enum Cmd {
         /// Log level: error, warn, info, debug, trace.
         #[arg(long, default_value = "info")]
         log_level: String,
-        /// Runtime threads (default: one per core).
+        /// Runtime threads (default: the `threads` the master chose for this server).
         #[arg(long)]
         threads: Option<usize>,
     },

@@ -235,6 +235,13 @@ impl Supervisor {
         }
     }
 
+    /// Threads for a worker whose entry sets none: the cores shared among the local servers listed.
+    fn auto_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let local = self.slots.iter().filter(|s| !s.forget && s.server.spec.is_local()).count();
+        pomelo_proto::config::auto_threads(cores, local)
+    }
+
     fn spawn(&mut self, i: usize) {
         let now = Instant::now();
         let spec = self.slots[i].server.spec.clone();
@@ -245,6 +252,7 @@ impl Supervisor {
             orphan_timeout: self.topo.master.orphan_timeout,
             log_file: absolute(&self.topo.log_dir().join(format!("{}.log", spec.id))),
             log_max_bytes: self.topo.master.logs.max_bytes,
+            threads: spec.threads.unwrap_or_else(|| self.auto_threads()),
             server: spec.clone(),
         };
         let result = LogSink::open(&self.topo.log_dir(), &spec.id, &self.topo.master.logs, self.echo)

@@ -152,6 +152,8 @@ pub struct ServerSpec {
     pub use_dict: bool,
     /// Frontends: close a connection idle for this long when heartbeats are off.
     pub idle_timeout: Duration,
+    /// Runtime threads of the worker; `None` shares the machine's cores among its servers.
+    pub threads: Option<usize>,
 }
 
 impl ServerSpec {
@@ -236,6 +238,14 @@ pub struct WorkerSpec {
     /// The master writes the worker's output here; a worker whose master is gone appends to it itself.
     pub log_file: PathBuf,
     pub log_max_bytes: u64,
+    /// Runtime threads: the server's `threads`, or the cores shared among the servers of this machine.
+    pub threads: usize,
+}
+
+/// Runtime threads for a server without `threads`: this machine's cores shared among the servers it
+/// runs (at least one each). More threads than cores only add wake-ups between them.
+pub fn auto_threads(cores: usize, local_servers: usize) -> usize {
+    (cores / local_servers.max(1)).max(1)
 }
 
 #[cfg(test)]

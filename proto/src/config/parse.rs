@@ -46,6 +46,7 @@ const SERVER_KEYS: &[&str] = &[
     "heartbeat",
     "dictionary",
     "idleTimeout",
+    "threads",
 ];
 
 /// One environment: its name, effective master settings, where they came from, and its own servers.
@@ -364,6 +365,7 @@ fn parse_server(ctx: &mut Ctx, t: ServerType, value: &Value, path: &[Seg]) -> Op
         heartbeat: (t == ServerType::Connector).then(|| Duration::from_secs(3)),
         use_dict: t == ServerType::Connector,
         idle_timeout: Duration::from_secs(90),
+        threads: None,
     };
     let mut has_id = false;
     let entries = ctx.entries(value, path, SERVER_KEYS);
@@ -448,6 +450,11 @@ fn parse_server(ctx: &mut Ctx, t: ServerType, value: &Value, path: &[Seg]) -> Op
             },
             "dictionary" => set(&mut s.use_dict, ctx.boolean(v, &p)),
             "idleTimeout" => set(&mut s.idle_timeout, ctx.duration(v, &p)),
+            "threads" => match ctx.uint(v, &p, 256) {
+                Some(0) => ctx.err(&p, "must be at least 1"),
+                Some(n) => s.threads = Some(n as usize),
+                None => {}
+            },
             _ => {}
         }
     }

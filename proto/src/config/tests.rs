@@ -106,6 +106,19 @@ fn frontend_only_keys_are_refused_on_chat_servers() {
 }
 
 #[test]
+fn threads_are_optional_and_bounded() {
+    let t = parse("servers:\n  chat: [{id: a, port: 0, threads: 4}, {id: b, port: 0}]\n").expect("valid");
+    assert_eq!(t.servers.iter().map(|s| s.threads).collect::<Vec<_>>(), vec![Some(4), None]);
+    let err = parse("servers:\n  chat:\n    - {id: a, port: 0, threads: 0}\n    - {id: b, port: 0, threads: 999}\n")
+        .expect_err("invalid");
+    assert_eq!(err.errors.len(), 2, "{err}");
+    assert_eq!((err.errors[0].line, err.errors[1].line), (Some(3), Some(4)));
+    assert_eq!(super::auto_threads(2, 5), 1);
+    assert_eq!(super::auto_threads(16, 5), 3);
+    assert_eq!(super::auto_threads(8, 0), 8);
+}
+
+#[test]
 fn inconsistent_timeouts_are_refused() {
     let err = parse("master:\n  heartbeatInterval: 5s\n  heartbeatTimeout: 2s\nservers:\n  chat: [{id: c, port: 0}]\n")
         .expect_err("invalid");
