@@ -62,7 +62,9 @@ pub(crate) async fn run(
 ) {
     let cfg = &shared.config;
     let started = Instant::now();
-    let accept = transport::accept(stream, &*shared.handler, shared.ws_config);
+    // Boxed: the HTTP/WebSocket upgrade state is large and only needed until the protocol starts, so a
+    // long-lived connection task does not carry it.
+    let accept = Box::pin(transport::accept(stream, &*shared.handler, shared.ws_config));
     let accepted = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = timeout(cfg.handshake_timeout, accept) => r,
