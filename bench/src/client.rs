@@ -256,10 +256,12 @@ impl Client {
     }
 
     fn send_due(&mut self, shard: &Shard, p: &mut Plan) {
-        let now = now_us();
-        let lag = now.saturating_sub(p.due_us());
+        // Latency counts from when the message was due, not from when a busy generator got to it, so a
+        // saturated machine cannot hide its delay in the sender (no coordinated omission).
+        let due = p.due_us();
+        let lag = now_us().saturating_sub(due);
         p.n += 1;
-        let stamp = Stamp { sender: self.g, seq: self.seq, step: p.k, sent_us: now };
+        let stamp = Stamp { sender: self.g, seq: self.seq, step: p.k, sent_us: due };
         self.seq += 1;
         let content = wire::content(stamp, shard.spec.payload);
         let body = wire::send_body(&self.rid, &content, &self.username);

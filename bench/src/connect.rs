@@ -105,7 +105,7 @@ pub async fn handshake(stream: &TcpStream, buf: &mut Vec<u8>) -> Result<Handshak
         .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), u16::try_from(v.as_u64()?).ok()?))).collect())
         .unwrap_or_default();
     write_all(stream, &wire::ack()).await.map_err(|e| e.to_string())?;
-    Ok(Handshaken { heartbeat_secs: reply["sys"]["heartbeat"].as_u64(), route_to_code })
+    Ok(Handshaken { heartbeat_secs: reply["sys"]["heartbeat"].as_u64().filter(|&s| s > 0), route_to_code })
 }
 
 /// Asks the gate for this user's connector.

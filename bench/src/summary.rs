@@ -44,7 +44,7 @@ fn last_step(r: &Value) -> Value {
 fn step_line(s: &Value) -> String {
     let l = &s["latency_ms"];
     format!(
-        "{} msg/s per client: {} of {} deliveries ({} missing, {} dup), {:.0}/s, p50 {} p99 {} max {} ms, server {:.3} µs/delivery, generator {:.3} µs/delivery, machine {:.0}% busy",
+        "{} msg/s per client: {} of {} deliveries ({} missing, {} dup), {:.0}/s, p50 {} p99 {} max {} ms, server {:.3} µs/delivery, generator {:.3} µs/delivery, machine {:.0}% busy, send lag max {} ms",
         s["rate_per_client"],
         s["deliveries_received"],
         s["deliveries_expected"],
@@ -57,6 +57,7 @@ fn step_line(s: &Value) -> String {
         f(&s["server_cpu_us_per_delivery"]),
         f(&s["generator_cpu_us_per_delivery"]),
         f(&s["machine_cpu_busy"]) * 100.0,
+        s["max_send_lag_ms"],
     )
 }
 
@@ -75,10 +76,43 @@ fn connections_line(r: &Value) -> String {
     )
 }
 
+/// `(id, pid)` of every cluster process in a sample.
+fn pids(v: &Value) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| (p["id"].as_str().unwrap_or("?").to_string(), p["pid"].as_u64().unwrap_or(0)))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether the run measured what it claims: every client connected and entered, every planned message
+/// was written, and no server process died or was replaced (its CPU and RSS would be missing).
+fn validity(r: &Value) -> String {
+    let clients = r["params"]["clients"].as_u64().unwrap_or(0);
+    let made = r["connections"]["made"].as_u64().unwrap_or(0);
+    let failed = r["connections"]["failed"].as_u64().unwrap_or(u64::MAX);
+    let send_errors: u64 =
+        r["steps"].as_array().into_iter().flatten().map(|s| s["send_errors"].as_u64().unwrap_or(u64::MAX)).sum();
+    let before = pids(&r["server"]["processes_empty"]);
+    let stable = !before.is_empty() && before == pids(&r["server"]["processes_end"]);
+    format!(
+        "  run: {made} of {clients} clients connected ({}), {send_errors} send errors ({}), same server pids start to end ({})\n",
+        yes(made == clients && failed == 0),
+        yes(send_errors == 0),
+        yes(stable)
+    )
+}
+
 /// The text block for one report.
 pub fn block(r: &Value) -> String {
     let name = r["scenario"].as_str().unwrap_or("?");
     let mut out = format!("== {name}\n  {}\n", connections_line(r));
+    if name != "overflow" {
+        out.push_str(&validity(r));
+    }
     let s = last_step(r);
     let lost = r["connections"]["lost"].as_u64().unwrap_or(u64::MAX);
     let p99 = f(&s["latency_ms"]["p99"]);
@@ -102,7 +136,10 @@ pub fn block(r: &Value) -> String {
             for s in &steps {
                 let _ = writeln!(out, "  {}", step_line(s));
             }
-            let best = steps.iter().rev().find(|s| s["missing"] == 0 && f(&s["latency_ms"]["p99"]) <= 100.0);
+            let best = steps
+                .iter()
+                .rev()
+                .find(|s| s["missing"] == 0 && s["send_errors"] == 0 && f(&s["latency_ms"]["p99"]) <= 100.0);
             match best {
                 Some(b) => {
                     let us = f(&b["server_cpu_us_per_delivery"]);
@@ -121,7 +158,10 @@ pub fn block(r: &Value) -> String {
             let srv = &r["server"];
             let per = f(&srv["rss_per_connection_bytes"]) / 1024.0;
             let made = r["connections"]["made"].as_u64().unwrap_or(0);
-            let timeouts = r["heartbeats"]["timeouts"].as_u64().unwrap_or(u64::MAX);
+            let hb = &r["heartbeats"];
+            let timeouts = hb["timeouts"].as_u64().unwrap_or(u64::MAX);
+            let (hb_sent, hb_received) = (hb["sent"].as_u64().unwrap_or(0), hb["received"].as_u64().unwrap_or(0));
+            let answered = timeouts == 0 && hb_sent > 0 && hb_received >= hb_sent;
             let _ = writeln!(
                 out,
                 "  held {:.0} s; server RSS {:.1} MiB empty, {:.1} MiB with the clients",
@@ -134,7 +174,7 @@ pub fn block(r: &Value) -> String {
                 "  bar: {made} connections held ({}), none lost ({}), heartbeats answered ({}), RSS {}",
                 yes(made >= 100_000),
                 yes(lost == 0),
-                yes(timeouts == 0),
+                yes(answered),
                 against(per, 5.0, "KiB/connection")
             );
         }
@@ -166,4 +206,39 @@ pub fn run(files: &[PathBuf]) -> anyhow::Result<()> {
         print!("{}", block(&r));
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn report(name: &str, end_pid: u64, hb: (u64, u64)) -> Value {
+        json!({
+            "scenario": name,
+            "params": {"clients": 2},
+            "connections": {"made": 2, "attempted": 2, "failed": 0, "lost": 0, "connect_secs": 0.1},
+            "heartbeats": {"sent": hb.0, "received": hb.1, "timeouts": 0},
+            "server": {
+                "processes_empty": [{"id": "c", "pid": 10}],
+                "processes_end": [{"id": "c", "pid": end_pid}],
+                "rss_per_connection_bytes": 1024.0, "rss_empty_bytes": 1.0, "rss_after_steps_bytes": 2.0,
+            },
+            "steps": [{"warmup": false, "secs": 1.0, "send_errors": 0, "missing": 0,
+                       "latency_ms": {"p99": 1.0}, "max_send_lag_ms": 0.5}],
+        })
+    }
+
+    #[test]
+    fn a_replaced_server_or_missing_heartbeats_fail_the_run() {
+        let ok = block(&report("idle", 10, (5, 6)));
+        assert!(ok.contains("same server pids start to end (met)"), "{ok}");
+        assert!(ok.contains("heartbeats answered (met)"), "{ok}");
+        let restarted = block(&report("idle", 11, (5, 6)));
+        assert!(restarted.contains("same server pids start to end (MISSED)"), "{restarted}");
+        let silent = block(&report("idle", 10, (0, 0)));
+        assert!(silent.contains("heartbeats answered (MISSED)"), "{silent}");
+    }
 }
