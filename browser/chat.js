@@ -58,6 +58,8 @@ const entries = (page, cls) => page.$$eval(`#log .entry.${cls}`, (es) => es.map(
     await ada.waitForFunction(() => [...document.querySelectorAll("#log .entry.private")].some((e) => e.textContent.includes("just for you")), null, { timeout: 5000 });
     const adaPrivate = await entries(ada, "private");
     check(adaPrivate.some((t) => t.includes("bob (private)")), "ada's private entry names bob: " + adaPrivate);
+    // Bob's own copy is drawn when his send is answered, which may come after ada's push.
+    await bob.waitForFunction(() => document.querySelectorAll("#log .entry.private").length > 0, null, { timeout: 5000 });
     const bobPrivate = await entries(bob, "private");
     check(bobPrivate.length === 1 && bobPrivate[0].includes("you → ada"), "bob sees his own private once: " + bobPrivate);
 

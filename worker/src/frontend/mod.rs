@@ -88,6 +88,7 @@ pub async fn serve_with(
     let tracker = TaskTracker::new();
     let force = CancellationToken::new();
     let local = listener.local_addr().ok();
+    let mut refusals = Refusals::default();
     tracing::info!(addr = ?local, "frontend listening (websocket and tcp)");
     loop {
         let accepted = tokio::select! {
@@ -105,7 +106,7 @@ pub async fn serve_with(
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             metrics::inc(&metrics.refused_total);
-            tracing::warn!(%peer, max = shared.config.max_connections, "connection refused: max_connections reached");
+            refusals.refused(peer, shared.config.max_connections);
             drop(stream);
             continue;
         };
@@ -131,6 +132,27 @@ pub async fn serve_with(
         }
     }
     Ok(())
+}
+
+/// Logs refused connections at most once a second, with how many there were, so a flood past
+/// `max_connections` costs a log line per second rather than one per attempt (`refused_total` counts all).
+#[derive(Default)]
+struct Refusals {
+    last_log: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, peer: std::net::SocketAddr, max: usize) {
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self.last_log.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return;
+        }
+        tracing::warn!(%peer, max, refused = self.unlogged, "connections refused: max_connections reached");
+        self.last_log = Some(now);
+        self.unlogged = 0;
+    }
 }
 
 /// One admitted connection: holds its `max_connections` permit and its share of the gauge.
