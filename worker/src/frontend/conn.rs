@@ -91,9 +91,6 @@ pub(crate) async fn run(
     }
     let Some((reader, writer)) = transport::split(accepted) else { return };
     let inner = Arc::new(SessionInner::new(shared.sessions.next_id(), peer, cfg, shared.metrics.clone()));
-    if let Some(socket) = writer.direct() {
-        inner.queue.set_direct(socket);
-    }
     let mut writer_task = tokio::spawn(write_loop(writer, inner.clone(), shared.metrics.clone()));
     let _guard = Teardown { inner: inner.clone(), sessions: shared.sessions.clone() };
 

@@ -5,19 +5,12 @@
 //! One writer task per connection takes everything queued as one batch, writes it, and only then
 //! releases the batch's bytes, so the cap covers what is queued *and* what is being written. Close lets
 //! the writer drain what is left; abort drops it. No task of its own.
-//!
-//! A raw TCP session's queue also holds its socket: a package pushed while nothing is queued or being
-//! written goes straight into the socket with one non-blocking write, in the pusher's task, so the
-//! common case (a client that keeps up) costs no wake-up of the writer task. Whatever the socket does
-//! not take is queued for the writer, which keeps the order since nothing is written directly while
-//! the queue holds or writes anything.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::metrics::{self, FrontendMetrics};
@@ -37,10 +30,6 @@ struct State {
     bytes: usize,
     closed: bool,
     aborted: bool,
-    /// The writer holds a batch it has not finished writing.
-    writing: bool,
-    /// The socket to write into while the queue is idle (raw TCP); dropped when the queue ends.
-    direct: Option<Arc<TcpStream>>,
 }
 
 #[derive(Debug)]
@@ -63,14 +52,6 @@ impl OutQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Lets pushes write into this socket while nothing is queued or being written.
-    pub(crate) fn set_direct(&self, socket: Arc<TcpStream>) {
-        let mut s = self.lock();
-        if !s.closed && !s.aborted {
-            s.direct = Some(socket);
-        }
-    }
-
     /// Queues one or more whole packages.
     pub(crate) fn push(&self, pkg: Bytes) -> Result<(), PushError> {
         self.push_inner(pkg, false)
@@ -82,47 +63,28 @@ impl OutQueue {
         self.close();
     }
 
-    fn push_inner(&self, mut pkg: Bytes, mut force: bool) -> Result<(), PushError> {
+    fn push_inner(&self, pkg: Bytes, force: bool) -> Result<(), PushError> {
+        let len = pkg.len();
         {
             let mut s = self.lock();
             if s.closed || s.aborted {
                 return Err(PushError::Closed);
             }
-            if let (true, false, Some(socket)) = (s.items.is_empty(), s.writing, &s.direct) {
-                // An error or a full socket leaves the package to the writer, which reports or waits.
-                if let Ok(n) = socket.try_write(&pkg) {
-                    metrics::add(&self.metrics.bytes_out_total, n);
-                    if n == pkg.len() {
-                        metrics::add(&self.metrics.packages_out_total, 1);
-                        return Ok(());
-                    }
-                    if n > 0 {
-                        // The rest of a package already begun must follow it, caps or not: one package.
-                        pkg = pkg.slice(n..);
-                        force = true;
-                    }
-                }
-            }
-            let len = pkg.len();
             if !force && (s.items.len() >= self.max_packages || s.bytes + len > self.max_bytes) {
                 return Err(PushError::Full);
             }
             s.items.push_back(pkg);
             s.bytes += len;
             self.metrics.outbound_queue_peak_bytes.fetch_max(s.bytes as u64, Ordering::Relaxed);
-            metrics::add(&self.metrics.outbound_queued_bytes, len);
         }
+        metrics::add(&self.metrics.outbound_queued_bytes, len);
         self.ready.notify_one();
         Ok(())
     }
 
     /// No more pushes; the writer drains what is queued and then ends.
     pub(crate) fn close(&self) {
-        {
-            let mut s = self.lock();
-            s.closed = true;
-            s.direct = None;
-        }
+        self.lock().closed = true;
         self.ready.notify_one();
     }
 
@@ -132,7 +94,6 @@ impl OutQueue {
             let mut s = self.lock();
             s.aborted = true;
             s.closed = true;
-            s.direct = None;
             let queued: usize = s.items.drain(..).map(|b| b.len()).sum();
             s.bytes -= queued;
             queued
@@ -156,7 +117,6 @@ impl OutQueue {
                 }
                 if let Some(first) = s.items.pop_front() {
                     let mut count = 1;
-                    s.writing = true;
                     if s.items.front().is_none_or(|b| first.len() + b.len() > self.max_batch) {
                         return Some((first, count));
                     }
@@ -185,7 +145,6 @@ impl OutQueue {
         let mut s = self.lock();
         let n = n.min(s.bytes);
         s.bytes -= n;
-        s.writing = false;
         drop(s);
         metrics::sub(&self.metrics.outbound_queued_bytes, n);
     }
@@ -195,7 +154,6 @@ impl OutQueue {
         let n = {
             let mut s = self.lock();
             s.items.clear();
-            s.direct = None;
             std::mem::take(&mut s.bytes)
         };
         metrics::sub(&self.metrics.outbound_queued_bytes, n);
@@ -252,49 +210,5 @@ mod tests {
         tokio::task::yield_now().await;
         q.push(Bytes::from_static(b"hi")).unwrap();
         assert_eq!(&t.await.unwrap().unwrap()[..], b"hi");
-    }
-
-    #[tokio::test]
-    async fn an_idle_socket_is_written_directly_and_order_survives_a_full_one() {
-        use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let server = Arc::new(listener.accept().await.unwrap().0);
-        let q = Arc::new(q(100_000, 256 << 20));
-        q.set_direct(server.clone());
-        q.push(Bytes::from_static(b"first")).unwrap();
-        assert!(q.lock().items.is_empty(), "written straight into the idle socket");
-        assert_eq!(q.metrics.packages_out_total.load(Ordering::Relaxed), 1);
-        // Nobody reads: the socket fills, the rest queues, and the order still holds.
-        let mut sent = b"first".to_vec();
-        let mut i = 0u32;
-        while q.lock().items.len() < 3 {
-            let chunk = Bytes::from(vec![(i % 251) as u8; 16 * 1024 + i as usize]);
-            sent.extend_from_slice(&chunk);
-            q.push(chunk).unwrap();
-            i += 1;
-            assert!(i < 10_000, "the socket never filled");
-        }
-        let writer = {
-            let (q, server) = (q.clone(), server.clone());
-            tokio::spawn(async move {
-                while let Some((batch, _)) = q.next_batch().await {
-                    let mut done = 0;
-                    while done < batch.len() {
-                        server.writable().await.unwrap();
-                        if let Ok(n) = server.try_write(&batch[done..]) {
-                            done += n;
-                        }
-                    }
-                    q.written(batch.len());
-                }
-            })
-        };
-        let mut got = vec![0u8; sent.len()];
-        client.read_exact(&mut got).await.unwrap();
-        assert!(got == sent, "bytes arrive in push order");
-        q.close();
-        writer.await.unwrap();
-        assert!(q.lock().direct.is_none(), "a closed queue lets go of the socket");
     }
 }

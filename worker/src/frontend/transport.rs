@@ -2,17 +2,13 @@
 //! HTTP method (`GET`, `POST`, `PUT`, `DELETE`, `HEAD`) is HTTP, either a WebSocket upgrade or a plain
 //! request answered by [`super::Handler::http_get`]; anything else is raw TCP with the same package
 //! framing. After the upgrade both are split into a [`Reader`] (owned by the connection task) and a
-//! [`Writer`] (owned by the writer task); a raw TCP socket is shared by both (readiness, then
-//! non-blocking reads or writes) and by the session's queue, which writes into an idle socket at once.
-//! No tasks here; the caller bounds every call with a timeout.
-
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
+//! [`Writer`] (owned by the writer task). No tasks here; the caller bounds every call with a timeout.
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -147,7 +143,7 @@ pub(crate) enum ReadError {
 /// The read side of a connection.
 pub(crate) enum Reader {
     Ws(SplitStream<Ws>),
-    Tcp(Arc<TcpStream>),
+    Tcp(OwnedReadHalf),
 }
 
 /// One read: bytes of a WebSocket message (whole packages only) or of the TCP stream (any split).
@@ -190,7 +186,7 @@ impl Reader {
 }
 
 /// One non-blocking read, appended to `buf`. Not async, so the stack chunk is never part of a future.
-fn try_read_tcp(r: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+fn try_read_tcp(r: &OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() >= READ_CHUNK {
         return r.try_read_buf(buf);
     }
@@ -206,26 +202,15 @@ const READ_CHUNK: usize = 4096;
 /// The write side of a connection.
 pub(crate) enum Writer {
     Ws(SplitSink<Ws, WsMessage>),
-    Tcp(Arc<TcpStream>),
+    Tcp(OwnedWriteHalf),
 }
 
 impl Writer {
-    /// Writes one batch: one binary WebSocket message, or all of it to the TCP socket.
+    /// Writes one batch: one binary WebSocket message, or one TCP write.
     pub(crate) async fn write(&mut self, batch: Bytes) -> Result<(), String> {
         match self {
             Writer::Ws(s) => s.send(WsMessage::Binary(batch)).await.map_err(|e| format!("websocket: {e}")),
-            Writer::Tcp(w) => {
-                let mut done = 0;
-                while done < batch.len() {
-                    w.writable().await.map_err(|e| format!("tcp: {e}"))?;
-                    match w.try_write(&batch[done..]) {
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(format!("tcp: {e}")),
-                    }
-                }
-                Ok(())
-            }
+            Writer::Tcp(w) => w.write_all(&batch).await.map_err(|e| format!("tcp: {e}")),
         }
     }
 
@@ -233,18 +218,8 @@ impl Writer {
         // Best effort: the peer may be gone already.
         let _ = match self {
             Writer::Ws(s) => s.close().await.map_err(|_| ()),
-            Writer::Tcp(w) => {
-                nix::sys::socket::shutdown(w.as_raw_fd(), nix::sys::socket::Shutdown::Write).map_err(|_| ())
-            }
+            Writer::Tcp(w) => w.shutdown().await.map_err(|_| ()),
         };
-    }
-
-    /// The socket the session's queue may write into directly (raw TCP only).
-    pub(crate) fn direct(&self) -> Option<Arc<TcpStream>> {
-        match self {
-            Writer::Tcp(w) => Some(w.clone()),
-            Writer::Ws(_) => None,
-        }
     }
 }
 
@@ -257,8 +232,8 @@ pub(crate) fn split(accepted: Accepted) -> Option<(Reader, Writer)> {
         Accepted::Tcp(s) => {
             // Packages are small and latency matters more than segment count.
             let _ = s.set_nodelay(true);
-            let s = Arc::new(s);
-            Some((Reader::Tcp(s.clone()), Writer::Tcp(s)))
+            let (r, w) = s.into_split();
+            Some((Reader::Tcp(r), Writer::Tcp(w)))
         }
         Accepted::HttpAnswered => None,
     }
