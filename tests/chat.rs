@@ -261,14 +261,8 @@ fn a_killed_connector_s_users_leave_and_can_log_in_again() {
 
 #[test]
 fn the_chat_page_works_in_a_browser() {
-    use crate::harness::{have, repo};
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !have(std::path::Path::new(&chromium).exists(), "chromium")
-        || !have(
-            repo().join("browser/node_modules/playwright-core").exists(),
-            "browser/node_modules (npm ci in browser/)",
-        )
-    {
+    use crate::harness::{browser_ready, repo};
+    if !browser_ready() {
         return;
     }
     let (c, g) = start();

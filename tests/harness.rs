@@ -198,19 +198,35 @@ pub fn alive(pid: u32) -> bool {
 }
 
 pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    let (status, head, body) = request(addr, method, path, &headers, "");
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+    (status, body)
+}
+
+/// One request with arbitrary headers: (status, head, body). The body is read to the end (Connection: close).
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to admin");
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(req.as_bytes()).expect("write");
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body =
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.into() };
-    (status, body)
+    (status, head.to_string(), body.to_string())
 }
 
 fn dechunk(body: &str) -> String {
@@ -242,6 +258,17 @@ pub fn have(ok: bool, what: &str) -> bool {
     }
     eprintln!("SKIPPED: {what} is missing (run .ci/run, or install it, to run this test)");
     false
+}
+
+/// Whether chromium (`CHROMIUM`, default /usr/bin/chromium) and playwright-core (npm ci in browser/) are there
+/// for a browser test; if not, the test is skipped, or fails under CI.
+pub fn browser_ready() -> bool {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    have(std::path::Path::new(&chromium).exists(), "chromium")
+        && have(
+            repo().join("browser/node_modules/playwright-core").exists(),
+            "browser/node_modules (npm ci in browser/)",
+        )
 }
 
 /// The repository root.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{have, repo, yaml, Cluster, SMALL};
+use crate::harness::{browser_ready, repo, yaml, Cluster, SMALL};
 
 /// A port that was free a moment ago, for a master that must come back on the same admin address.
 fn free_port() -> u16 {
@@ -49,13 +49,7 @@ impl Drop for Script {
 
 #[test]
 fn the_dashboard_works_in_a_browser() {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !have(std::path::Path::new(&chromium).exists(), "chromium")
-        || !have(
-            repo().join("browser/node_modules/playwright-core").exists(),
-            "browser/node_modules (npm ci in browser/)",
-        )
-    {
+    if !browser_ready() {
         return;
     }
     // A fixed admin port, so the page can find the master again after it restarts.
