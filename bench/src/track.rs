@@ -26,6 +26,24 @@ pub fn merge_hist(into: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
     }
 }
 
+/// Two recorded histograms as one.
+fn merged(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut h = new_hist();
+    merge_hist(&mut h, a);
+    merge_hist(&mut h, b);
+    hist_pairs(&h)
+}
+
+/// Adds per-room counts of another process (which may know more rooms).
+fn add_by_room(into: &mut Vec<u64>, other: &[u64]) {
+    if into.len() < other.len() {
+        into.resize(other.len(), 0);
+    }
+    for (a, b) in into.iter_mut().zip(other) {
+        *a += b;
+    }
+}
+
 /// Seen sequence numbers of one sender, as a sliding window of 256.
 #[derive(Debug, Clone, Default)]
 pub struct Window {
@@ -76,21 +94,13 @@ pub struct StepCounts {
 
 impl StepCounts {
     pub fn merge(&mut self, o: &StepCounts) {
-        if self.sent_by_room.len() < o.sent_by_room.len() {
-            self.sent_by_room.resize(o.sent_by_room.len(), 0);
-        }
-        for (a, b) in self.sent_by_room.iter_mut().zip(&o.sent_by_room) {
-            *a += b;
-        }
+        add_by_room(&mut self.sent_by_room, &o.sent_by_room);
         self.acks += o.acks;
         self.send_errors += o.send_errors;
         self.received += o.received;
         self.duplicates += o.duplicates;
         self.max_send_lag_us = self.max_send_lag_us.max(o.max_send_lag_us);
-        let mut h = new_hist();
-        merge_hist(&mut h, &self.latency_us);
-        merge_hist(&mut h, &o.latency_us);
-        self.latency_us = hist_pairs(&h);
+        self.latency_us = merged(&self.latency_us, &o.latency_us);
     }
 }
 
@@ -138,16 +148,8 @@ impl Counts {
         if self.first_error.is_none() {
             self.first_error.clone_from(&o.first_error);
         }
-        let mut h = new_hist();
-        merge_hist(&mut h, &self.connect_us);
-        merge_hist(&mut h, &o.connect_us);
-        self.connect_us = hist_pairs(&h);
-        if self.joined_by_room.len() < o.joined_by_room.len() {
-            self.joined_by_room.resize(o.joined_by_room.len(), 0);
-        }
-        for (a, b) in self.joined_by_room.iter_mut().zip(&o.joined_by_room) {
-            *a += b;
-        }
+        self.connect_us = merged(&self.connect_us, &o.connect_us);
+        add_by_room(&mut self.joined_by_room, &o.joined_by_room);
         self.lost += o.lost;
         self.kicked += o.kicked;
         self.heartbeats_sent += o.heartbeats_sent;
