@@ -5,11 +5,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use pomelo_master::runstate;
+use pomelo_master::runstate::{self, admin_token, run_dir};
 use pomelo_proto::config::{Topology, DEFAULT_ENV};
 
 /// Exit code when no master runs for the file.
@@ -31,33 +31,6 @@ pub struct Master {
     pub addr: SocketAddr,
     pub token: String,
     pub pid: u32,
-}
-
-/// The run directory of `config`, even when the file does not validate.
-pub fn run_dir(config: &Path, env: &str) -> PathBuf {
-    match Topology::load(config, env) {
-        Ok(t) => t.run_dir(),
-        Err(_) => config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join(".pomelo"),
-    }
-}
-
-/// The admin token: servers.yaml, then `POMELO_ADMIN_TOKEN`, then the generated file.
-pub fn admin_token(topology: Option<&Topology>, run_dir: &Path, create: bool) -> anyhow::Result<String> {
-    if let Some(t) = topology.and_then(|t| t.master.admin_token.clone()) {
-        return Ok(t);
-    }
-    if let Ok(t) = std::env::var("POMELO_ADMIN_TOKEN") {
-        if !t.trim().is_empty() {
-            return Ok(t.trim().to_string());
-        }
-    }
-    let path = run_dir.join("admin-token");
-    if create {
-        return runstate::secret(run_dir, "admin-token").with_context(|| format!("cannot create {}", path.display()));
-    }
-    std::fs::read_to_string(&path)
-        .map(|s| s.trim().to_string())
-        .with_context(|| format!("cannot read the admin token from {}; set POMELO_ADMIN_TOKEN", path.display()))
 }
 
 pub fn find(config: &Path) -> anyhow::Result<Master> {

@@ -63,7 +63,7 @@ pub fn start(cfg: &ConfigArgs, daemon: bool) -> anyhow::Result<ExitCode> {
 
 async fn run_master(prepared: pomelo_master::Prepared) -> anyhow::Result<ExitCode> {
     let t = &prepared.topology;
-    let token: Arc<str> = client::admin_token(Some(t), &prepared.run_dir, true)?.into();
+    let token: Arc<str> = pomelo_master::runstate::admin_token(Some(t), &prepared.run_dir, true)?.into();
     let control_addr = SocketAddr::new(bind_ip(&t.master.host), t.master.control_port);
     let control = tokio::net::TcpListener::bind(control_addr)
         .await

@@ -7,7 +7,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
+use pomelo_master::runstate;
+use pomelo_proto::config::{Topology, DEFAULT_ENV};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -19,14 +21,15 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Reads `master.json` and `admin-token` from the run directory (`.pomelo` beside servers.yaml).
-    pub fn from_run_dir(run_dir: &Path) -> anyhow::Result<Admin> {
-        let master = std::fs::read_to_string(run_dir.join("master.json"))
-            .with_context(|| format!("no master.json in {}: is the cluster running?", run_dir.display()))?;
-        let master: Value = serde_json::from_str(&master).context("master.json is not JSON")?;
-        let addr = master["admin_addr"].as_str().ok_or_else(|| anyhow!("master.json has no admin_addr"))?;
-        let token = std::fs::read_to_string(run_dir.join("admin-token")).context("cannot read admin-token")?;
-        Ok(Admin { addr: addr.parse().context("bad admin_addr")?, token: token.trim().to_string() })
+    /// The master running for `config`: its address from `master.json` in `run_dir`, its token found as
+    /// the CLI finds it (`adminToken` in servers.yaml, `POMELO_ADMIN_TOKEN`, then the run directory's file).
+    pub fn of(config: &Path, run_dir: &Path) -> anyhow::Result<Admin> {
+        let master = runstate::read_master(run_dir).ok_or_else(|| {
+            anyhow!("no master.json in {}: is a cluster running for {}?", run_dir.display(), config.display())
+        })?;
+        let topology = Topology::load(config, DEFAULT_ENV).ok();
+        let token = runstate::admin_token(topology.as_ref(), run_dir, false)?;
+        Ok(Admin { addr: master.admin_addr, token })
     }
 
     /// `GET path` → JSON body (HTTP/1.0, so the body is never chunked).

@@ -40,20 +40,24 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Target {
-    /// The cluster's servers.yaml (its run directory `.pomelo` beside it holds master.json and the token).
+    /// The cluster's servers.yaml (its run directory, `.pomelo` beside it unless `master.runDir` says
+    /// otherwise, holds master.json and the token).
     #[arg(short = 'c', long = "config", default_value = "servers.yaml")]
     config: PathBuf,
-    /// The run directory, if not `.pomelo` beside the config.
+    /// The run directory, if not the one servers.yaml names.
     #[arg(long)]
     run_dir: Option<PathBuf>,
 }
 
 impl Target {
     fn run_dir(&self) -> PathBuf {
-        self.run_dir.clone().unwrap_or_else(|| match self.config.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.join(".pomelo"),
-            _ => PathBuf::from(".pomelo"),
-        })
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| pomelo_master::runstate::run_dir(&self.config, pomelo_proto::config::DEFAULT_ENV))
+    }
+
+    fn admin(&self) -> anyhow::Result<cluster::Admin> {
+        cluster::Admin::of(&self.config, &self.run_dir())
     }
 }
 
@@ -161,7 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let spec = spec_of(&scenario);
             let opts = orchestrate::Options {
                 scenario: scenario.scenario.clone(),
-                run_dir: target.run_dir(),
+                admin: target.admin()?,
                 stop_p99_ms: scenario.stop_p99_ms,
                 stop_on_missing: scenario.stop_on_missing,
             };
@@ -173,7 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{text}");
         }
         Cmd::Wait { target } => {
-            let admin = cluster::Admin::from_run_dir(&target.run_dir())?;
+            let admin = target.admin()?;
             let view = orchestrate::wait_running(&admin)?;
             println!("{}", cluster::gate_addr(&view)?);
         }

@@ -9,7 +9,6 @@
 //! they do not exit after `finish`.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use crate::track::{Counts, StepCounts};
 /// How a run is driven, beyond the spec.
 pub struct Options {
     pub scenario: String,
-    pub run_dir: PathBuf,
+    pub admin: Admin,
     /// Stop rising steps once a step's p99 passes this (ms).
     pub stop_p99_ms: Option<f64>,
     /// Stop rising steps once a step loses deliveries.
@@ -158,8 +157,8 @@ pub fn wait_running(admin: &Admin) -> anyhow::Result<Value> {
 }
 
 pub fn run(mut spec: Spec, opts: &Options) -> anyhow::Result<Value> {
-    let admin = Admin::from_run_dir(&opts.run_dir)?;
-    let view = wait_running(&admin)?;
+    let admin = &opts.admin;
+    let view = wait_running(admin)?;
     spec.gate = cluster::gate_addr(&view)?;
     spec.check().map_err(anyhow::Error::msg)?;
     let mut sampler = Sampler { servers: cluster::procs(&view), gens: Vec::new() };
@@ -175,7 +174,7 @@ pub fn run(mut spec: Spec, opts: &Options) -> anyhow::Result<Value> {
     let bound = Duration::from_secs_f64(
         per_proc / (spec.connect_rate / f64::from(spec.procs)) + 4.0 * spec.stage_timeout + 30.0,
     );
-    let result = drive(&spec, opts, &admin, &mut gens, &rx, &sampler, bound, t_connect);
+    let result = drive(&spec, opts, admin, &mut gens, &rx, &sampler, bound, t_connect);
     for g in &mut gens {
         let deadline = Instant::now() + Duration::from_secs(15);
         while matches!(g.child.try_wait(), Ok(None)) && Instant::now() < deadline {

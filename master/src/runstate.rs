@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
+use pomelo_proto::config::Topology;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +73,33 @@ pub fn random_token() -> std::io::Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The run directory of `config`, even when the file does not validate.
+pub fn run_dir(config: &Path, env: &str) -> PathBuf {
+    match Topology::load(config, env) {
+        Ok(t) => t.run_dir(),
+        Err(_) => config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join(".pomelo"),
+    }
+}
+
+/// The admin token: servers.yaml, then `POMELO_ADMIN_TOKEN`, then the generated file.
+pub fn admin_token(topology: Option<&Topology>, run_dir: &Path, create: bool) -> anyhow::Result<String> {
+    if let Some(t) = topology.and_then(|t| t.master.admin_token.clone()) {
+        return Ok(t);
+    }
+    if let Ok(t) = std::env::var("POMELO_ADMIN_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let path = run_dir.join("admin-token");
+    if create {
+        return secret(run_dir, "admin-token").with_context(|| format!("cannot create {}", path.display()));
+    }
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .with_context(|| format!("cannot read the admin token from {}; set POMELO_ADMIN_TOKEN", path.display()))
 }
 
 #[cfg(test)]
