@@ -263,6 +263,9 @@ fn metrics_pass_promtool_with_one_series_per_server() {
     assert!(text.contains("pomelo_cluster_servers{state=\"running\"} 5"));
     // Other worker stats are exported too, typed by their name.
     assert!(text.contains("# TYPE pomelo_server_requests_total counter"), "{text}");
+    // Connectors report their chat RPC latency as a histogram.
+    assert!(text.contains("# TYPE pomelo_server_rpc_latency_seconds histogram"), "{text}");
+    assert!(text.contains("pomelo_server_rpc_latency_seconds_bucket{server_id=\"connector-1\""), "{text}");
     for own in [
         "process_cpu_seconds_total ",
         "process_resident_memory_bytes ",

@@ -70,14 +70,14 @@ impl RpcMetrics {
     }
 
     /// Writes `rpc_requests_total`, `rpc_errors_total`, the latency histogram as
-    /// `rpc_latency_seconds_bucket_le_<seconds>` (cumulative), `_sum` and `_count`.
+    /// `rpc_latency_seconds_bucket_<seconds>` (cumulative), `_sum` and `_count`.
     pub fn snapshot(&self, out: &mut Stats) {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         out.insert("rpc_requests_total".into(), g(&self.requests));
         out.insert("rpc_errors_total".into(), g(&self.errors));
         out.insert("rpc_deliveries_in_total".into(), g(&self.deliveries_in));
         for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
-            out.insert(format!("rpc_latency_seconds_bucket_le_{}", le / 1000.0), g(&self.latency_buckets[i]));
+            out.insert(format!("rpc_latency_seconds_bucket_{}", le / 1000.0), g(&self.latency_buckets[i]));
         }
         out.insert("rpc_latency_seconds_sum".into(), g(&self.latency_us_sum) / 1e6);
         out.insert("rpc_latency_seconds_count".into(), g(&self.requests) - g(&self.errors));
