@@ -173,12 +173,19 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
+impl Cluster {
+    /// SIGKILL the master this cluster started, if it runs, and reap it; its workers keep running.
+    pub fn kill_master(&mut self) {
         if let Some(mut m) = self.master.take() {
             let _ = m.kill();
             let _ = m.wait();
         }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_master();
         for pid in self.worker_pids() {
             signal(pid, 9);
         }

@@ -200,7 +200,7 @@ fn dynamic(servers: &[ServerView]) -> Vec<MetricFamily> {
             if !plain_name(key) || reserved || taken.contains(&full) || histogram::is_part(key, &histograms) {
                 continue;
             }
-            if histograms.keys().any(|h| full.starts_with(&format!("pomelo_server_{h}"))) {
+            if histograms.keys().any(|h| key.starts_with(h.as_str())) {
                 continue;
             }
             let v = if v.is_finite() { *v } else { 0.0 };

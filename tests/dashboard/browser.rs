@@ -93,9 +93,7 @@ fn the_dashboard_works_in_a_browser() {
                 "fixed".to_string()
             }
             Some("kill-master") => {
-                let mut m = c.master.take().expect("master");
-                let _ = m.kill();
-                let _ = m.wait();
+                c.kill_master();
                 "killed".to_string()
             }
             Some("start-master") => {
@@ -103,9 +101,7 @@ fn the_dashboard_works_in_a_browser() {
                 format!("started {}", c.master_pid().unwrap_or(0))
             }
             Some("new-token") => {
-                let mut m = c.master.take().expect("master");
-                let _ = m.kill();
-                let _ = m.wait();
+                c.kill_master();
                 std::fs::remove_file(c.dir.path().join(".pomelo/admin-token")).expect("remove the token");
                 c.spawn_master();
                 assert_eq!(c.admin_addr().port(), port);

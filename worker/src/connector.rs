@@ -84,13 +84,13 @@ impl Connector {
         let (username, rid) = (field("username")?, field("rid")?);
         let uid = format!("{username}*{rid}");
         if !session.registry().get_by_uid(&uid).is_empty() {
-            return Ok(json!({"code": 500, "error": true}));
+            return Ok(duplicate_name());
         }
         session.bind(&uid).map_err(|e| HandlerError::new(e.to_string()))?;
         session.set("rid", Value::String(rid.clone()));
         match self.rooms.join(&session, &uid, &rid).await {
             Ok(users) => Ok(json!({"users": users})),
-            Err(JoinError::Duplicate) => Ok(json!({"code": 500, "error": true})),
+            Err(JoinError::Duplicate) => Ok(duplicate_name()),
             Err(JoinError::Failed(e)) => Err(e),
         }
     }
@@ -229,6 +229,11 @@ impl Rooms for LocalRooms {
         };
         Box::pin(std::future::ready(out))
     }
+}
+
+/// The demo's answer when the name is already in the room: `{code: 500, error: true}`.
+fn duplicate_name() -> Value {
+    json!({"code": 500, "error": true})
 }
 
 #[cfg(test)]

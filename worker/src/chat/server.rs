@@ -177,11 +177,18 @@ async fn link(
 pub const FLUSH_DELAY: Duration = Duration::from_millis(2);
 
 fn flush_delay() -> Duration {
-    std::env::var("POMELO_CHAT_FLUSH_US")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|us| Duration::from_micros(us.min(100_000)))
-        .unwrap_or(FLUSH_DELAY)
+    let Ok(v) = std::env::var("POMELO_CHAT_FLUSH_US") else { return FLUSH_DELAY };
+    match v.trim().parse::<u64>() {
+        Ok(us) if us <= 100_000 => Duration::from_micros(us),
+        Ok(_) => {
+            tracing::warn!("POMELO_CHAT_FLUSH_US={v} is over 100000 (100 ms); using 100 ms");
+            Duration::from_millis(100)
+        }
+        Err(_) => {
+            tracing::warn!("POMELO_CHAT_FLUSH_US={v:?} is not a whole number of microseconds; using {FLUSH_DELAY:?}");
+            FLUSH_DELAY
+        }
+    }
 }
 
 async fn rooms_task(
@@ -207,10 +214,9 @@ async fn rooms_task(
                 }
                 let m = membership.borrow_and_update().clone();
                 let deliveries = follow_membership(&id, &m, &mut rooms);
+                // What was waiting goes first, then the leaves: both at once, in that order.
+                deliveries.into_iter().for_each(|d| pending.add(d));
                 send_batches(&links, pending.take(), &metrics);
-                let mut now = Batches::default();
-                deliveries.into_iter().for_each(|d| now.add(d));
-                send_batches(&links, now.take(), &metrics);
                 None
             }
             msg = inbox.recv() => {
