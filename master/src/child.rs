@@ -3,7 +3,8 @@
 //! A worker is this same binary run as `pomelo-rs worker --id ID --type TYPE [args]`, in its own process
 //! group (so Ctrl-C in the master's terminal reaches only the master, and a stop reaches the worker and
 //! anything it started). Its spec travels as JSON in `POMELO_WORKER_SPEC`. tokio reaps the child: one task
-//! per child waits for it and reports the exit to the supervisor; nothing else calls `waitpid`.
+//! per child waits for it and reports the exit to the supervisor; nothing else calls `waitpid`. That task and
+//! the two output pumps run on the master's task tracker and end when the child exits.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -13,9 +14,10 @@ use nix::unistd::Pid;
 use pomelo_proto::config::WorkerSpec;
 use tokio::process::Command;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 use crate::logs::LogSink;
-use crate::server::ExitStatus;
+use crate::view::ExitStatus;
 
 /// The environment variable a worker reads its spec from.
 pub const SPEC_ENV: &str = "POMELO_WORKER_SPEC";
@@ -37,6 +39,7 @@ pub fn spawn(
     cluster_token: &str,
     sink: LogSink,
     exits: mpsc::Sender<Exited>,
+    tasks: &TaskTracker,
 ) -> std::io::Result<u32> {
     let s = &spec.server;
     let json = serde_json::to_string(spec).map_err(std::io::Error::other)?;
@@ -58,13 +61,13 @@ pub fn spawn(
     let mut child = cmd.spawn()?;
     let pid = child.id().ok_or_else(|| std::io::Error::other("the child exited before its pid was read"))?;
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(sink.clone().pump(out));
+        tasks.spawn(sink.clone().pump(out));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(sink.pump(err));
+        tasks.spawn(sink.pump(err));
     }
     let id = s.id.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let status = match child.wait().await {
             Ok(st) => exit_status(st),
             Err(e) => {

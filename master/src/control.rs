@@ -2,8 +2,8 @@
 //!
 //! A connection must open with [`ToMaster::Register`] within [`REGISTER_TIMEOUT`]; after that the task
 //! forwards heartbeats to the supervisor and writes what the supervisor queues for the worker. The
-//! supervisor decides (welcome or reject) and closes a link by dropping its sender. Tasks end when the
-//! peer goes away or the listener's token is cancelled.
+//! supervisor decides (welcome or reject) and closes a link by dropping its sender. Connection tasks run on
+//! the master's task tracker and end when the peer goes away or the listener's token is cancelled.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use pomelo_proto::framing::JsonFramed;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages queued for one worker; a worker that does not read is cut off.
@@ -48,7 +49,12 @@ pub enum LinkEvent {
     },
 }
 
-pub async fn listen(listener: TcpListener, events: mpsc::Sender<LinkEvent>, shutdown: CancellationToken) {
+pub async fn listen(
+    listener: TcpListener,
+    events: mpsc::Sender<LinkEvent>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) {
     let mut next_conn = 0u64;
     loop {
         let (stream, peer) = tokio::select! {
@@ -65,7 +71,7 @@ pub async fn listen(listener: TcpListener, events: mpsc::Sender<LinkEvent>, shut
         next_conn += 1;
         let events = events.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = serve(stream, peer, next_conn, events) => {}

@@ -1,21 +1,34 @@
 //! The pomelo-rs master: it runs the servers of a `servers.yaml` and keeps them running.
 //!
 //! [`prepare`] checks that no other master runs for this file and finds live workers of an earlier
-//! master to adopt; [`start`] takes the bound control listener and runs the control listener task and
-//! the [`supervisor`] task until the shutdown token is cancelled (or a `Shutdown` command arrives) and
-//! every server has stopped. The admin server lives in the `pomelo-dashboard` crate and talks to the
-//! supervisor only through a [`MasterHandle`].
+//! master to adopt; [`start`] takes the bound control listener and runs the control listener, the reload
+//! triggers and the [`supervisor`] until the shutdown token is cancelled (or a `Shutdown` command arrives)
+//! and every server has stopped. The admin server lives in the `pomelo-dashboard` crate and talks to the
+//! supervisor only through a [`MasterHandle`] ([`Command`] in, [`ClusterView`] and [`ServerEvent`]s out).
+//!
+//! Layout: `supervisor/` is a pure core (`core.rs` with `register.rs` and `apply.rs`: every rule, unit-
+//! tested without processes; `server.rs` and `restart.rs`: one server's life) inside a small shell
+//! (`mod.rs`: the loop; `effects.rs`: spawn, signal, link sends, runstate files). `reload/` holds the
+//! diff and the triggers, `command.rs` what may be asked, `child.rs` processes, `control.rs` the control
+//! listener, `view.rs` what is shown, `runstate.rs` the run directory, `procstat.rs` `/proc`, `logs.rs`
+//! worker logs.
+//!
+//! Shutdown: one token tree (the listener and triggers get a child token, cancelled once the supervisor
+//! has stopped every server) and one [`TaskTracker`] for every task the master starts (control links,
+//! triggers, child pumps and waits); its drain is bounded by [`DRAIN`] and warns when that expires.
 
 pub mod child;
+pub mod command;
 pub mod control;
 pub mod logs;
 pub mod procstat;
 pub mod reload;
-pub mod restart;
 pub mod runstate;
-pub mod server;
 pub mod supervisor;
 pub mod view;
+
+/// One server's life and its restart policy, under the supervisor; re-exported at their old paths.
+pub use supervisor::{restart, server};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,9 +41,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-pub use supervisor::{Command, CommandError};
+pub use command::{Command, CommandError};
 pub use view::{ClusterView, ServerEvent, ServerView};
+
+/// How long the master's own tasks get to end once every server has stopped.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What [`prepare`] found.
 pub struct Prepared {
@@ -67,7 +84,7 @@ pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
 /// How the dashboard and CLI reach the supervisor.
 #[derive(Clone)]
 pub struct MasterHandle {
-    commands: mpsc::Sender<(Command, supervisor::Reply)>,
+    commands: mpsc::Sender<(Command, command::Reply)>,
     view: watch::Receiver<Arc<ClusterView>>,
     events: broadcast::Sender<ServerEvent>,
     log_dir: PathBuf,
@@ -145,13 +162,17 @@ pub fn start(
         servers: vec![],
     });
     let (view_tx, view_rx) = watch::channel(placeholder);
-    let handle =
-        MasterHandle { commands: cmd_tx, view: view_rx, events: events_tx.clone(), log_dir: topology.log_dir() };
+    let handle = MasterHandle {
+        commands: cmd_tx.clone(),
+        view: view_rx,
+        events: events_tx.clone(),
+        log_dir: topology.log_dir(),
+    };
 
-    let config_file = topology.file.clone();
+    let tasks = TaskTracker::new();
     let listener_stop = shutdown.child_token();
-    spawn_reload_triggers(handle.clone(), &config_file, listener_stop.clone());
-    tokio::spawn(control::listen(control, links_tx, listener_stop.clone()));
+    reload::triggers::spawn(&topology.file, cmd_tx, &tasks, listener_stop.clone());
+    tasks.spawn(control::listen(control, links_tx, tasks.clone(), listener_stop.clone()));
     let setup = supervisor::Setup {
         control_addr: file.control_addr,
         admin_addr,
@@ -164,8 +185,15 @@ pub fn start(
     let channels = supervisor::Channels { links: links_rx, commands: cmd_rx, view_tx, events_tx };
     let run_dir = prepared.run_dir;
     let task = tokio::spawn(async move {
-        supervisor::Supervisor::run(setup, channels, shutdown).await;
+        supervisor::run(setup, channels, tasks.clone(), shutdown).await;
         listener_stop.cancel();
+        tasks.close();
+        if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                "{} master tasks still running {DRAIN:?} after the servers stopped; leaving them",
+                tasks.len()
+            );
+        }
         std::fs::remove_file(runstate::master_file(&run_dir)).ok();
     });
     Ok(Running { handle, task })
@@ -178,32 +206,4 @@ fn advertised(bound: SocketAddr, host: &str) -> SocketAddr {
         _ if bound.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], bound.port())),
         _ => bound,
     }
-}
-
-/// File saves (debounced) and SIGHUP become reload commands; both go through the one reload path.
-fn spawn_reload_triggers(handle: MasterHandle, file: &std::path::Path, stop: CancellationToken) {
-    let (tx, mut rx) = mpsc::channel::<()>(1);
-    let watcher = match reload::watch(file, tx.clone()) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!("cannot watch {} for changes ({e}); use `pomelo-rs reload` or SIGHUP", file.display());
-            None
-        }
-    };
-    tokio::spawn(async move {
-        let _watcher = watcher;
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
-        loop {
-            let why = tokio::select! {
-                _ = stop.cancelled() => return,
-                Some(()) = rx.recv() => "servers.yaml changed",
-                _ = hup.recv() => "SIGHUP",
-            };
-            tracing::info!("{why}: reloading");
-            match handle.command(Command::Reload).await {
-                Ok(summary) => tracing::info!("reloaded: {summary}"),
-                Err(e) => tracing::error!("{e}"),
-            }
-        }
-    });
 }

@@ -9,7 +9,55 @@ use std::path::PathBuf;
 use pomelo_proto::control::{BoundAddrs, ServerType, Stats};
 use serde::Serialize;
 
-use crate::server::{ExitStatus, Phase};
+/// What a person or a dashboard sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Starting,
+    Running,
+    Backoff,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Backoff => "backoff",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// Why a process ended, as far as the master knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ExitStatus {
+    Code {
+        code: i32,
+    },
+    Signal {
+        signal: i32,
+        name: String,
+    },
+    /// An adopted worker (not our child) vanished; its status is not ours to read.
+    Unknown,
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code { code } => write!(f, "exit code {code}"),
+            ExitStatus::Signal { name, .. } => write!(f, "killed by {name}"),
+            ExitStatus::Unknown => write!(f, "gone (not a child of this master; status unknown)"),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MasterView {

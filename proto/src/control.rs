@@ -69,7 +69,11 @@ pub struct ServerInfo {
 /// The live servers, in a stable order (the order of `servers.yaml`), only those registered and running.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
-    /// Bumped by the master on every change.
+    /// Different for every master start (its start time in ms since the Unix epoch, so normally growing):
+    /// a worker that sees a new epoch knows a new master numbers the versions. Absent (0) from older masters.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Bumped by the master on every change (from 1 for each master, so compare it within one epoch).
     pub version: u64,
     pub servers: Vec<ServerInfo>,
 }

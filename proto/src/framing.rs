@@ -58,7 +58,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let mut a = JsonFramed::new(a);
         let mut b = JsonFramed::new(b);
-        let msg = ToWorker::Membership(Membership { version: 7, servers: vec![] });
+        let msg = ToWorker::Membership(Membership { epoch: 1, version: 7, servers: vec![] });
         a.send(&msg).await.expect("send");
         assert_eq!(b.recv::<ToWorker>().await.expect("recv"), msg);
 

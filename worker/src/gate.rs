@@ -101,6 +101,7 @@ mod tests {
     #[test]
     fn picks_like_pomelo() {
         let m = Membership {
+            epoch: 0,
             version: 1,
             servers: vec![
                 server("gate-1", ServerType::Gate, 3014),

@@ -36,6 +36,7 @@ fn membership(connector: &Server) -> Membership {
         addrs: BoundAddrs { rpc: None, client },
     };
     Membership {
+        epoch: 0,
         version: 1,
         servers: vec![
             info("gate-server-1", ServerType::Gate, None),
