@@ -231,3 +231,37 @@ fn a_changed_connector_drains_its_clients_with_a_reason() {
     });
     assert_eq!(reply["users"][0], "dora");
 }
+
+/// How many reloads the master has logged: file-change triggers, and applied reloads of any kind.
+fn reloads(c: &Cluster) -> (usize, usize) {
+    let out = c.master_output();
+    (out.matches("servers.yaml changed: reloading").count(), out.matches("servers.yaml applied").count())
+}
+
+#[test]
+fn reading_the_file_and_running_list_cause_no_reload_and_an_edit_reloads_once() {
+    let c = Cluster::start(&yaml(BASE, ""));
+    c.wait_running();
+    // Let the watcher see whatever starting the cluster did to the directory.
+    std::thread::sleep(Duration::from_millis(800));
+    let before = reloads(&c);
+    for _ in 0..5 {
+        let text = std::fs::read_to_string(c.config()).expect("read servers.yaml");
+        assert!(text.contains("connector-1"));
+        let out = c.run(&["list"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Well past the watcher's debounce, and long enough for a reload loop to show many times over.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(reloads(&c), before, "reads reloaded:\n{}", c.master_output());
+    save(&c, &yaml(&format!("{BASE}    - {{id: chat-2, port: 0}}\n"), ""));
+    c.wait_state("chat-2", "running", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = reloads(&c);
+    assert_eq!(after, (before.0 + 1, before.1 + 1), "one edit, one reload:\n{}", c.master_output());
+    // The edited file read again (as every CLI command does) is still no reload.
+    let out = c.run(&["list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("chat-2"), "{out:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(reloads(&c), after);
+}
