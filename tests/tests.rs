@@ -1,5 +1,6 @@
 //! End-to-end tests of the real `pomelo-rs` binary. One test binary, a module per area.
 
+mod adoption;
 mod chat;
 mod dashboard;
 mod harness;
