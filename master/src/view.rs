@@ -2,7 +2,8 @@
 //!
 //! The supervisor publishes a fresh [`ClusterView`] on a watch channel after every change and once a
 //! second with new process figures; the admin API, SSE feed and `/metrics` read from it and never lock
-//! the supervisor.
+//! the supervisor. [`Phase`] and [`ExitStatus`] live here, below the supervisor, so that this module and
+//! `child.rs` need nothing from it. Plain data: no task, no channel.
 
 use std::path::PathBuf;
 

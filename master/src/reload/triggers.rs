@@ -63,15 +63,18 @@ pub fn spawn(file: &Path, commands: mpsc::Sender<(Command, Reply)>, tasks: &Task
     };
     tasks.spawn(async move {
         let _watcher = watcher;
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; use `pomelo-rs reload`");
-            return;
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP ({e}); use `pomelo-rs reload`");
+                None
+            }
         };
         loop {
             let cmd = tokio::select! {
                 _ = stop.cancelled() => return,
                 Some(()) = rx.recv() => Command::ReloadIfChanged,
-                _ = hup.recv() => {
+                Some(()) = async { hup.as_mut()?.recv().await } => {
                     tracing::info!("SIGHUP: reloading");
                     Command::Reload
                 }

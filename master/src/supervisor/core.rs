@@ -127,8 +127,7 @@ impl Core {
                 }
             }
             Event::Leaving { conn, id, reason } => {
-                if self.linked(&id, conn).is_some() {
-                    let i = self.index(&id).unwrap_or_default();
+                if let Some(i) = self.slots.iter().position(|s| s.server.spec.id == id && s.link == Some(conn)) {
                     self.event(i, format!("leaving: {reason}"), &mut out);
                 }
             }

@@ -68,6 +68,7 @@ pub async fn run(setup: Setup, mut ch: Channels, tasks: TaskTracker, shutdown: C
         run_dir: absolute(&topo.run_dir()),
         log_dir: absolute(&topo.log_dir()),
         adopt: setup.adopt.into_iter().collect(),
+        // Read again here rather than passed from the load: an edit in between is missed until the next.
         text: std::fs::read_to_string(&topo.file).ok(),
         topology: topo.clone(),
     };
@@ -92,7 +93,7 @@ pub async fn run(setup: Setup, mut ch: Channels, tasks: TaskTracker, shutdown: C
     let mut timers = tokio::time::interval(Duration::from_millis(100));
     let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
     while !done {
-        let (events, reply) = tokio::select! {
+        let (events, mut reply) = tokio::select! {
             Some(ev) = ch.links.recv() => (vec![shell.link_event(&core, ev)], None),
             Some(Exited { id, pid, status }) = exits.recv() => (vec![Event::Exited { id, pid, status }], None),
             Some((cmd, reply)) = ch.commands.recv() => (vec![shell.command(cmd)], Some(reply)),
@@ -110,7 +111,6 @@ pub async fn run(setup: Setup, mut ch: Channels, tasks: TaskTracker, shutdown: C
             _ = stats_tick.tick() => (vec![shell.sample(&core)], None),
             _ = shutdown.cancelled(), if !core.shutting_down() => (vec![Event::Shutdown], None),
         };
-        let mut reply = reply;
         for event in events {
             let effects = core.on_event(event, Instant::now());
             done |= shell.perform(&mut core, effects, reply.take());
