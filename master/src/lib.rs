@@ -6,7 +6,7 @@
 //! and every server has stopped. The admin server lives in the `pomelo-dashboard` crate and talks to the
 //! supervisor only through a [`MasterHandle`] ([`Command`] in, [`ClusterView`] and [`ServerEvent`]s out).
 //!
-//! Layout: `supervisor/` is a pure core (`core.rs` with `register.rs` and `apply.rs`: every rule, unit-
+//! Layout: `supervisor/` is a pure core (`core.rs` with `event.rs`, `register.rs`, `apply.rs`: every rule, unit-
 //! tested without processes; `server.rs` and `restart.rs`: one server's life) inside a small shell
 //! (`mod.rs`: the loop; `effects.rs`: spawn, signal, link sends, runstate files). `reload/` holds the
 //! diff and the triggers, `command.rs` what may be asked, `child.rs` processes, `control.rs` the control
