@@ -2,6 +2,7 @@
 
 mod chat;
 mod dashboard;
+mod failover;
 mod harness;
 mod pomelo_client;
 mod reload;
