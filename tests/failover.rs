@@ -8,10 +8,11 @@
 //! [`LATE_MS`] before they re-register (the `POMELO_TEST_REGISTER_DELAY_MS` hook in worker/src/control.rs).
 //!
 //! Convergence waits are generous (a noisy 2-core machine); what is checked is counted exactly: the same
-//! worker pids; no `{"code":500}` outside the seconds the master was down; every acknowledged send
-//! delivered exactly once to every member of its room (nobody leaves, so every member was there for the
-//! whole run), nothing delivered to another room; no onLeave or onAdd at all once chatting began; no
-//! client disconnected; and afterwards a newcomer to each room sees every member in its user list.
+//! worker pids; no `{"code":500}` outside the seconds the master was down (plus [`MARGIN`]); every
+//! acknowledged send delivered exactly once to every member of its room (nobody leaves, so every member
+//! was there for the whole run), nothing delivered to another room; no onLeave or onAdd at all once
+//! chatting began; no client disconnected; and afterwards a newcomer to each room sees every member in
+//! its user list.
 
 mod client;
 

@@ -1,10 +1,10 @@
 //! An async Pomelo chat client for the failover test, over WebSocket or raw TCP, many per tokio runtime.
 //!
 //! [`login`] asks the gate for a connector and enters a room there, then spawns the client's task: it
-//! answers nothing, sends a heartbeat every half interval, sends one chat message per second while
-//! `sending` is set, and writes everything it sees (each send and its reply, each push) to its [`Log`],
-//! which the test reads while the task runs. The task ends when the server closes the connection or
-//! the test aborts it (dropping the socket).
+//! sends a heartbeat every half interval (as the JS client does), one chat message a second while
+//! `sending` is set, and writes everything it sees (each send and its reply, each push, how the
+//! connection ended) to its [`Log`], which the test reads while the task runs. The task ends when the
+//! server closes the connection or kicks the client, or when the test aborts it (dropping the socket).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
