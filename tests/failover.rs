@@ -320,7 +320,12 @@ fn check(users: &[User], counting: Instant, killed: Instant, up: Instant) -> Vec
         refused.len()
     );
     if !refused.is_empty() {
-        problems.push(format!("{} sends refused outside the window the master was down (kill .. new master up + {MARGIN:?} = kill+{:?}), e.g. {:?}", refused.len(), up + MARGIN - killed, &refused[..refused.len().min(4)]));
+        let window = format!("kill .. new master up + {MARGIN:?} = kill+{:?}", up + MARGIN - killed);
+        let e = &refused[..refused.len().min(4)];
+        problems.push(format!(
+            "{} sends refused outside the window the master was down ({window}), e.g. {e:?}",
+            refused.len()
+        ));
     }
     if !odd.is_empty() {
         problems.push(format!("{} sends got an unexpected answer, e.g. {:?}", odd.len(), &odd[..odd.len().min(4)]));
