@@ -3,6 +3,7 @@
 mod adoption;
 mod chat;
 mod dashboard;
+mod failover;
 mod harness;
 mod pomelo_client;
 mod reload;

@@ -4,6 +4,10 @@
 //! receives, and returns why the worker should stop: the master said so, the master refused it, or no
 //! master has answered for `orphan_timeout`. When the link drops it retries with a bounded backoff,
 //! re-reading `master.json` in the run directory, so a master restarted on another port is found.
+//!
+//! Test hook: `POMELO_TEST_REGISTER_DELAY_MS` in a worker's environment (servers.yaml `env:`) makes it wait
+//! that long between reaching a master and registering, on re-registrations only (never the first), so an
+//! end-to-end test can force the order in which adopted workers register with a new master.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -44,15 +48,31 @@ pub struct Link<'a> {
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most [`register_delay`] waits: below the master's registration timeout, so the link survives it.
+const MAX_REGISTER_DELAY: Duration = Duration::from_secs(4);
+
+/// Test hook (see the module doc): how long a re-registration waits, from `POMELO_TEST_REGISTER_DELAY_MS`.
+fn register_delay() -> Duration {
+    let Ok(v) = std::env::var("POMELO_TEST_REGISTER_DELAY_MS") else { return Duration::ZERO };
+    match v.trim().parse::<u64>() {
+        Ok(ms) => Duration::from_millis(ms).min(MAX_REGISTER_DELAY),
+        Err(_) => {
+            tracing::warn!("POMELO_TEST_REGISTER_DELAY_MS={v:?} is not a whole number of milliseconds; ignoring it");
+            Duration::ZERO
+        }
+    }
+}
 
 pub async fn run(link: Link<'_>, shutdown: CancellationToken) -> Exit {
     let mut last_contact = Instant::now();
     let mut retry = RETRY_MIN;
     let mut warned = false;
     let started = Instant::now();
+    let delay = register_delay();
+    let mut registered = false;
     loop {
         for addr in candidates(link.spec) {
-            let session = session(&link, addr.clone(), &mut last_contact, started, &shutdown);
+            let session = session(&link, addr.clone(), &mut last_contact, &mut registered, delay, started, &shutdown);
             match session.await {
                 Ok(exit) => return exit,
                 Err(e) => {
@@ -105,6 +125,8 @@ async fn session(
     link: &Link<'_>,
     addr: String,
     last_contact: &mut Instant,
+    registered: &mut bool,
+    delay: Duration,
     started: Instant,
     shutdown: &CancellationToken,
 ) -> Result<Exit, String> {
@@ -114,6 +136,13 @@ async fn session(
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
     stream.set_nodelay(true).ok();
+    if *registered && !delay.is_zero() {
+        tracing::warn!("test hook POMELO_TEST_REGISTER_DELAY_MS: waiting {delay:?} before registering again");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
     let mut framed = JsonFramed::new(stream);
     let spec = &link.spec.server;
     let register = ToMaster::Register {
@@ -128,6 +157,7 @@ async fn session(
     let interval = match tokio::time::timeout(Duration::from_secs(5), framed.recv::<ToWorker>()).await {
         Ok(Ok(ToWorker::Welcome { heartbeat_interval_ms, master_pid })) => {
             tracing::info!("registered with the master (pid {master_pid}) at {addr}");
+            *registered = true;
             Duration::from_millis(heartbeat_interval_ms.max(50))
         }
         Ok(Ok(ToWorker::Rejected { reason })) => return Ok(Exit::Rejected(reason)),
