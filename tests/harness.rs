@@ -1,7 +1,7 @@
 //! A real cluster for a test: the `pomelo-rs` binary started from a temp dir with its own servers.yaml.
 //!
 //! Everything a test starts is killed when its [`Cluster`] drops: the master by pid, and every worker
-//! whose environment names this cluster's temp dir (found through /proc), so nothing outlives a test,
+//! whose environment names this cluster's temp dir (found through `pomelo_master::procstat`), so nothing outlives a test,
 //! and nothing another test (or a person) started is touched.
 
 #![allow(dead_code)]
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pomelo_master::procstat;
 use serde_json::Value;
 
 pub fn bin() -> PathBuf {
@@ -149,13 +150,12 @@ impl Cluster {
     pub fn worker_pids(&self) -> Vec<u32> {
         let needle = self.dir.path().to_string_lossy().to_string();
         let mut out = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        for pid in procstat::pids() {
             if !alive(pid) {
                 continue;
             }
-            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-            if String::from_utf8_lossy(&env).contains(&needle) {
+            let Some(env) = procstat::environ(pid) else { continue };
+            if env.values().any(|v| v.to_string_lossy().contains(&needle)) {
                 out.push(pid);
             }
         }
@@ -197,12 +197,7 @@ pub fn signal(pid: u32, sig: i32) {
 }
 
 /// Alive and not a zombie.
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, r)| !r.trim_start().starts_with('Z')))
-        .unwrap_or(false)
-}
+pub use pomelo_master::procstat::alive;
 
 pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token.map(|t| format!("Bearer {t}"));

@@ -1,14 +1,14 @@
 //! The cluster under test, seen from outside: its master's admin API (address in `.pomelo/master.json`,
 //! bearer token in `.pomelo/admin-token`) for the gate's address and every server's pid, state and stats,
-//! and `/proc` for CPU time and RSS of any pid. Blocking std I/O with timeouts; no tasks.
+//! and CPU time and RSS of any pid through `pomelo_master::procstat`. Blocking std I/O with timeouts; no tasks.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
-use pomelo_master::runstate;
+use pomelo_master::{procstat, runstate};
 use pomelo_proto::config::{Topology, DEFAULT_ENV};
 use serde::Serialize;
 use serde_json::Value;
@@ -98,20 +98,6 @@ pub fn gate_addr(view: &Value) -> anyhow::Result<SocketAddr> {
     Ok(addr.parse()?)
 }
 
-fn ticks_per_sec() -> f64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-        Ok(Some(t)) if t > 0 => t as f64,
-        _ => 100.0,
-    }
-}
-
-fn page_size() -> u64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
-        Ok(Some(p)) if p > 0 => p as u64,
-        _ => 4096,
-    }
-}
-
 /// CPU seconds (user + system) and RSS bytes of a pid; `None` once it is gone.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Usage {
@@ -120,15 +106,7 @@ pub struct Usage {
 }
 
 pub fn usage(pid: u32) -> Option<Usage> {
-    let stat = std::fs::read_to_string(PathBuf::from(format!("/proc/{pid}/stat"))).ok()?;
-    // Fields after the command name (which may hold spaces) start at the state, field 3.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let rss_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(Usage { cpu_secs: (utime + stime) / ticks_per_sec(), rss_bytes: rss_pages * page_size() })
+    procstat::sample(pid).map(|s| Usage { cpu_secs: s.cpu_seconds, rss_bytes: s.rss_bytes })
 }
 
 /// Summed usage of several pids (missing ones count zero).
@@ -139,17 +117,8 @@ pub fn total(pids: impl IntoIterator<Item = u32>) -> Usage {
     })
 }
 
-/// Busy and total CPU seconds of the whole machine, from the first line of `/proc/stat`.
-pub fn machine_cpu() -> (f64, f64) {
-    let Some(line) = std::fs::read_to_string("/proc/stat").ok().and_then(|s| s.lines().next().map(String::from)) else {
-        return (0.0, 0.0);
-    };
-    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let total: f64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
-    let t = ticks_per_sec();
-    ((total - idle) / t, total / t)
-}
+/// Busy and total CPU seconds of the whole machine.
+pub use pomelo_master::procstat::machine_cpu;
 
 /// `nproc` and MemTotal, for the report.
 pub fn machine() -> Value {
