@@ -11,8 +11,8 @@ use pomelo_master::runstate;
 use pomelo_proto::config::{Topology, WorkerSpec};
 use tokio_util::sync::CancellationToken;
 
-use crate::client;
 use crate::ConfigArgs;
+use pomelo_master::admin_client as client;
 
 fn load(cfg: &ConfigArgs) -> anyhow::Result<Topology> {
     Ok(Topology::load(&cfg.config, &cfg.env)?)

@@ -6,12 +6,12 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pomelo_master::admin_client::{self, RequestError};
 use pomelo_master::procstat;
 use serde_json::Value;
 
@@ -199,15 +199,17 @@ pub fn signal(pid: u32, sig: i32) {
 /// Alive and not a zombie.
 pub use pomelo_master::procstat::alive;
 
+/// One request to the admin API (or any HTTP port) through the CLI's admin client; (status, body), the
+/// body de-chunked.
 pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
-    let (status, head, body) = request(addr, method, path, &headers, "");
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+    let (status, _, body) = request(addr, method, path, &headers, "");
     (status, body)
 }
 
-/// One request with arbitrary headers: (status, head, body). The body is read to the end (Connection: close).
+/// One request with arbitrary headers: (status, head, body). The body is read to the end (Connection: close)
+/// and de-chunked; an answer that is not HTTP gives status 0.
 pub fn request(
     addr: SocketAddr,
     method: &str,
@@ -215,34 +217,11 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to admin");
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).expect("write");
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, head.to_string(), body.to_string())
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
+    match admin_client::request(addr, method, path, headers, body) {
+        Ok(r) => (r.status, r.head, r.body),
+        Err(RequestError::Malformed) => (0, String::new(), String::new()),
+        Err(e) => panic!("{method} {path} to {addr}: {e}"),
     }
-    out
 }
 
 pub fn path_str(p: &Path) -> String {

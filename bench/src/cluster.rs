@@ -1,56 +1,29 @@
-//! The cluster under test, seen from outside: its master's admin API (address in `.pomelo/master.json`,
-//! bearer token in `.pomelo/admin-token`) for the gate's address and every server's pid, state and stats,
+//! The cluster under test, seen from outside: its master's admin API (through
+//! `pomelo_master::admin_client`) for the gate's address and every server's pid, state and stats,
 //! and CPU time and RSS of any pid through `pomelo_master::procstat`. Blocking std I/O with timeouts; no tasks.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
-use anyhow::{anyhow, bail};
-use pomelo_master::{procstat, runstate};
-use pomelo_proto::config::{Topology, DEFAULT_ENV};
+use anyhow::{anyhow, Context};
+use pomelo_master::{admin_client, procstat};
 use serde::Serialize;
 use serde_json::Value;
 
-/// A running cluster's admin endpoint.
-#[derive(Debug, Clone)]
-pub struct Admin {
-    pub addr: SocketAddr,
-    pub token: String,
+/// A running cluster's admin endpoint: the admin client the CLI uses.
+pub type Admin = admin_client::Master;
+
+/// The master running for `config`: its address from `master.json` in `run_dir`, its token found as the
+/// CLI finds it (`adminToken` in servers.yaml, `POMELO_ADMIN_TOKEN`, then the run directory's file).
+pub fn admin(config: &Path, run_dir: &Path) -> anyhow::Result<Admin> {
+    admin_client::in_run_dir(config, run_dir).with_context(|| {
+        format!("is a cluster running for {} (run directory {})?", config.display(), run_dir.display())
+    })
 }
 
-impl Admin {
-    /// The master running for `config`: its address from `master.json` in `run_dir`, its token found as
-    /// the CLI finds it (`adminToken` in servers.yaml, `POMELO_ADMIN_TOKEN`, then the run directory's file).
-    pub fn of(config: &Path, run_dir: &Path) -> anyhow::Result<Admin> {
-        let master = runstate::read_master(run_dir).ok_or_else(|| {
-            anyhow!("no master.json in {}: is a cluster running for {}?", run_dir.display(), config.display())
-        })?;
-        let topology = Topology::load(config, DEFAULT_ENV).ok();
-        let token = runstate::admin_token(topology.as_ref(), run_dir, false)?;
-        Ok(Admin { addr: master.admin_addr, token })
-    }
-
-    /// `GET path` → JSON body (HTTP/1.0, so the body is never chunked).
-    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n", self.addr, self.token);
-        s.write_all(req.as_bytes())?;
-        let mut raw = Vec::new();
-        s.take(64 << 20).read_to_end(&mut raw)?;
-        let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no HTTP head"))?;
-        let head = String::from_utf8_lossy(&raw[..head_end]);
-        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-            bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
-        }
-        Ok(serde_json::from_slice(&raw[head_end + 4..])?)
-    }
-
-    pub fn servers(&self) -> anyhow::Result<Value> {
-        self.get("/api/servers")
-    }
+/// `/api/servers`.
+pub fn servers(admin: &Admin) -> anyhow::Result<Value> {
+    admin.get("/api/servers")
 }
 
 /// One process of the cluster.

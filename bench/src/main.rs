@@ -57,7 +57,7 @@ impl Target {
     }
 
     fn admin(&self) -> anyhow::Result<cluster::Admin> {
-        cluster::Admin::of(&self.config, &self.run_dir())
+        cluster::admin(&self.config, &self.run_dir())
     }
 }
 

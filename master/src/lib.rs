@@ -6,6 +6,7 @@
 //! every server has stopped. The admin server lives in the `pomelo-dashboard` crate and talks to the
 //! supervisor only through a [`MasterHandle`].
 
+pub mod admin_client;
 pub mod child;
 pub mod control;
 pub mod logs;
