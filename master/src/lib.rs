@@ -5,6 +5,9 @@
 //! the [`supervisor`] task until the shutdown token is cancelled (or a `Shutdown` command arrives) and
 //! every server has stopped. The admin server lives in the `pomelo-dashboard` crate and talks to the
 //! supervisor only through a [`MasterHandle`].
+//!
+//! Shared with the CLI, the bench and the tests: [`admin_client`] (find a running master, call its API)
+//! and [`procstat`] (the only reader of `/proc`).
 
 pub mod admin_client;
 pub mod child;

@@ -1,7 +1,7 @@
 //! `servers.yaml`: the schema, its validation, and the validated [`Topology`] the master runs.
 //!
 //! Loading is two stages, as linkerd2-proxy and Horust do it: the text is parsed into YAML values, then
-//! [`parse`] walks them, collecting *every* problem (unknown keys, missing fields, bad durations, duplicate
+//! `parse` walks them, collecting *every* problem (unknown keys, missing fields, bad durations, duplicate
 //! ids and ports) with its line, before anything binds or spawns. A file with any problem yields
 //! [`ConfigErrors`] and no topology; the caller changes nothing.
 //!
