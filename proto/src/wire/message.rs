@@ -204,6 +204,7 @@ impl Message {
     }
 
     /// Decodes a DATA package body without allocating: everything borrows from `bytes`.
+    #[inline]
     pub fn peek(bytes: &[u8]) -> Result<MessageRef<'_>, MessageError> {
         let (&flag, rest) = bytes.split_first().ok_or(MessageError::Empty)?;
         let kind_bits = (flag >> 1) & 0x07;
@@ -255,6 +256,7 @@ pub fn put_varint(out: &mut BytesMut, mut v: u32) {
 }
 
 /// Reads a varint of at most 5 bytes; returns the value and the bytes used.
+#[inline]
 pub fn read_varint(bytes: &[u8]) -> Result<(u32, usize), MessageError> {
     let mut v: u64 = 0;
     for (i, &b) in bytes.iter().take(MAX_ID_BYTES).enumerate() {

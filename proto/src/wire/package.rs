@@ -108,6 +108,7 @@ pub struct PackageRef<'a> {
 /// The type and body length the header at the front of `buf` declares, the length checked against
 /// `max_body`; `Ok(None)` while the header is incomplete (the type is checked as soon as it is there,
 /// so garbage is refused early).
+#[inline]
 pub fn peek_header(buf: &[u8], max_body: usize) -> Result<Option<(PackageType, usize)>, PackageError> {
     let Some(header) = buf.get(..HEADER_LEN) else {
         if let Some(&t) = buf.first() {
@@ -125,6 +126,7 @@ pub fn peek_header(buf: &[u8], max_body: usize) -> Result<Option<(PackageType, u
 
 /// The whole package at the front of `buf`, borrowed, and the bytes it takes; `Ok(None)` if more bytes
 /// are needed. The checks are [`PackageDecoder::decode`]'s.
+#[inline]
 pub fn peek(buf: &[u8], max_body: usize) -> Result<Option<(PackageRef<'_>, usize)>, PackageError> {
     let Some((kind, len)) = peek_header(buf, max_body.min(MAX_BODY_LEN))? else { return Ok(None) };
     Ok(buf.get(HEADER_LEN..HEADER_LEN + len).map(|body| (PackageRef { kind, body }, HEADER_LEN + len)))
