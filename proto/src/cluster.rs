@@ -11,6 +11,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+/// What [`decode`] fails with: the one frame error of every link.
 pub use crate::link::FrameError;
 /// The cluster frame cap, [`crate::link::CLUSTER_MAX_FRAME`], under the name the worker's two link sites
 /// still use while they build their codec by hand instead of calling [`crate::link::cluster_codec`].
