@@ -16,9 +16,8 @@ pub type Admin = admin_client::Master;
 /// The master running for `config`: its address from `master.json` in `run_dir`, its token found as the
 /// CLI finds it (`adminToken` in servers.yaml, `POMELO_ADMIN_TOKEN`, then the run directory's file).
 pub fn admin(config: &Path, run_dir: &Path) -> anyhow::Result<Admin> {
-    admin_client::in_run_dir(config, run_dir).with_context(|| {
-        format!("is a cluster running for {} (run directory {})?", config.display(), run_dir.display())
-    })
+    admin_client::in_run_dir(config, run_dir)
+        .with_context(|| format!("cannot find the cluster's master (run directory {})", run_dir.display()))
 }
 
 /// `/api/servers`.
