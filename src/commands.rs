@@ -1,4 +1,5 @@
-//! The subcommands.
+//! The subcommands, and [`cancel_on_signals`]: SIGTERM/SIGINT cancel the master's or the worker's token here, so the
+//! crates only ever see a token.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,8 +12,8 @@ use pomelo_master::runstate;
 use pomelo_proto::config::{Topology, WorkerSpec};
 use tokio_util::sync::CancellationToken;
 
-use crate::client;
 use crate::ConfigArgs;
+use pomelo_master::admin_client as client;
 
 fn load(cfg: &ConfigArgs) -> anyhow::Result<Topology> {
     Ok(Topology::load(&cfg.config, &cfg.env)?)
@@ -87,18 +88,7 @@ async fn run_master(prepared: pomelo_master::Prepared) -> anyhow::Result<ExitCod
     );
     let dash_stop = CancellationToken::new();
     let dashboard = tokio::spawn(pomelo_dashboard::serve(admin, running.handle.clone(), token, dash_stop.clone()));
-    let signals = shutdown.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping the cluster"),
-            _ = int.recv() => tracing::info!("interrupted: stopping the cluster"),
-        }
-        signals.cancel();
-    });
+    cancel_on_signals(shutdown.clone(), "stopping the cluster");
     running.task.await.context("the supervisor task failed")?;
     tracing::info!("every server has stopped; master exiting");
     dash_stop.cancel();
@@ -306,10 +296,33 @@ pub fn worker(id: &str, server_type: &str, log_level: &str, threads: Option<usiz
         0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
     };
-    let exit = rt.block_on(pomelo_worker::runtime::run(spec, token))?;
+    let exit = rt.block_on(async {
+        let stop = CancellationToken::new();
+        cancel_on_signals(stop.clone(), "stopping");
+        pomelo_worker::runtime::run(spec, token, stop).await
+    })?;
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(match exit {
         pomelo_worker::control::Exit::Rejected(_) => ExitCode::from(3),
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT, logging which with `doing` ("SIGTERM: stopping"). The
+/// one place the binary turns signals into shutdown; the crates only see the token. Call it inside the
+/// runtime; the task it spawns ends with the first signal.
+fn cancel_on_signals(token: CancellationToken, doing: &'static str) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    let (Ok(mut term), Ok(mut int)) = (term, int) else {
+        tracing::warn!("cannot listen for SIGTERM/SIGINT; stop this process with `pomelo-rs stop`");
+        return;
+    };
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: {doing}"),
+            _ = int.recv() => tracing::info!("SIGINT: {doing}"),
+        }
+        token.cancel();
+    });
 }

@@ -3,7 +3,6 @@
 //! `main` parses flags, sets up logging and maps errors to exit codes; everything else lives in the
 //! crates (`pomelo-master`, `pomelo-worker`, `pomelo-dashboard`) and in [`commands`].
 
-mod client;
 mod commands;
 
 use std::path::PathBuf;
@@ -111,8 +110,8 @@ fn main() -> ExitCode {
                 eprint!(": {cause}");
             }
             eprintln!();
-            if e.downcast_ref::<client::NoMaster>().is_some() {
-                ExitCode::from(client::NO_MASTER as u8)
+            if e.downcast_ref::<pomelo_master::admin_client::NoMaster>().is_some() {
+                ExitCode::from(pomelo_master::admin_client::NO_MASTER as u8)
             } else if e.downcast_ref::<pomelo_proto::config::ConfigErrors>().is_some() {
                 ExitCode::from(2)
             } else {

@@ -1,17 +1,18 @@
 //! A real cluster for a test: the `pomelo-rs` binary started from a temp dir with its own servers.yaml.
 //!
 //! Everything a test starts is killed when its [`Cluster`] drops: the master by pid, and every worker
-//! whose environment names this cluster's temp dir (found through /proc), so nothing outlives a test,
+//! whose environment names this cluster's temp dir (found through `pomelo_master::procstat`), so nothing outlives a test,
 //! and nothing another test (or a person) started is touched.
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pomelo_master::admin_client::{self, RequestError};
+use pomelo_master::procstat;
 use serde_json::Value;
 
 pub fn bin() -> PathBuf {
@@ -149,13 +150,12 @@ impl Cluster {
     pub fn worker_pids(&self) -> Vec<u32> {
         let needle = self.dir.path().to_string_lossy().to_string();
         let mut out = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        for pid in procstat::pids() {
             if !alive(pid) {
                 continue;
             }
-            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-            if String::from_utf8_lossy(&env).contains(&needle) {
+            let Some(env) = procstat::environ(pid) else { continue };
+            if env.values().any(|v| v.to_string_lossy().contains(&needle)) {
                 out.push(pid);
             }
         }
@@ -197,22 +197,19 @@ pub fn signal(pid: u32, sig: i32) {
 }
 
 /// Alive and not a zombie.
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, r)| !r.trim_start().starts_with('Z')))
-        .unwrap_or(false)
-}
+pub use pomelo_master::procstat::alive;
 
+/// One request to the admin API (or any HTTP port) through the CLI's admin client; (status, body), the
+/// body de-chunked.
 pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
-    let (status, head, body) = request(addr, method, path, &headers, "");
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+    let (status, _, body) = request(addr, method, path, &headers, "");
     (status, body)
 }
 
-/// One request with arbitrary headers: (status, head, body). The body is read to the end (Connection: close).
+/// One request with arbitrary headers: (status, head, body). The body is read to the end (Connection: close)
+/// and de-chunked; an answer that is not HTTP gives status 0.
 pub fn request(
     addr: SocketAddr,
     method: &str,
@@ -220,34 +217,11 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to admin");
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).expect("write");
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, head.to_string(), body.to_string())
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
+    match admin_client::request(addr, method, path, headers, body) {
+        Ok(r) => (r.status, r.head, r.body),
+        Err(RequestError::Malformed) => (0, String::new(), String::new()),
+        Err(e) => panic!("{method} {path} to {addr}: {e}"),
     }
-    out
 }
 
 pub fn path_str(p: &Path) -> String {

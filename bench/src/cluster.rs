@@ -1,56 +1,28 @@
-//! The cluster under test, seen from outside: its master's admin API (address in `.pomelo/master.json`,
-//! bearer token in `.pomelo/admin-token`) for the gate's address and every server's pid, state and stats,
-//! and `/proc` for CPU time and RSS of any pid. Blocking std I/O with timeouts; no tasks.
+//! The cluster under test, seen from outside: its master's admin API (through
+//! `pomelo_master::admin_client`) for the gate's address and every server's pid, state and stats,
+//! and CPU time and RSS of any pid through `pomelo_master::procstat`. Blocking std I/O with timeouts; no tasks.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::path::Path;
 
-use anyhow::{anyhow, bail};
-use pomelo_master::runstate;
-use pomelo_proto::config::{Topology, DEFAULT_ENV};
+use anyhow::{anyhow, Context};
+use pomelo_master::{admin_client, procstat};
 use serde::Serialize;
 use serde_json::Value;
 
-/// A running cluster's admin endpoint.
-#[derive(Debug, Clone)]
-pub struct Admin {
-    pub addr: SocketAddr,
-    pub token: String,
+/// A running cluster's admin endpoint: the admin client the CLI uses.
+pub type Admin = admin_client::Master;
+
+/// The master running for `config`: its address from `master.json` in `run_dir`, its token found as the
+/// CLI finds it (`adminToken` in servers.yaml, `POMELO_ADMIN_TOKEN`, then the run directory's file).
+pub fn admin(config: &Path, run_dir: &Path) -> anyhow::Result<Admin> {
+    admin_client::in_run_dir(config, run_dir)
+        .with_context(|| format!("cannot find the cluster's master (run directory {})", run_dir.display()))
 }
 
-impl Admin {
-    /// The master running for `config`: its address from `master.json` in `run_dir`, its token found as
-    /// the CLI finds it (`adminToken` in servers.yaml, `POMELO_ADMIN_TOKEN`, then the run directory's file).
-    pub fn of(config: &Path, run_dir: &Path) -> anyhow::Result<Admin> {
-        let master = runstate::read_master(run_dir).ok_or_else(|| {
-            anyhow!("no master.json in {}: is a cluster running for {}?", run_dir.display(), config.display())
-        })?;
-        let topology = Topology::load(config, DEFAULT_ENV).ok();
-        let token = runstate::admin_token(topology.as_ref(), run_dir, false)?;
-        Ok(Admin { addr: master.admin_addr, token })
-    }
-
-    /// `GET path` → JSON body (HTTP/1.0, so the body is never chunked).
-    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n", self.addr, self.token);
-        s.write_all(req.as_bytes())?;
-        let mut raw = Vec::new();
-        s.take(64 << 20).read_to_end(&mut raw)?;
-        let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no HTTP head"))?;
-        let head = String::from_utf8_lossy(&raw[..head_end]);
-        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-            bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
-        }
-        Ok(serde_json::from_slice(&raw[head_end + 4..])?)
-    }
-
-    pub fn servers(&self) -> anyhow::Result<Value> {
-        self.get("/api/servers")
-    }
+/// `/api/servers`.
+pub fn servers(admin: &Admin) -> anyhow::Result<Value> {
+    admin.get("/api/servers")
 }
 
 /// One process of the cluster.
@@ -98,20 +70,6 @@ pub fn gate_addr(view: &Value) -> anyhow::Result<SocketAddr> {
     Ok(addr.parse()?)
 }
 
-fn ticks_per_sec() -> f64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-        Ok(Some(t)) if t > 0 => t as f64,
-        _ => 100.0,
-    }
-}
-
-fn page_size() -> u64 {
-    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
-        Ok(Some(p)) if p > 0 => p as u64,
-        _ => 4096,
-    }
-}
-
 /// CPU seconds (user + system) and RSS bytes of a pid; `None` once it is gone.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Usage {
@@ -120,15 +78,7 @@ pub struct Usage {
 }
 
 pub fn usage(pid: u32) -> Option<Usage> {
-    let stat = std::fs::read_to_string(PathBuf::from(format!("/proc/{pid}/stat"))).ok()?;
-    // Fields after the command name (which may hold spaces) start at the state, field 3.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let rss_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(Usage { cpu_secs: (utime + stime) / ticks_per_sec(), rss_bytes: rss_pages * page_size() })
+    procstat::sample(pid).map(|s| Usage { cpu_secs: s.cpu_seconds, rss_bytes: s.rss_bytes })
 }
 
 /// Summed usage of several pids (missing ones count zero).
@@ -139,17 +89,8 @@ pub fn total(pids: impl IntoIterator<Item = u32>) -> Usage {
     })
 }
 
-/// Busy and total CPU seconds of the whole machine, from the first line of `/proc/stat`.
-pub fn machine_cpu() -> (f64, f64) {
-    let Some(line) = std::fs::read_to_string("/proc/stat").ok().and_then(|s| s.lines().next().map(String::from)) else {
-        return (0.0, 0.0);
-    };
-    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let total: f64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
-    let t = ticks_per_sec();
-    ((total - idle) / t, total / t)
-}
+/// Busy and total CPU seconds of the whole machine.
+pub use pomelo_master::procstat::machine_cpu;
 
 /// `nproc` and MemTotal, for the report.
 pub fn machine() -> Value {

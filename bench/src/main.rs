@@ -8,7 +8,8 @@
 //!
 //! Modules: [`spec`] what a run does; [`connect`], [`client`], [`inbound`] and [`wire`] one simulated user;
 //! [`shard`] a generator process; [`track`] counting; [`orchestrate`] the conductor; [`cluster`] the
-//! admin API and `/proc`; [`report`] the figures; [`summary`] the figures against the bar.
+//! cluster seen through `pomelo_master::admin_client` and `pomelo_master::procstat`; [`report`] the
+//! figures; [`summary`] the figures against the bar.
 
 mod client;
 mod cluster;
@@ -57,7 +58,7 @@ impl Target {
     }
 
     fn admin(&self) -> anyhow::Result<cluster::Admin> {
-        cluster::Admin::of(&self.config, &self.run_dir())
+        cluster::admin(&self.config, &self.run_dir())
     }
 }
 

@@ -139,7 +139,7 @@ impl Sampler {
 pub fn wait_running(admin: &Admin) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let view = admin.servers();
+        let view = cluster::servers(admin);
         if let Ok(v) = &view {
             if cluster::not_running(v).is_empty() && cluster::gate_addr(v).is_ok() {
                 return Ok(v.clone());
@@ -264,7 +264,7 @@ fn drive(
     }
     let after = sampler.servers();
     let gen_total = sampler.gens().cpu_secs - gen_start.cpu_secs;
-    let view_end = admin.servers().unwrap_or(Value::Null);
+    let view_end = cluster::servers(admin).unwrap_or(Value::Null);
     tell(gens, "finish");
     let fin_reports = collect(rx, n, "final", Duration::from_secs(30))?;
     let fin = merged_counts(&fin_reports);

@@ -1,15 +1,16 @@
 //! The client side of Pomelo's protocol, as cheap as a load generator needs it.
 //!
 //! Outgoing packages are built with `pomelo_proto::wire` (handshake, ACK, heartbeat, requests). Incoming
-//! bytes are split into packages by [`next_package`] over a plain slice, and DATA bodies are classified
-//! by [`classify`] without allocating: a response is its id and body, a push its route and body. The
+//! bytes are parsed by the server's own decoder in its borrowed form, so nothing is allocated and the
+//! bench measures the parser the server uses: [`next_package`] is `wire::package::peek` over a plain
+//! slice, and [`classify`] sorts what `Message::peek` reads: a response is its id and body, a push its
+//! route and body. The
 //! message content carries `sender.seq.step.timestamp_us.` and [`parse_chat`] reads those four numbers
 //! straight out of the `onChat` JSON, which the chat server writes with `msg` first. No I/O here.
 
 use bytes::Bytes;
-use pomelo_proto::wire::{package, Message, PackageType, Route};
+use pomelo_proto::wire::{package, Message, MessageRef, MessageType, PackageType, Route, RouteRef};
 
-pub const HEADER: usize = 4;
 pub const GATE_ROUTE: &str = "gate.gateHandler.queryEntry";
 pub const ENTER_ROUTE: &str = "connector.entryHandler.enter";
 pub const SEND_ROUTE: &str = "chat.chatHandler.send";
@@ -45,18 +46,8 @@ pub struct Pkg<'a> {
 
 /// The next whole package in `buf` and the bytes it took; `Ok(None)` if more bytes are needed.
 pub fn next_package(buf: &[u8]) -> Result<Option<(Pkg<'_>, usize)>, String> {
-    let Some(h) = buf.get(..HEADER) else { return Ok(None) };
-    if !(1..=5).contains(&h[0]) {
-        return Err(format!("unknown package type {}", h[0]));
-    }
-    let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
-    if len > MAX_BODY {
-        return Err(format!("package of {len} bytes"));
-    }
-    match buf.get(HEADER..HEADER + len) {
-        Some(body) => Ok(Some((Pkg { kind: h[0], body }, HEADER + len))),
-        None => Ok(None),
-    }
+    let peeked = package::peek(buf, MAX_BODY).map_err(|e| e.to_string())?;
+    Ok(peeked.map(|(p, n)| (Pkg { kind: p.kind.as_u8(), body: p.body }, n)))
 }
 
 /// A DATA body, classified.
@@ -76,29 +67,12 @@ pub enum Data<'a> {
 }
 
 pub fn classify(body: &[u8]) -> Data<'_> {
-    let Some((&flag, rest)) = body.split_first() else { return Data::Other };
-    match (flag >> 1) & 0x07 {
-        2 => {
-            let mut id: u32 = 0;
-            for (i, &b) in rest.iter().enumerate().take(5) {
-                id |= u32::from(b & 0x7f) << (7 * i);
-                if b & 0x80 == 0 {
-                    return Data::Response { id, body: &rest[i + 1..] };
-                }
-            }
-            Data::Other
-        }
-        3 if flag & 1 == 1 => match rest {
-            [a, b, body @ ..] => Data::Push { route: &[], code: Some(u16::from_be_bytes([*a, *b])), body },
-            _ => Data::Other,
+    match Message::peek(body) {
+        Ok(MessageRef { kind: MessageType::Response, id, body, .. }) => Data::Response { id, body },
+        Ok(MessageRef { kind: MessageType::Push, route: Some(route), body, .. }) => match route {
+            RouteRef::Plain(r) => Data::Push { route: r.as_bytes(), code: None, body },
+            RouteRef::Code(c) => Data::Push { route: &[], code: Some(c), body },
         },
-        3 => {
-            let Some((&n, rest)) = rest.split_first() else { return Data::Other };
-            match (rest.get(..n as usize), rest.get(n as usize..)) {
-                (Some(route), Some(body)) => Data::Push { route, code: None, body },
-                _ => Data::Other,
-            }
-        }
         _ => Data::Other,
     }
 }

@@ -106,23 +106,8 @@ pub fn signal_group(pid: u32, sig: Signal) {
     }
 }
 
-/// Whether `pid` is alive and not a zombie.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the field after the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')).unwrap_or(false),
-        Err(_) => false,
-    }
-}
-
-/// The command line of `pid`, split at NULs.
-pub fn cmdline(pid: u32) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            b.split(|c| *c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
-        })
-        .unwrap_or_default()
-}
+// The /proc readers live in `procstat`; these names stay for the callers that know them from here.
+pub use crate::procstat::{alive, cmdline};
 
 /// Whether `pid` is a pomelo-rs worker for server `id`.
 pub fn is_worker(pid: u32, id: &str) -> bool {

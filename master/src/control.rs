@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use pomelo_proto::control::{BoundAddrs, ServerType, Stats, ToMaster, ToWorker};
-use pomelo_proto::framing::JsonFramed;
+use pomelo_proto::link::{self, JsonFramed};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -56,28 +56,18 @@ pub async fn listen(
     shutdown: CancellationToken,
 ) {
     let mut next_conn = 0u64;
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("control port accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let stop = shutdown.clone();
+    link::accept_loop(listener, shutdown, "control port", |stream, peer| {
         next_conn += 1;
-        let events = events.clone();
-        let shutdown = shutdown.clone();
+        let (conn, events, shutdown) = (next_conn, events.clone(), stop.clone());
         tasks.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve(stream, peer, next_conn, events) => {}
+                _ = serve(stream, peer, conn, events) => {}
             }
         });
-    }
+    })
+    .await;
 }
 
 async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, events: mpsc::Sender<LinkEvent>) {

@@ -16,7 +16,11 @@
 //! Shutdown: one token tree (the listener and triggers get a child token, cancelled once the supervisor
 //! has stopped every server) and one [`TaskTracker`] for every task the master starts (control links,
 //! triggers, child pumps and waits); its drain is bounded by [`DRAIN`] and warns when that expires.
+//!
+//! Shared with the CLI, the bench and the tests: [`admin_client`] (find a running master, call its API)
+//! and [`procstat`] (the only reader of `/proc`).
 
+pub mod admin_client;
 pub mod child;
 pub mod command;
 pub mod control;

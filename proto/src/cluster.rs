@@ -1,7 +1,7 @@
 //! Cluster RPC between connectors and chat servers.
 //!
-//! One TCP link per connector–chat pair, opened by the connector, framed by a size-capped
-//! `LengthDelimitedCodec`. A frame's first byte says what follows:
+//! One TCP link per connector–chat pair, opened by the connector, framed by
+//! [`crate::link::cluster_codec`]. A frame's first byte says what follows:
 //!
 //! - `J` + JSON: a [`ToChat`] (connector → chat) or [`FromChat`] (chat → connector) message;
 //! - `D` + binary: a delivery, chat → connector: `u32 n | n × u64 session id | payload`, where the payload
@@ -11,8 +11,11 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-/// Largest cluster frame: a delivery to every session of a big room with a large message fits.
-pub const MAX_FRAME: usize = 8 << 20;
+/// What [`decode`] fails with: the one frame error of every link.
+pub use crate::link::FrameError;
+/// The cluster frame cap, [`crate::link::CLUSTER_MAX_FRAME`], under the name the worker's two link sites
+/// still use while they build their codec by hand instead of calling [`crate::link::cluster_codec`].
+pub use crate::link::CLUSTER_MAX_FRAME as MAX_FRAME;
 
 /// One member of a room as the connector knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,18 +85,6 @@ pub enum ChatError {
 pub enum Frame<T> {
     Msg(T),
     Deliver { sessions: Vec<u64>, payload: Bytes },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    #[error("empty frame")]
-    Empty,
-    #[error("unknown frame tag {0:#04x}")]
-    Tag(u8),
-    #[error("truncated delivery frame")]
-    Truncated,
-    #[error("malformed message: {0}")]
-    Json(#[from] serde_json::Error),
 }
 
 pub fn encode_msg<T: Serialize>(msg: &T) -> Bytes {

@@ -1,6 +1,6 @@
 //! Messages on the control link between the master and each worker.
 //!
-//! One TCP connection per worker, framed by [`crate::framing`]. The worker speaks first with
+//! One TCP connection per worker, framed by [`crate::link::JsonFramed`]. The worker speaks first with
 //! [`ToMaster::Register`]; the master answers [`ToWorker::Welcome`] or [`ToWorker::Rejected`], then sends the
 //! live [`Membership`] and every change to it. The worker sends [`ToMaster::Heartbeat`] with its stats every
 //! heartbeat interval; a master that hears nothing for the heartbeat timeout treats the worker as hung.

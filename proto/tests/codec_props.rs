@@ -1,5 +1,6 @@
 //! Property tests of `pomelo_proto::wire`: decoding is total (random and truncated bytes never panic)
-//! and encode → decode round-trips for packages, messages and several packages in one buffer.
+//! and encode → decode round-trips for packages, messages and several packages in one buffer; the
+//! borrowed `package::peek` splits random bytes exactly as the streaming decoder does.
 
 use bytes::{Bytes, BytesMut};
 use pomelo_proto::wire::handshake::HandshakeRequest;
@@ -57,6 +58,14 @@ proptest! {
         let _ = Message::decode(&Bytes::from(bytes.clone()));
         let _ = HandshakeRequest::parse(&bytes);
         let _ = dec.decode_all(&bytes);
+        // The borrowed peek sees exactly what the decoder splits off, package after package.
+        let mut at = 0;
+        for p in &pkgs {
+            let (r, n) = package::peek(&bytes[at..], cap).expect("peek agrees").expect("whole");
+            prop_assert_eq!((r.kind, r.body), (p.kind, &p.body[..]));
+            at += n;
+        }
+        prop_assert!(!matches!(package::peek(&bytes[at..], cap), Ok(Some(_))));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use pomelo_proto::config::WorkerSpec;
 use pomelo_proto::control::{BoundAddrs, Membership, Stats, ToMaster, ToWorker};
-use pomelo_proto::framing::JsonFramed;
+use pomelo_proto::link::JsonFramed;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

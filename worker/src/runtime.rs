@@ -2,8 +2,9 @@
 //!
 //! [`run`] binds the server's listeners (ports may be 0; the bound addresses are registered), starts the
 //! role's tasks under one [`CancellationToken`], and runs the control link until the master says stop, the
-//! master refuses it, it is orphaned, or SIGTERM/SIGINT arrives. Then it cancels the token (frontends
-//! kick their clients with a reason) and waits for the role's tasks, at most [`DRAIN`].
+//! master refuses it, it is orphaned, or the caller's `stop` token is cancelled (the binary cancels it on
+//! SIGTERM/SIGINT). Then it cancels the role's token (frontends kick their clients with a reason) and waits
+//! for the role's tasks, at most [`DRAIN`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +14,6 @@ use anyhow::Context;
 use pomelo_proto::config::WorkerSpec;
 use pomelo_proto::control::{BoundAddrs, Membership};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,8 +36,8 @@ pub struct RoleContext {
     pub tasks: TaskTracker,
 }
 
-/// Runs the worker; `Ok` with the reason it stopped.
-pub async fn run(spec: WorkerSpec, token: String) -> anyhow::Result<Exit> {
+/// Runs the worker until the master stops it or `stop` is cancelled; `Ok` with the reason it stopped.
+pub async fn run(spec: WorkerSpec, token: String, stop: CancellationToken) -> anyhow::Result<Exit> {
     let s = &spec.server;
     let bind_ip: std::net::IpAddr = s.host.parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     let rpc = match s.port {
@@ -68,20 +68,8 @@ pub async fn run(spec: WorkerSpec, token: String) -> anyhow::Result<Exit> {
     };
     let stats: Vec<StatsSource> = roles::start(ctx).await?;
 
-    let signals = shutdown.child_token();
-    let link_stop = signals.clone();
-    tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        }
-        link_stop.cancel();
-    });
     let link = control::Link { spec: &spec, token: &token, addrs, membership: membership_tx, stats };
-    let exit = control::run(link, signals).await;
+    let exit = control::run(link, stop).await;
     match &exit {
         Exit::Stop(reason) => tracing::info!("the master asked to stop: {reason}"),
         Exit::Rejected(reason) => tracing::error!("the master refused this worker: {reason}"),

@@ -1,12 +1,21 @@
 //! `servers.yaml`: the schema, its validation, and the validated [`Topology`] the master runs.
 //!
 //! Loading is two stages, as linkerd2-proxy and Horust do it: the text is parsed into YAML values, then
-//! [`parse`] walks them, collecting *every* problem (unknown keys, missing fields, bad durations, duplicate
+//! `parse` walks them, collecting *every* problem (unknown keys, missing fields, bad durations, duplicate
 //! ids and ports) with its line, before anything binds or spawns. A file with any problem yields
 //! [`ConfigErrors`] and no topology; the caller changes nothing.
+//!
+//! - `parse`: the document walk (root keys, environments, which one is selected);
+//! - `schema`: one table row per key, and the defaults;
+//! - `walk`: the shared `Ctx` (problems with lines, key checks with "did you mean", value coercions);
+//! - `rules`: the checks across keys (master timings, unique ids and ports);
+//! - `locate`: from a path such as `servers.chat[1].port` to its line.
 
 mod locate;
 mod parse;
+mod rules;
+mod schema;
+mod walk;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -2,7 +2,8 @@
 //! `flag:1 | [id: base-128 LE varint] | [route] | body`.
 //!
 //! Pure encode/decode, no I/O. Decoding is total: any byte string gives a [`Message`] or a
-//! [`MessageError`], never a panic.
+//! [`MessageError`], never a panic. [`Message::peek`] is the decoder itself, borrowing: a [`MessageRef`]
+//! into the caller's bytes with no allocation; [`Message::decode`] owns what it returns.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -49,6 +50,32 @@ impl MessageType {
 pub enum Route {
     Plain(String),
     Code(u16),
+}
+
+/// A route borrowed from the bytes it was decoded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteRef<'a> {
+    Plain(&'a str),
+    Code(u16),
+}
+
+impl RouteRef<'_> {
+    pub fn to_owned(self) -> Route {
+        match self {
+            RouteRef::Plain(s) => Route::Plain(s.to_owned()),
+            RouteRef::Code(c) => Route::Code(c),
+        }
+    }
+}
+
+/// A message borrowed from the DATA body it was decoded from; the fields are [`Message`]'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRef<'a> {
+    pub kind: MessageType,
+    pub id: u32,
+    pub route: Option<RouteRef<'a>>,
+    pub gzip: bool,
+    pub body: &'a [u8],
 }
 
 /// One message. `route` is `None` exactly for responses.
@@ -165,7 +192,20 @@ impl Message {
 
     /// Decodes a DATA package body. The returned body shares `buf`'s memory.
     pub fn decode(buf: &Bytes) -> Result<Message, MessageError> {
-        let bytes = &buf[..];
+        let m = Message::peek(buf)?;
+        let at = buf.len() - m.body.len();
+        Ok(Message {
+            kind: m.kind,
+            id: m.id,
+            route: m.route.map(RouteRef::to_owned),
+            gzip: m.gzip,
+            body: buf.slice(at..),
+        })
+    }
+
+    /// Decodes a DATA package body without allocating: everything borrows from `bytes`.
+    #[inline]
+    pub fn peek(bytes: &[u8]) -> Result<MessageRef<'_>, MessageError> {
         let (&flag, rest) = bytes.split_first().ok_or(MessageError::Empty)?;
         let kind_bits = (flag >> 1) & 0x07;
         let kind = MessageType::from_bits(kind_bits).ok_or(MessageError::UnknownType(kind_bits))?;
@@ -181,17 +221,18 @@ impl Message {
             let rest = bytes.get(pos..).unwrap_or_default();
             if flag & FLAG_COMPRESS_ROUTE != 0 {
                 let code = rest.get(..2).ok_or(MessageError::TruncatedRoute)?;
-                route = Some(Route::Code(u16::from_be_bytes([code[0], code[1]])));
+                route = Some(RouteRef::Code(u16::from_be_bytes([code[0], code[1]])));
                 pos += 2;
             } else {
                 let (&len, rest) = rest.split_first().ok_or(MessageError::TruncatedRoute)?;
                 let raw = rest.get(..len as usize).ok_or(MessageError::TruncatedRoute)?;
                 let s = std::str::from_utf8(raw).map_err(|_| MessageError::RouteNotUtf8)?;
-                route = Some(Route::Plain(s.to_owned()));
+                route = Some(RouteRef::Plain(s));
                 pos += 1 + len as usize;
             }
         }
-        Ok(Message { kind, id, route, gzip: flag & FLAG_GZIP != 0, body: buf.slice(pos.min(buf.len())..) })
+        let body = bytes.get(pos..).unwrap_or_default();
+        Ok(MessageRef { kind, id, route, gzip: flag & FLAG_GZIP != 0, body })
     }
 }
 
@@ -215,6 +256,7 @@ pub fn put_varint(out: &mut BytesMut, mut v: u32) {
 }
 
 /// Reads a varint of at most 5 bytes; returns the value and the bytes used.
+#[inline]
 pub fn read_varint(bytes: &[u8]) -> Result<(u32, usize), MessageError> {
     let mut v: u64 = 0;
     for (i, &b) in bytes.iter().take(MAX_ID_BYTES).enumerate() {

@@ -1,7 +1,9 @@
 //! Pomelo's client protocol, byte for byte (pomelo-protocol 0.1.6 and the hybrid connector).
 //!
-//! - [`package`]: `type | u24 length | body` packages and a streaming, size-capped decoder.
-//! - [`message`]: the DATA body: flag, varint id, plain or dictionary-coded route, body.
+//! - [`package`]: `type | u24 length | body` packages, a streaming, size-capped decoder, and a borrowed
+//!   [`package::peek`].
+//! - [`message`]: the DATA body: flag, varint id, plain or dictionary-coded route, body; owned
+//!   ([`Message::decode`]) or borrowed ([`Message::peek`]).
 //! - [`handshake`]: the client's request and the server's reply, with Pomelo's key order.
 //! - [`dictionary`]: route ↔ code table and its `dictVersion`.
 //! - [`digest`]: the MD5 and base64 behind `dictVersion`.
@@ -20,8 +22,8 @@ use bytes::Bytes;
 use serde::Serialize;
 
 pub use dictionary::Dictionary;
-pub use message::{Message, MessageError, MessageType, Route};
-pub use package::{Decoded, Package, PackageDecoder, PackageError, PackageType};
+pub use message::{Message, MessageError, MessageRef, MessageType, Route, RouteRef};
+pub use package::{Decoded, Package, PackageDecoder, PackageError, PackageRef, PackageType};
 
 /// `{"reason":"..."}` as a KICK package.
 pub fn kick(reason: &str) -> Bytes {

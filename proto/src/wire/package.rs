@@ -2,7 +2,9 @@
 //!
 //! Pure functions and a streaming [`PackageDecoder`] over a `BytesMut`; no I/O, no tasks. The decoder
 //! checks the declared length against its cap *before* it reserves or splits anything, so a peer cannot
-//! make the process allocate more than the cap per connection.
+//! make the process allocate more than the cap per connection. [`peek`] reads the same header with the
+//! same checks ([`peek_header`]) but only borrows: a [`PackageRef`] into the caller's slice, no allocation
+//! (the load generator parses every package it receives with it).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -96,6 +98,40 @@ pub fn empty(kind: PackageType) -> Bytes {
     Bytes::copy_from_slice(&[kind.as_u8(), 0, 0, 0])
 }
 
+/// A package borrowed from the buffer it was found in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackageRef<'a> {
+    pub kind: PackageType,
+    pub body: &'a [u8],
+}
+
+/// The type and body length the header at the front of `buf` declares, the length checked against
+/// `max_body`; `Ok(None)` while the header is incomplete (the type is checked as soon as it is there,
+/// so garbage is refused early).
+#[inline]
+pub fn peek_header(buf: &[u8], max_body: usize) -> Result<Option<(PackageType, usize)>, PackageError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
+        if let Some(&t) = buf.first() {
+            PackageType::from_u8(t).ok_or(PackageError::UnknownType(t))?;
+        }
+        return Ok(None);
+    };
+    let kind = PackageType::from_u8(header[0]).ok_or(PackageError::UnknownType(header[0]))?;
+    let len = u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
+    if len > max_body {
+        return Err(PackageError::TooLarge { len, max: max_body });
+    }
+    Ok(Some((kind, len)))
+}
+
+/// The whole package at the front of `buf`, borrowed, and the bytes it takes; `Ok(None)` if more bytes
+/// are needed. The checks are [`PackageDecoder::decode`]'s.
+#[inline]
+pub fn peek(buf: &[u8], max_body: usize) -> Result<Option<(PackageRef<'_>, usize)>, PackageError> {
+    let Some((kind, len)) = peek_header(buf, max_body.min(MAX_BODY_LEN))? else { return Ok(None) };
+    Ok(buf.get(HEADER_LEN..HEADER_LEN + len).map(|body| (PackageRef { kind, body }, HEADER_LEN + len)))
+}
+
 /// Result of one decoding step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decoded {
@@ -130,18 +166,7 @@ impl PackageDecoder {
     /// Decodes the next package. On an error the buffer is left as it was; the caller should drop the
     /// connection, since the stream can no longer be framed.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Decoded, PackageError> {
-        let Some(header) = buf.get(..HEADER_LEN) else {
-            // Check the type as soon as it is there, so garbage is refused early.
-            if let Some(&t) = buf.first() {
-                PackageType::from_u8(t).ok_or(PackageError::UnknownType(t))?;
-            }
-            return Ok(Decoded::NeedMore);
-        };
-        let kind = PackageType::from_u8(header[0]).ok_or(PackageError::UnknownType(header[0]))?;
-        let len = u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
-        if len > self.max_body {
-            return Err(PackageError::TooLarge { len, max: self.max_body });
-        }
+        let Some((kind, len)) = peek_header(buf, self.max_body)? else { return Ok(Decoded::NeedMore) };
         if buf.len() < HEADER_LEN + len {
             // Reserve at most the declared (already capped) length, so reads land in one buffer.
             buf.reserve(HEADER_LEN + len - buf.len());
@@ -191,6 +216,26 @@ mod tests {
         let b = encode(PackageType::Kick, br#"{"reason":"kick"}"#).unwrap();
         assert_eq!(&b[..4], &[0x05, 0x00, 0x00, 0x11]);
         assert_eq!(&b[4..], br#"{"reason":"kick"}"#);
+    }
+
+    #[test]
+    fn peek_borrows_what_decode_splits() {
+        let mut buf = BytesMut::new();
+        encode_into(&mut buf, PackageType::Heartbeat, b"").unwrap();
+        encode_into(&mut buf, PackageType::Data, b"abc").unwrap();
+        buf.extend_from_slice(&[4, 0, 0]);
+        let (p, n) = peek(&buf, 16).unwrap().unwrap();
+        assert_eq!((p.kind, p.body, n), (PackageType::Heartbeat, &b""[..], 4));
+        let (p, n2) = peek(&buf[n..], 16).unwrap().unwrap();
+        assert_eq!((p.kind, p.body, n2), (PackageType::Data, &b"abc"[..], 7));
+        assert_eq!(peek(&buf[n + n2..], 16).unwrap(), None, "a partial header needs more");
+        assert_eq!(peek(&[4, 0, 0, 5, b'x'], 16).unwrap(), None, "a partial body needs more");
+        assert_eq!(peek(&[9], 16), Err(PackageError::UnknownType(9)));
+        assert_eq!(peek(&[4, 0, 0, 17], 16), Err(PackageError::TooLarge { len: 17, max: 16 }));
+        let mut d = BytesMut::from(&buf[..]);
+        let decoder = PackageDecoder::new(16);
+        assert_eq!(decoder.decode(&mut d).unwrap(), Decoded::Package(Package::new(PackageType::Heartbeat, "")));
+        assert_eq!(decoder.decode(&mut d).unwrap(), Decoded::Package(Package::new(PackageType::Data, "abc")));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The hybrid frontend server: one client port serving Pomelo's protocol over WebSocket and raw TCP,
 //! plus plain HTTP `GET` answered by the handler.
 //!
-//! [`serve`] owns the accept loop. Each accepted socket gets a connection task (`conn.rs`: protocol
+//! [`serve`] runs the accept loop (`pomelo_proto::link::accept_loop`). Each accepted socket gets a connection task (`conn.rs`: protocol
 //! state machine, timers, handler futures) and a writer task draining the session's bounded queue.
 //! Sockets beyond `max_connections` are closed at once and counted. Shutdown: when the token is
 //! cancelled the loop stops accepting, every connection kicks its client with "server shutting down"
@@ -36,6 +36,7 @@ pub use metrics::FrontendMetrics;
 pub use queue::PushError;
 pub use session::{BindError, CloseReason, Session, Sessions};
 
+use pomelo_proto::link;
 use pomelo_proto::wire::PackageDecoder;
 
 #[derive(Debug, thiserror::Error)]
@@ -90,25 +91,12 @@ pub async fn serve_with(
     let local = listener.local_addr().ok();
     let mut refusals = Refusals::default();
     tracing::info!(addr = ?local, "frontend listening (websocket and tcp)");
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Usually EMFILE; back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    link::accept_loop(listener, shutdown.clone(), "frontend", |stream, peer| {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             metrics::inc(&metrics.refused_total);
             refusals.refused(peer, shared.config.max_connections);
             drop(stream);
-            continue;
+            return;
         };
         metrics::inc(&metrics.connections_total);
         metrics::inc(&metrics.connections);
@@ -118,8 +106,8 @@ pub async fn serve_with(
             let _slot = Slot { _permit: permit, metrics };
             conn::run(stream, peer, shared, shutdown, force).await;
         });
-    }
-    drop(listener);
+    })
+    .await;
     tracker.close();
     let live = shared.sessions.count();
     tracing::info!(sessions = live, "frontend shutting down: kicking every session");

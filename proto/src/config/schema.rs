@@ -1,0 +1,286 @@
+//! The keys of `servers.yaml`, one table row per key: its name and how its value is read into the
+//! settings. The defaults are here too ([`default_master`], [`default_server`]), so adding a key is one
+//! row (plus its default). The allowed-key lists behind "unknown key, did you mean" are the tables'
+//! names, in table order. Pure; every problem goes to the [`Ctx`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_yaml::Value;
+
+use super::locate::Seg;
+use super::walk::{child, describe, item, set, Ctx};
+use super::{LogConfig, MasterConfig, RestartPolicy, ServerSpec};
+use crate::control::ServerType;
+
+pub(super) const ROOT_KEYS: &[&str] = &["master", "servers", "environments"];
+pub(super) const ENV_KEYS: &[&str] = &["master", "servers"];
+
+/// One key: its name, and how its value (at the path given) is read into `T`.
+struct Row<T>(&'static str, fn(&mut Ctx, &mut T, &Value, &[Seg]));
+
+/// Reads the mapping `value` into `target` through `rows`; unknown keys are reported with a suggestion.
+fn apply<T>(ctx: &mut Ctx, target: &mut T, value: &Value, path: &[Seg], rows: &[Row<T>]) {
+    let names: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    for (key, v) in ctx.entries(value, path, &names) {
+        if let Some(row) = rows.iter().find(|r| r.0 == key) {
+            (row.1)(ctx, target, v, &child(path, &key));
+        }
+    }
+}
+
+const MASTER: &[Row<MasterConfig>] = &[
+    Row("host", |c, m, v, p| set(&mut m.host, c.string(v, p))),
+    Row("controlPort", |c, m, v, p| set(&mut m.control_port, c.port(v, p))),
+    Row("admin", |c, m, v, p| {
+        if let Some(s) = c.string(v, p) {
+            match s.parse::<SocketAddr>() {
+                Ok(a) => m.admin = a,
+                Err(_) => c.err(p, format!("`{s}` is not an address; write e.g. `127.0.0.1:7001`")),
+            }
+        }
+    }),
+    Row("adminToken", |c, m, v, p| {
+        if let Some(s) = c.string(v, p) {
+            if s.len() < 16 {
+                c.err(p, "an admin token must be at least 16 characters");
+            } else {
+                m.admin_token = Some(s);
+            }
+        }
+    }),
+    Row("restart", |c, m, v, p| apply(c, &mut m.restart, v, p, RESTART)),
+    Row("stopGrace", |c, m, v, p| set(&mut m.stop_grace, c.duration(v, p))),
+    Row("heartbeatInterval", |c, m, v, p| set(&mut m.heartbeat_interval, c.duration(v, p))),
+    Row("heartbeatTimeout", |c, m, v, p| set(&mut m.heartbeat_timeout, c.duration(v, p))),
+    Row("startTimeout", |c, m, v, p| set(&mut m.start_timeout, c.duration(v, p))),
+    Row("orphanTimeout", |c, m, v, p| set(&mut m.orphan_timeout, c.duration(v, p))),
+    Row("logs", |c, m, v, p| apply(c, &mut m.logs, v, p, LOGS)),
+    Row("runDir", |c, m, v, p| set(&mut m.run_dir, c.string(v, p).map(PathBuf::from))),
+];
+
+const RESTART: &[Row<RestartPolicy>] = &[
+    Row("backoffInitial", |c, r, v, p| set(&mut r.backoff_initial, c.duration(v, p))),
+    Row("backoffMultiplier", |c, r, v, p| match v.as_f64() {
+        Some(x) if (1.0..=10.0).contains(&x) => r.backoff_multiplier = x,
+        _ => c.err(p, "expected a number from 1 to 10"),
+    }),
+    Row("backoffMax", |c, r, v, p| set(&mut r.backoff_max, c.duration(v, p))),
+    Row("resetAfter", |c, r, v, p| set(&mut r.reset_after, c.duration(v, p))),
+    Row("maxRestarts", |c, r, v, p| set(&mut r.max_restarts, c.uint(v, p, 10_000).map(|n| n as u32))),
+    Row("window", |c, r, v, p| set(&mut r.window, c.duration(v, p))),
+];
+
+const LOGS: &[Row<LogConfig>] = &[
+    Row("dir", |c, l, v, p| set(&mut l.dir, c.string(v, p).map(PathBuf::from))),
+    Row("maxSize", |c, l, v, p| match c.size(v, p) {
+        Some(n) if n >= 4096 => l.max_bytes = n,
+        Some(_) => c.err(p, "a log file must be allowed at least 4KiB"),
+        None => {}
+    }),
+    Row("keep", |c, l, v, p| set(&mut l.keep, c.uint(v, p, 100).map(|n| n as u32))),
+];
+
+pub(super) fn default_master() -> MasterConfig {
+    MasterConfig {
+        host: "127.0.0.1".into(),
+        control_port: 3005,
+        admin: SocketAddr::from(([127, 0, 0, 1], 7001)),
+        admin_token: None,
+        restart: RestartPolicy::default(),
+        stop_grace: Duration::from_secs(10),
+        heartbeat_interval: Duration::from_secs(1),
+        heartbeat_timeout: Duration::from_secs(5),
+        start_timeout: Duration::from_secs(10),
+        orphan_timeout: Duration::from_secs(60),
+        logs: LogConfig { dir: PathBuf::from("logs"), max_bytes: 10 << 20, keep: 3 },
+        run_dir: PathBuf::from(".pomelo"),
+    }
+}
+
+/// Reads a `master` section on top of `m`, key by key.
+pub(super) fn apply_master(ctx: &mut Ctx, m: &mut MasterConfig, value: &Value, path: &[Seg]) {
+    apply(ctx, m, value, path, MASTER);
+}
+
+/// A server entry being read: its settings so far, and whether it named an `id`.
+struct Draft {
+    spec: ServerSpec,
+    has_id: bool,
+}
+
+/// Whether a frontend-only `key` may be set here; reports it on a chat server.
+fn frontend_key(c: &mut Ctx, d: &Draft, key: &str, p: &[Seg]) -> bool {
+    let t = d.spec.server_type;
+    if !t.is_frontend() {
+        c.err(p, format!("`{key}` applies to frontends (gate, connector), not to {t} servers"));
+    }
+    t.is_frontend()
+}
+
+const SERVER: &[Row<Draft>] = &[
+    Row("id", |c, d, v, p| {
+        if let Some(id) = c.string(v, p) {
+            d.has_id = true;
+            if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                c.err(p, format!("`{id}` is not a valid id: use 1 to 64 of A-Z a-z 0-9 - _ ."));
+            }
+            d.spec.id = id;
+        }
+    }),
+    Row("host", |c, d, v, p| set(&mut d.spec.host, c.string(v, p))),
+    Row("port", |c, d, v, p| d.spec.port = c.port(v, p)),
+    Row("clientPort", |c, d, v, p| {
+        let t = d.spec.server_type;
+        if !t.is_frontend() {
+            c.err(p, format!("{t} servers have no clients; only gate and connector take a clientPort"));
+        }
+        d.spec.client_port = c.port(v, p);
+    }),
+    Row("args", |c, d, v, p| match v {
+        Value::String(a) => d.spec.args = a.split_whitespace().map(String::from).collect(),
+        Value::Sequence(items) => {
+            for (i, a) in items.iter().enumerate() {
+                if let Some(a) = c.string(a, &item(p, i)) {
+                    d.spec.args.push(a);
+                }
+            }
+        }
+        other => c.err(p, format!("expected a string or a list, found {}", describe(other))),
+    }),
+    Row("env", |c, d, v, p| {
+        let Some(map) = c.mapping(v, p) else { return };
+        for (k, ev) in map {
+            let name = k.as_str().unwrap_or_default().to_string();
+            let ep = child(p, &name);
+            let val = match ev {
+                Value::String(x) => Some(x.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                Value::Bool(b) => Some(b.to_string()),
+                other => {
+                    c.err(&ep, format!("expected a string, found {}", describe(other)));
+                    None
+                }
+            };
+            if name.is_empty() || name.contains('=') {
+                c.err(&ep, "not a valid environment variable name");
+            } else if let Some(val) = val {
+                d.spec.env.insert(name, val);
+            }
+        }
+    }),
+    Row("autoRestart", |c, d, v, p| set(&mut d.spec.auto_restart, c.boolean(v, p))),
+    Row("maxConnections", |c, d, v, p| {
+        if frontend_key(c, d, "maxConnections", p) {
+            match c.uint(v, p, 1_000_000) {
+                Some(0) => c.err(p, "must be at least 1"),
+                Some(n) => d.spec.max_connections = n as usize,
+                None => {}
+            }
+        }
+    }),
+    Row("heartbeat", |c, d, v, p| {
+        if !frontend_key(c, d, "heartbeat", p) {
+            return;
+        }
+        match v {
+            Value::Bool(false) | Value::Null => d.spec.heartbeat = None,
+            _ => match c.duration(v, p) {
+                Some(t) if t >= Duration::from_millis(100) => d.spec.heartbeat = Some(t),
+                Some(_) => c.err(p, "at least 100ms, or `false` for none"),
+                None => {}
+            },
+        }
+    }),
+    Row("dictionary", |c, d, v, p| {
+        if frontend_key(c, d, "dictionary", p) {
+            set(&mut d.spec.use_dict, c.boolean(v, p));
+        }
+    }),
+    Row("idleTimeout", |c, d, v, p| {
+        if frontend_key(c, d, "idleTimeout", p) {
+            set(&mut d.spec.idle_timeout, c.duration(v, p));
+        }
+    }),
+    Row("threads", |c, d, v, p| match c.uint(v, p, 256) {
+        Some(0) => c.err(p, "must be at least 1"),
+        Some(n) => d.spec.threads = Some(n as usize),
+        None => {}
+    }),
+];
+
+/// A server of type `t` before its entry is read: the defaults of every key.
+pub(super) fn default_server(t: ServerType) -> ServerSpec {
+    ServerSpec {
+        id: String::new(),
+        server_type: t,
+        host: "127.0.0.1".into(),
+        port: None,
+        client_port: None,
+        args: Vec::new(),
+        env: BTreeMap::new(),
+        auto_restart: true,
+        max_connections: 10_000,
+        heartbeat: (t == ServerType::Connector).then(|| Duration::from_secs(3)),
+        use_dict: t == ServerType::Connector,
+        idle_timeout: Duration::from_secs(90),
+        threads: None,
+    }
+}
+
+/// Reads one server entry; `None` when it has no id (it is then left out of the duplicate checks).
+fn parse_server(ctx: &mut Ctx, t: ServerType, value: &Value, path: &[Seg]) -> Option<ServerSpec> {
+    let mut d = Draft { spec: default_server(t), has_id: false };
+    if !matches!(value, Value::Mapping(_)) {
+        // Reports what the entry is instead of a mapping.
+        ctx.entries(value, path, &[]);
+        if value.is_null() {
+            ctx.err(path, "empty server entry; it needs at least an `id`");
+        }
+        return None;
+    }
+    apply(ctx, &mut d, value, path, SERVER);
+    let s = d.spec;
+    if !d.has_id {
+        ctx.err(path, "missing `id`");
+    }
+    if t.is_frontend() && s.client_port.is_none() {
+        ctx.err(path, format!("{t} `{}` needs a `clientPort` (0 picks a free one)", s.id));
+    }
+    if t != ServerType::Gate && s.port.is_none() {
+        ctx.err(path, format!("{t} `{}` needs a `port` for cluster RPC (0 picks a free one)", s.id));
+    }
+    // An entry with other problems still takes part in the duplicate checks.
+    d.has_id.then_some(s)
+}
+
+/// Parses a `servers` section; returns the servers in file order with their paths.
+pub(super) fn parse_servers(ctx: &mut Ctx, value: &Value, path: &[Seg]) -> Vec<(ServerSpec, Vec<Seg>)> {
+    let mut out = Vec::new();
+    let Some(map) = ctx.mapping(value, path) else {
+        return out;
+    };
+    for (k, list) in map {
+        let name = k.as_str().unwrap_or_default();
+        let p = child(path, name);
+        let Some(t) = ServerType::parse(name) else {
+            ctx.err(&p, format!("unknown server type `{name}`; expected gate, connector or chat"));
+            continue;
+        };
+        match list {
+            Value::Sequence(items) => {
+                for (i, entry) in items.iter().enumerate() {
+                    let ip = item(&p, i);
+                    if let Some(s) = parse_server(ctx, t, entry, &ip) {
+                        out.push((s, ip));
+                    }
+                }
+            }
+            Value::Null => {}
+            other => ctx.err(&p, format!("expected a list of servers, found {}", describe(other))),
+        }
+    }
+    out
+}
