@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod local_rooms;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! Rooms on a chat server, as plain data: who is in which room, on which connector, in which session.
+//! The room table of a chat server, as plain data: who is in which room, on which connector, in which session.
 //!
 //! Every operation returns the [`Delivery`]s it causes, one per connector that holds recipients, each with
 //! a push encoded once; the server sends them. A room keeps its members grouped by connector (rebuilt
@@ -99,7 +99,7 @@ impl Room {
 }
 
 #[derive(Debug, Default)]
-pub struct Rooms {
+pub struct RoomTable {
     rooms: HashMap<String, Room>,
     dict: Option<Arc<Dictionary>>,
     members: usize,
@@ -128,9 +128,9 @@ fn deliveries(room: &Arc<str>, groups: &Groups, payload: Option<Bytes>) -> Vec<D
         .collect()
 }
 
-impl Rooms {
-    pub fn new(dict: Option<Arc<Dictionary>>) -> Rooms {
-        Rooms { rooms: HashMap::new(), dict, members: 0 }
+impl RoomTable {
+    pub fn new(dict: Option<Arc<Dictionary>>) -> RoomTable {
+        RoomTable { rooms: HashMap::new(), dict, members: 0 }
     }
 
     pub fn room_count(&self) -> usize {
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn join_pushes_on_add_to_the_others_and_lists_users_in_order() {
-        let mut r = Rooms::new(None);
+        let mut r = RoomTable::new(None);
         let c1: Arc<str> = "c1".into();
         let c2: Arc<str> = "c2".into();
         let (users, d) = r.join(&c1, m("ann", "r", 1)).expect("join");
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn broadcast_includes_the_sender_and_private_reaches_one() {
-        let mut r = Rooms::new(None);
+        let mut r = RoomTable::new(None);
         let (c1, c2): (Arc<str>, Arc<str>) = ("c1".into(), "c2".into());
         r.join(&c1, m("ann", "r", 1)).expect("join");
         r.join(&c2, m("bob", "r", 2)).expect("join");
@@ -310,7 +310,7 @@ mod tests {
 
     #[test]
     fn broadcasts_follow_joins_and_leaves() {
-        let mut r = Rooms::new(None);
+        let mut r = RoomTable::new(None);
         let c1: Arc<str> = "c1".into();
         r.join(&c1, m("ann", "r", 1)).expect("join");
         assert_eq!(&r.send("r", "ann", "*", &json!("a")).expect("send")[0].sessions[..], [1]);
@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn a_gone_connector_leaves_and_the_rest_hear_on_leave() {
-        let mut r = Rooms::new(None);
+        let mut r = RoomTable::new(None);
         let (c1, c2): (Arc<str>, Arc<str>) = ("c1".into(), "c2".into());
         r.join(&c1, m("ann", "r", 1)).expect("join");
         r.join(&c2, m("bob", "r", 2)).expect("join");
@@ -338,7 +338,7 @@ mod tests {
 
     #[test]
     fn rejoin_is_silent_and_retain_drops_moved_rooms() {
-        let mut r = Rooms::new(None);
+        let mut r = RoomTable::new(None);
         let c1: Arc<str> = "c1".into();
         r.rejoin(&c1, vec![m("ann", "r1", 1), m("bob", "r1", 2), m("cy", "r2", 3)]);
         r.rejoin(&c1, vec![m("ann", "r1", 1)]);

@@ -1,0 +1,203 @@
+//! A connector's side of cluster RPC: [`ChatClient`], with one link to every live chat server, and the
+//! record of which of its sessions is in which room (the only one: the handler asks it).
+//!
+//! Connectors are the source of truth for membership. A watcher task follows the master's membership:
+//! it opens links to new chat servers, closes links to gone ones, reconnects to restarted ones, and
+//! re-joins members whose room changed owner ([`placement`](super::placement)). Each link task
+//! ([`link`](super::link)) connects with backoff, re-joins the members of the rooms its chat server owns
+//! every time it (re)connects, then carries requests and hands deliveries to the sessions. Requests
+//! time out after [`REQUEST_TIMEOUT`]; the caller turns failures into `{"code":500}`. Everything stops
+//! with the shutdown token.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pomelo_proto::cluster::{ChatError, ChatReply, ChatRequest, Member};
+use pomelo_proto::control::Membership;
+use pomelo_proto::route;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::link::{self, Link, Queued};
+use super::metrics::RpcMetrics;
+use super::placement;
+
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Hands a pre-encoded package to sessions of this connector.
+pub type Deliver = Arc<dyn Fn(&[u64], Bytes) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("no chat server is running")]
+    NoChatServer,
+    #[error("chat server `{0}` did not answer within {REQUEST_TIMEOUT:?}")]
+    Timeout(String),
+    #[error("chat server `{0}` is unreachable or overloaded")]
+    Unavailable(String),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+}
+
+/// Locks, recovering from poisoning: every map here stays consistent between statements, so a panic
+/// elsewhere never makes the data wrong, and skipping work on a poisoned lock would lose records.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) struct Inner {
+    pub(crate) connector: String,
+    pub(crate) token: String,
+    pub(crate) deliver: Deliver,
+    pub(crate) metrics: Arc<RpcMetrics>,
+    links: Mutex<HashMap<String, Link>>,
+    /// session → member, for every session that entered a room: the one record of a session's room.
+    members: Mutex<HashMap<u64, Member>>,
+    /// The live chat servers, in membership order.
+    chats: Mutex<Vec<String>>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Clone)]
+pub struct ChatClient {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl ChatClient {
+    pub fn start(
+        connector: String,
+        token: String,
+        deliver: Deliver,
+        metrics: Arc<RpcMetrics>,
+        mut membership: watch::Receiver<Arc<Membership>>,
+        shutdown: CancellationToken,
+    ) -> ChatClient {
+        let inner = Arc::new(Inner {
+            connector,
+            token,
+            deliver,
+            metrics,
+            links: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
+            chats: Mutex::new(Vec::new()),
+            shutdown: shutdown.clone(),
+        });
+        let client = ChatClient { inner };
+        let c = client.clone();
+        tokio::spawn(async move {
+            loop {
+                let m = membership.borrow_and_update().clone();
+                c.follow(&m);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = membership.changed() => if r.is_err() { return },
+                }
+            }
+        });
+        client
+    }
+
+    /// The members whose rooms `chat` owns now: what a link re-joins when it connects.
+    pub(crate) fn members_owned_by(&self, chat: &str) -> Vec<Member> {
+        let chats = lock(&self.inner.chats).clone();
+        placement::owned_by(chat, lock(&self.inner.members).values(), &chats)
+    }
+
+    /// Sends a request to the chat server that owns `rid` and waits for the answer.
+    async fn call(&self, rid: &str, req: ChatRequest) -> Result<ChatReply, RpcError> {
+        let started = Instant::now();
+        self.inner.metrics.request();
+        let r = self.call_inner(rid, req).await;
+        match &r {
+            Ok(_) => self.inner.metrics.observe(started.elapsed()),
+            Err(_) => self.inner.metrics.error(),
+        }
+        r
+    }
+
+    async fn call_inner(&self, rid: &str, req: ChatRequest) -> Result<ChatReply, RpcError> {
+        let owner = {
+            let chats = lock(&self.inner.chats);
+            placement::owner(rid, chats.iter()).ok_or(RpcError::NoChatServer)?.to_string()
+        };
+        let (tx, rx) = oneshot::channel();
+        let queue = lock(&self.inner.links).get(&owner).map(|l| l.tx.clone()).ok_or(RpcError::NoChatServer)?;
+        queue.try_send(Queued::Request(req, tx)).map_err(|_| RpcError::Unavailable(owner.clone()))?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(r)) => Ok(r?),
+            Ok(Err(_)) => Err(RpcError::Unavailable(owner)),
+            Err(_) => Err(RpcError::Timeout(owner)),
+        }
+    }
+
+    /// Enters a room; the user names in it on success.
+    pub async fn join(&self, member: Member) -> Result<Vec<String>, RpcError> {
+        let rid = member.rid.clone();
+        let session = member.session;
+        lock(&self.inner.members).insert(session, member.clone());
+        match self.call(&rid, ChatRequest::Join { member }).await {
+            Ok(ChatReply::Users { users }) => Ok(users),
+            Ok(ChatReply::Done) => Ok(Vec::new()),
+            Err(e) => {
+                lock(&self.inner.members).remove(&session);
+                Err(e)
+            }
+        }
+    }
+
+    /// Leaves whatever room the session is in (on close, kick or heartbeat timeout).
+    pub async fn leave(&self, session: u64) {
+        let member = lock(&self.inner.members).remove(&session);
+        if let Some(member) = member {
+            let rid = member.rid.clone();
+            if let Err(e) = self.call(&rid, ChatRequest::Leave { member }).await {
+                tracing::warn!("leave of session {session} from {rid:?} not delivered: {e}");
+            }
+        }
+    }
+
+    /// `chat.chatHandler.send` for the room of `session`.
+    pub async fn send(&self, session: u64, target: String, content: serde_json::Value) -> Result<(), RpcError> {
+        let member = lock(&self.inner.members).get(&session).cloned();
+        let member = member.ok_or_else(|| ChatError::Other { msg: "enter a room first".into() })?;
+        let req = ChatRequest::Send { rid: member.rid.clone(), from: member.username, target, content };
+        self.call(&member.rid, req).await.map(|_| ())
+    }
+
+    /// Applies a membership: links follow the live chat servers; moved rooms are re-joined.
+    fn follow(&self, m: &Membership) {
+        let live: Vec<(String, SocketAddr, u32)> =
+            route::chat_servers(m).filter_map(|s| Some((s.id.clone(), s.addrs.rpc?, s.pid))).collect();
+        let new_chats: Vec<String> = live.iter().map(|(id, ..)| id.clone()).collect();
+        let old_chats = std::mem::replace(&mut *lock(&self.inner.chats), new_chats.clone());
+        let mut links = lock(&self.inner.links);
+        links.retain(|id, l| {
+            let keep = live.iter().any(|(i, a, p)| i == id && *a == l.addr && *p == l.pid);
+            if !keep {
+                l.stop.cancel();
+            }
+            keep
+        });
+        for (id, addr, pid) in &live {
+            if !links.contains_key(id) {
+                let stop = self.inner.shutdown.child_token();
+                links.insert(id.clone(), link::spawn(self.clone(), id.clone(), *addr, *pid, stop));
+            }
+        }
+        if old_chats == new_chats {
+            return;
+        }
+        // Rooms whose owner changed, on links that stayed up, are re-joined on their new owner now;
+        // new and restarted links re-join their share when they connect.
+        let moved = placement::moved(lock(&self.inner.members).values(), &old_chats, &new_chats);
+        for (chat, members) in moved {
+            if let Some(l) = links.get(&chat) {
+                tracing::info!("{} members' rooms moved to `{chat}`: re-joining them there", members.len());
+                let _ = l.tx.try_send(Queued::Rejoin(members));
+            }
+        }
+    }
+}
