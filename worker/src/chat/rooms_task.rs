@@ -5,9 +5,13 @@
 //! [`DRAIN`]) before it sends their deliveries, merged per room and connector ([`Batches`]), and a busy
 //! room sends each connector at most one frame per [`FLUSH_DELAY`] ([`Pacer`]): a connector then writes
 //! each session once for many messages, while a quiet room's message goes at once. A connector whose
-//! outbox is full loses that frame (counted), never the server. The task also follows the membership:
-//! a connector that leaves it loses its members (`onLeave` to the rest) and rooms now owned by another
-//! chat server are forgotten. It ends when the shutdown token is cancelled or every link task is gone.
+//! outbox is full loses that frame (counted), never the server.
+//!
+//! The task also follows the membership: rooms now owned by another chat server are forgotten, a join
+//! for a room this server does not own is answered `NotOwner`, and a connector's members leave
+//! (`onLeave` to the rest) only when [`Presence`] says it is gone (its link and the membership, each
+//! with a grace), never on one membership alone. A connector's `Rejoin` replaces its members in the
+//! rooms this server owns. It ends when the shutdown token is cancelled or every link task is gone.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -20,9 +24,11 @@ use pomelo_proto::control::{Membership, ServerType};
 use pomelo_proto::route;
 use pomelo_proto::wire::Dictionary;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Batch, Batches, Pacer};
+use super::presence::Presence;
 use super::room_table::{Delivery, RoomTable};
 use super::server::ChatMetrics;
 
@@ -67,12 +73,20 @@ pub(super) async fn rooms_task(
     mut inbox: mpsc::Receiver<Inbox>,
     stop: CancellationToken,
 ) {
-    let mut rooms = RoomTable::new(dict);
-    let mut links: Links = HashMap::new();
+    let mut st = State {
+        me: id,
+        rooms: RoomTable::new(dict),
+        links: HashMap::new(),
+        presence: Presence::default(),
+        chats: None,
+        metrics,
+    };
     let mut pacer = Pacer::new(flush_delay());
     let mut pending = Batches::default();
     let flush_at = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(flush_at);
+    let check_at = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(check_at);
     loop {
         let wake = tokio::select! {
             _ = stop.cancelled() => return,
@@ -81,128 +95,165 @@ pub(super) async fn rooms_task(
                     return;
                 }
                 let m = membership.borrow_and_update().clone();
-                let deliveries = follow_membership(&id, &m, &mut rooms);
-                // What was waiting goes first, then the leaves: both at once, in that order.
-                deliveries.into_iter().for_each(|d| pending.add(d));
-                send_batches(&links, pending.take(), &metrics);
+                st.follow_membership(&m);
                 None
             }
             msg = inbox.recv() => {
                 let Some(msg) = msg else { return };
-                on_inbox(msg, &mut rooms, &mut links, &metrics, &mut pending);
+                st.on_inbox(msg, &mut pending);
                 for _ in 1..DRAIN {
                     let Ok(msg) = inbox.try_recv() else { break };
-                    on_inbox(msg, &mut rooms, &mut links, &metrics, &mut pending);
+                    st.on_inbox(msg, &mut pending);
                 }
                 if pending.bytes() >= MAX_PENDING_BYTES {
-                    send_batches(&links, pending.take(), &metrics);
+                    send_batches(&st.links, pending.take(), &st.metrics);
                 }
-                pace(&mut pacer, &mut pending, &links, &metrics)
+                pace(&mut pacer, &mut pending, &st.links, &st.metrics)
             }
-            _ = &mut flush_at, if !pending.is_empty() => pace(&mut pacer, &mut pending, &links, &metrics),
+            _ = &mut flush_at, if !pending.is_empty() => pace(&mut pacer, &mut pending, &st.links, &st.metrics),
+            _ = &mut check_at, if st.presence.next_deadline().is_some() => None,
         };
+        let leaves = st.drop_gone_connectors();
+        if !leaves.is_empty() {
+            // What was waiting goes first, then the leaves: both at once, in that order.
+            leaves.into_iter().for_each(|d| pending.add(d));
+            send_batches(&st.links, pending.take(), &st.metrics);
+        }
         if let Some(t) = wake {
             flush_at.as_mut().reset(t);
         }
-        metrics.rooms.store(rooms.room_count() as u64, Ordering::Relaxed);
-        metrics.members.store(rooms.member_count() as u64, Ordering::Relaxed);
+        if let Some(t) = st.presence.next_deadline() {
+            check_at.as_mut().reset(t);
+        }
+        st.metrics.rooms.store(st.rooms.room_count() as u64, Ordering::Relaxed);
+        st.metrics.members.store(st.rooms.member_count() as u64, Ordering::Relaxed);
     }
 }
 
 type Links = HashMap<Arc<str>, (u64, mpsc::Sender<Bytes>)>;
 
+/// What the rooms task owns.
+struct State {
+    me: String,
+    rooms: RoomTable,
+    links: Links,
+    presence: Presence,
+    /// The chat servers of the last membership this server is in (`None` before: it cannot tell which
+    /// rooms are its own, so it takes every room it is sent).
+    chats: Option<Vec<String>>,
+    metrics: Arc<ChatMetrics>,
+}
+
+impl State {
+    fn owns(&self, rid: &str) -> bool {
+        self.chats.as_ref().is_none_or(|c| route::owner(rid, c) == Some(self.me.as_str()))
+    }
+
+    fn on_inbox(&mut self, msg: Inbox, batches: &mut Batches) {
+        match msg {
+            Inbox::Link { connector, conn, outbox } => {
+                self.presence.linked(&connector);
+                self.links.insert(connector, (conn, outbox));
+            }
+            Inbox::Unlink { connector, conn } => {
+                if self.links.get(&connector).is_some_and(|(c, _)| *c == conn) {
+                    self.links.remove(&connector);
+                    self.presence.unlinked(&connector, Instant::now());
+                }
+            }
+            Inbox::Request { connector, conn, id: req_id, req } => {
+                self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+                let (result, deliveries) = self.handle(&connector, req);
+                if result.is_err() {
+                    self.metrics.rpc_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some((c, out)) = self.links.get(&connector) {
+                    if *c == conn {
+                        let frame = cluster::encode_msg(&FromChat::Response { id: req_id, result });
+                        if out.try_send(frame).is_err() {
+                            self.metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                for d in deliveries {
+                    batches.add(d);
+                }
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        connector: &Arc<str>,
+        req: ChatRequest,
+    ) -> (Result<ChatReply, cluster::ChatError>, Vec<Delivery>) {
+        match req {
+            ChatRequest::Join { member } if !self.owns(&member.rid) => {
+                (Err(cluster::ChatError::NotOwner { rid: member.rid }), Vec::new())
+            }
+            ChatRequest::Join { member } => match self.rooms.join(connector, member) {
+                Ok((users, d)) => (Ok(ChatReply::Users { users }), d),
+                Err(e) => (Err(e), Vec::new()),
+            },
+            ChatRequest::Leave { member } => (Ok(ChatReply::Done), self.rooms.leave(connector, &member)),
+            ChatRequest::Send { rid, .. } if !self.owns(&rid) => {
+                (Err(cluster::ChatError::NotOwner { rid }), Vec::new())
+            }
+            ChatRequest::Send { rid, from, target, content } => {
+                self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                match self.rooms.send(&rid, &from, &target, &content) {
+                    Ok(d) => (Ok(ChatReply::Done), d),
+                    Err(e) => (Err(e), Vec::new()),
+                }
+            }
+            ChatRequest::Rejoin { members, .. } => {
+                let n = members.len();
+                let chats = self.chats.clone();
+                let me = self.me.clone();
+                let owns = |rid: &str| chats.as_ref().is_none_or(|c| route::owner(rid, c) == Some(me.as_str()));
+                let d = self.rooms.rejoin(connector, members, owns);
+                tracing::debug!("{connector:?} re-joined {n} members ({} ghosts left)", d.len());
+                (Ok(ChatReply::Done), d)
+            }
+        }
+    }
+
+    /// Forgets rooms that moved to another chat server and tells [`Presence`] who is listed.
+    fn follow_membership(&mut self, m: &Membership) {
+        let chats: Vec<String> = route::chat_servers(m).map(|s| s.id.clone()).collect();
+        // Until this server is in the membership it cannot tell which rooms are its own.
+        if !chats.contains(&self.me) {
+            return;
+        }
+        let connectors: Vec<&str> = m.of_type(ServerType::Connector).map(|s| s.id.as_str()).collect();
+        self.presence.membership(&connectors, &self.rooms.connectors(), Instant::now());
+        let me = self.me.clone();
+        let moved = self.rooms.retain(|rid| route::owner(rid, &chats) == Some(me.as_str()));
+        if moved > 0 {
+            tracing::info!("{moved} rooms moved to other chat servers");
+        }
+        self.chats = Some(chats);
+    }
+
+    /// Members of connectors that are gone leave their rooms; the `onLeave`s to send.
+    fn drop_gone_connectors(&mut self) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        for c in self.presence.gone(Instant::now()) {
+            tracing::info!("connector {c:?} is gone (no link, not in the membership): its members leave their rooms");
+            out.extend(self.rooms.drop_connector(&c));
+        }
+        out
+    }
+}
+
 /// Sends what may go now; when the rest may go.
-fn pace(
-    pacer: &mut Pacer,
-    pending: &mut Batches,
-    links: &Links,
-    metrics: &ChatMetrics,
-) -> Option<tokio::time::Instant> {
+fn pace(pacer: &mut Pacer, pending: &mut Batches, links: &Links, metrics: &ChatMetrics) -> Option<Instant> {
     if pending.is_empty() {
         return None;
     }
-    let (ready, next) = pacer.ready(pending, tokio::time::Instant::now());
+    let (ready, next) = pacer.ready(pending, Instant::now());
     send_batches(links, ready, metrics);
     next
-}
-
-fn on_inbox(msg: Inbox, rooms: &mut RoomTable, links: &mut Links, metrics: &ChatMetrics, batches: &mut Batches) {
-    match msg {
-        Inbox::Link { connector, conn, outbox } => {
-            links.insert(connector, (conn, outbox));
-        }
-        Inbox::Unlink { connector, conn } => {
-            if links.get(&connector).is_some_and(|(c, _)| *c == conn) {
-                links.remove(&connector);
-            }
-        }
-        Inbox::Request { connector, conn, id: req_id, req } => {
-            metrics.requests.fetch_add(1, Ordering::Relaxed);
-            let (result, deliveries) = handle(rooms, &connector, req, metrics);
-            if result.is_err() {
-                metrics.rpc_errors.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Some((c, out)) = links.get(&connector) {
-                if *c == conn {
-                    let frame = cluster::encode_msg(&FromChat::Response { id: req_id, result });
-                    if out.try_send(frame).is_err() {
-                        metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            for d in deliveries {
-                batches.add(d);
-            }
-        }
-    }
-}
-
-fn handle(
-    rooms: &mut RoomTable,
-    connector: &Arc<str>,
-    req: ChatRequest,
-    metrics: &ChatMetrics,
-) -> (Result<ChatReply, cluster::ChatError>, Vec<Delivery>) {
-    match req {
-        ChatRequest::Join { member } => match rooms.join(connector, member) {
-            Ok((users, d)) => (Ok(ChatReply::Users { users }), d),
-            Err(e) => (Err(e), Vec::new()),
-        },
-        ChatRequest::Leave { member } => (Ok(ChatReply::Done), rooms.leave(connector, &member)),
-        ChatRequest::Send { rid, from, target, content } => {
-            metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-            match rooms.send(&rid, &from, &target, &content) {
-                Ok(d) => (Ok(ChatReply::Done), d),
-                Err(e) => (Err(e), Vec::new()),
-            }
-        }
-        ChatRequest::Rejoin { members } => {
-            rooms.rejoin(connector, members);
-            (Ok(ChatReply::Done), Vec::new())
-        }
-    }
-}
-
-/// Drops members of connectors that left the membership and rooms that moved to another chat server.
-fn follow_membership(me: &str, m: &Membership, rooms: &mut RoomTable) -> Vec<Delivery> {
-    let chats: Vec<&str> = route::chat_servers(m).map(|s| s.id.as_str()).collect();
-    let connectors: Vec<&str> = m.of_type(ServerType::Connector).map(|s| s.id.as_str()).collect();
-    let mut out = Vec::new();
-    // Until this server is in the membership it cannot tell which rooms are its own.
-    if !chats.contains(&me) {
-        return out;
-    }
-    for c in rooms.connectors() {
-        if !connectors.contains(&c.as_ref()) {
-            tracing::info!("connector `{c}` left the cluster: its members leave their rooms");
-            out.extend(rooms.drop_connector(&c));
-        }
-    }
-    let moved = rooms.retain(|rid| route::owner(rid, &chats) == Some(me));
-    if moved > 0 {
-        tracing::info!("{moved} rooms moved to other chat servers");
-    }
-    out
 }
 
 fn send_batches(links: &Links, batches: Vec<Batch>, metrics: &ChatMetrics) {
@@ -216,7 +267,7 @@ fn send_batches(links: &Links, batches: Vec<Batch>, metrics: &ChatMetrics) {
             metrics.deliveries_out.fetch_add(n, Ordering::Relaxed);
         } else {
             metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("connector `{}` is not keeping up: {n} deliveries were dropped", b.connector);
+            tracing::warn!("connector {:?} is not keeping up: {n} deliveries were dropped", b.connector);
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use pomelo_proto::cluster::{self, FromChat, ToChat};
+use pomelo_proto::cluster::{self, ChatError, ChatRequest, FromChat, Member, ToChat};
 use pomelo_proto::control::{Membership, Stats};
 use pomelo_proto::wire::Dictionary;
 use tokio::net::{TcpListener, TcpStream};
@@ -27,6 +27,8 @@ use super::rooms_task::{rooms_task, Inbox};
 const OUTBOX: usize = 16 * 1024;
 /// Requests queued for the rooms task from all links.
 const INBOX: usize = 16 * 1024;
+/// Members one re-join may carry (a connector holds at most `maxConnections`, at most 1,000,000).
+const MAX_REJOIN_MEMBERS: usize = 2_000_000;
 
 #[derive(Debug, Default)]
 pub struct ChatMetrics {
@@ -116,12 +118,14 @@ async fn link(
     let connector: Arc<str> = match cluster::decode::<ToChat>(frame)? {
         cluster::Frame::Msg(ToChat::Hello { connector, token: t }) if *t == *token => connector.into(),
         cluster::Frame::Msg(ToChat::Hello { connector, .. }) => {
-            anyhow::bail!("`{connector}` sent a wrong cluster token")
+            anyhow::bail!("{connector:?} sent a wrong cluster token")
         }
         _ => anyhow::bail!("the first frame was not a hello"),
     };
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(OUTBOX);
     out_tx.try_send(cluster::encode_msg(&FromChat::Welcome { chat: String::new() })).ok();
+    // The reader answers requests it cannot decode; it must not keep the outbox open on its own.
+    let errors = out_tx.downgrade();
     inbox.send(Inbox::Link { connector: connector.clone(), conn, outbox: out_tx }).await?;
     metrics.links.fetch_add(1, Ordering::Relaxed);
     let writer = async {
@@ -136,14 +140,42 @@ async fn link(
         anyhow::Ok(())
     };
     let reader = async {
+        let mut rejoin: Vec<Member> = Vec::new();
         while let Some(frame) = stream.next().await {
-            match cluster::decode::<ToChat>(frame?.freeze())? {
-                cluster::Frame::Msg(ToChat::Request { id, req }) => {
-                    let msg = Inbox::Request { connector: connector.clone(), conn, id, req };
-                    inbox.send(msg).await?;
+            let frame = frame?.freeze();
+            let (id, req) = match cluster::decode::<ToChat>(frame.clone()) {
+                Ok(cluster::Frame::Msg(ToChat::Request { id, req })) => (id, req),
+                Ok(_) => anyhow::bail!("unexpected frame from {connector:?}"),
+                Err(e) => {
+                    // One request this server cannot take fails alone; the link and the rest go on.
+                    let Some(id) = cluster::request_id(&frame) else { return Err(e.into()) };
+                    tracing::warn!("request {id} from {connector:?} refused: {e}");
+                    metrics.rpc_errors.fetch_add(1, Ordering::Relaxed);
+                    let result =
+                        Err(ChatError::Other { msg: format!("the chat server cannot read this request: {e}") });
+                    if let Some(out) = errors.upgrade() {
+                        if out.try_send(cluster::encode_msg(&FromChat::Response { id, result })).is_err() {
+                            metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    continue;
                 }
-                _ => anyhow::bail!("unexpected frame from `{connector}`"),
-            }
+            };
+            let req = match req {
+                // A re-join comes in chunks; the rooms task gets it whole, so it replaces at once.
+                ChatRequest::Rejoin { members, more } => {
+                    if rejoin.len() + members.len() > MAX_REJOIN_MEMBERS {
+                        anyhow::bail!("{connector:?} re-joined more than {MAX_REJOIN_MEMBERS} members");
+                    }
+                    rejoin.extend(members);
+                    if more {
+                        continue;
+                    }
+                    ChatRequest::Rejoin { members: std::mem::take(&mut rejoin), more: false }
+                }
+                req => req,
+            };
+            inbox.send(Inbox::Request { connector: connector.clone(), conn, id, req }).await?;
         }
         anyhow::Ok(())
     };

@@ -1,47 +1,57 @@
 //! One connector→chat-server link: a task that connects (with backoff), says hello, re-joins the members
 //! whose rooms that chat server owns, then writes queued requests and reads answers and deliveries.
 //!
+//! The re-join is authoritative (it replaces this connector's members on that chat server, see
+//! `ChatRequest::Rejoin`) and is sent on every new connection and whenever the client asks (every
+//! membership it receives), through a [`Notify`] that holds at most one request: never dropped, never
+//! queued twice. Its members are read when it is written, so it agrees with every join and leave queued
+//! before it, and it goes in chunks of [`cluster::REJOIN_CHUNK_BYTES`].
+//!
 //! Requests reach the task on a bounded queue ([`QUEUE`]); each one waiting for its answer is held in
-//! [`Pending`] (at most [`MAX_PENDING`], inserted in one place). Deliveries go straight to the sessions
-//! through the client's `deliver` closure. When the link breaks, everyone waiting on it gets an error at
-//! once; the task ends when its `stop` token (a child of the shutdown token) is cancelled.
+//! [`Pending`] (at most [`MAX_PENDING`], inserted in one place; entries whose caller gave up are swept).
+//! Deliveries go straight to the sessions through the client's `deliver` closure. When the link breaks,
+//! everyone waiting on it gets an error at once; the backoff before the next attempt doubles up to 2 s
+//! and starts again from 50 ms after a connection that lasted [`HEALTHY`]. The task ends when its `stop`
+//! token (a child of the shutdown token) is cancelled.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use pomelo_proto::cluster::{self, ChatError, ChatReply, ChatRequest, FromChat, Member, ToChat};
+use pomelo_proto::cluster::{self, ChatError, ChatReply, ChatRequest, FromChat, ToChat};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
+use super::placement;
 use super::rpc::{lock, ChatClient};
 
 /// Requests queued for one chat server.
 const QUEUE: usize = 8 * 1024;
 /// Requests awaiting an answer on one link.
 const MAX_PENDING: usize = 64 * 1024;
+/// A connection that lasted this long resets the reconnect backoff.
+pub const HEALTHY: Duration = Duration::from_secs(5);
+/// How often entries whose caller stopped waiting are swept from [`Pending`].
+const SWEEP: Duration = Duration::from_secs(5);
 
 /// Where a request's answer goes.
 pub(crate) type Reply = oneshot::Sender<Result<ChatReply, ChatError>>;
 
-/// What the link task is asked to send.
-pub(crate) enum Queued {
-    /// A request whose answer someone awaits.
-    Request(ChatRequest, Reply),
-    /// Members to re-join on this chat server (no answer awaited).
-    Rejoin(Vec<Member>),
-}
+/// A request for the link task, and who waits for its answer (`None`: nobody, e.g. a compensating leave).
+pub(crate) type Queued = (ChatRequest, Option<Reply>);
 
 /// The link as the client's map holds it.
 pub(crate) struct Link {
     pub(crate) addr: SocketAddr,
     pub(crate) pid: u32,
     pub(crate) tx: mpsc::Sender<Queued>,
+    /// Asks the task for a re-join (held until it is written).
+    pub(crate) rejoin: Arc<Notify>,
     pub(crate) stop: CancellationToken,
 }
 
@@ -59,6 +69,10 @@ impl Pending {
         let id = self.next_id();
         let mut waiting = lock(&self.waiting);
         if waiting.len() >= MAX_PENDING {
+            // Answers the chat server dropped leave entries whose caller timed out: those go first.
+            waiting.retain(|_, r| !r.is_closed());
+        }
+        if waiting.len() >= MAX_PENDING {
             let _ = reply.send(Err(ChatError::Other { msg: "too many requests in flight".into() }));
             return None;
         }
@@ -69,6 +83,12 @@ impl Pending {
     /// Ids start at 1 (0 is the re-join sent on connect).
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Forgets entries whose caller stopped waiting (its answer was lost: a full outbox on the chat
+    /// server, a dropped frame).
+    fn sweep(&self) {
+        lock(&self.waiting).retain(|_, r| !r.is_closed());
     }
 
     fn take(&self, id: u64) -> Option<Reply> {
@@ -83,9 +103,10 @@ impl Pending {
 
 pub(crate) fn spawn(client: ChatClient, chat: String, addr: SocketAddr, pid: u32, stop: CancellationToken) -> Link {
     let (tx, rx) = mpsc::channel(QUEUE);
-    let s = stop.clone();
-    tokio::spawn(async move { run(client, chat, addr, rx, s).await });
-    Link { addr, pid, tx, stop }
+    let rejoin = Arc::new(Notify::new());
+    let (s, r) = (stop.clone(), rejoin.clone());
+    tokio::spawn(async move { run(client, chat, addr, rx, r, s).await });
+    Link { addr, pid, tx, rejoin, stop }
 }
 
 async fn run(
@@ -93,14 +114,20 @@ async fn run(
     chat: String,
     addr: SocketAddr,
     mut rx: mpsc::Receiver<Queued>,
+    rejoin: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    const FIRST: Duration = Duration::from_millis(50);
+    let mut backoff = FIRST;
     loop {
+        let started = Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = connect_and_serve(&client, &chat, addr, &mut rx) => r,
+            r = connect_and_serve(&client, &chat, addr, &mut rx, &rejoin) => r,
         };
+        if started.elapsed() >= HEALTHY {
+            backoff = FIRST;
+        }
         if let Err(e) = result {
             tracing::warn!("rpc link to `{chat}` at {addr}: {e}; reconnecting in {backoff:?}");
         }
@@ -117,6 +144,7 @@ async fn connect_and_serve(
     chat: &str,
     addr: SocketAddr,
     rx: &mut mpsc::Receiver<Queued>,
+    rejoin: &Notify,
 ) -> anyhow::Result<()> {
     let inner = &client.inner;
     let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
@@ -126,14 +154,10 @@ async fn connect_and_serve(
     let hello = ToChat::Hello { connector: inner.connector.clone(), token: inner.token.clone() };
     sink.send(cluster::encode_msg(&hello)).await?;
     // Everything this chat server owns is re-joined before any new request reaches it.
-    let members = client.members_owned_by(chat);
     let pending = Pending::default();
-    if !members.is_empty() {
-        tracing::info!("re-joining {} members on `{chat}`", members.len());
-        let req = ToChat::Request { id: 0, req: ChatRequest::Rejoin { members } };
-        sink.send(cluster::encode_msg(&req)).await?;
-    }
-    tracing::info!("rpc link to `{chat}` at {addr} up");
+    let n = send_rejoin(&mut sink, client, chat, &pending).await?;
+    sink.flush().await?;
+    tracing::info!("rpc link to `{chat}` at {addr} up; {n} members re-joined");
     let deliver = inner.deliver.clone();
     let metrics = inner.metrics.clone();
     let reader = async {
@@ -154,24 +178,57 @@ async fn connect_and_serve(
         anyhow::bail!("closed by the chat server")
     };
     let writer = async {
-        while let Some(first) = rx.recv().await {
+        let mut sweep = tokio::time::interval(SWEEP);
+        loop {
+            let first = tokio::select! {
+                q = rx.recv() => match q {
+                    Some(q) => q,
+                    None => return anyhow::Ok(()),
+                },
+                _ = rejoin.notified() => {
+                    let n = send_rejoin(&mut sink, client, chat, &pending).await?;
+                    tracing::debug!("re-joined {n} members on `{chat}`");
+                    sink.flush().await?;
+                    continue;
+                }
+                _ = sweep.tick() => {
+                    pending.sweep();
+                    continue;
+                }
+            };
             let mut next = Some(first);
             // Write what else is queued in the same syscall.
-            while let Some(q) = next.take().or_else(|| rx.try_recv().ok()) {
-                let (id, req) = match q {
-                    Queued::Request(req, reply) => match pending.insert(reply) {
-                        Some(id) => (id, req),
+            while let Some((req, reply)) = next.take().or_else(|| rx.try_recv().ok()) {
+                let id = match reply {
+                    Some(reply) => match pending.insert(reply) {
+                        Some(id) => id,
                         None => continue,
                     },
-                    Queued::Rejoin(members) => (pending.next_id(), ChatRequest::Rejoin { members }),
+                    None => pending.next_id(),
                 };
                 sink.feed(cluster::encode_msg(&ToChat::Request { id, req })).await?;
             }
             sink.flush().await?;
         }
-        anyhow::Ok(())
     };
     let r = tokio::select! { r = reader => r, r = writer => r };
     pending.fail_all();
     r
+}
+
+/// Feeds the authoritative re-join of every member whose room `chat` owns (possibly none), in chunks of
+/// about [`cluster::REJOIN_CHUNK_BYTES`]; how many members it carried.
+async fn send_rejoin<S>(sink: &mut S, client: &ChatClient, chat: &str, pending: &Pending) -> anyhow::Result<usize>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let members = client.members_owned_by(chat);
+    let total = members.len();
+    let mut chunks = placement::chunks(members, cluster::REJOIN_CHUNK_BYTES).into_iter().peekable();
+    while let Some(members) = chunks.next() {
+        let more = chunks.peek().is_some();
+        let req = ChatRequest::Rejoin { members, more };
+        sink.feed(cluster::encode_msg(&ToChat::Request { id: pending.next_id(), req })).await?;
+    }
+    Ok(total)
 }

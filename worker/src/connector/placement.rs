@@ -28,6 +28,27 @@ pub fn moved<'a>(
     out
 }
 
+/// Splits members into chunks whose JSON is at most about `max_bytes` each (a chunk holds at least one
+/// member), so a re-join of any size goes in frames far below the cluster frame cap. Always at least
+/// one chunk, possibly empty: an empty re-join still says "none of mine are here".
+pub fn chunks(members: Vec<Member>, max_bytes: usize) -> Vec<Vec<Member>> {
+    let mut out: Vec<Vec<Member>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for m in members {
+        // The JSON of a member: its strings (escaped at most 6 bytes a byte), its keys and the number.
+        let size = 64 + 6 * (m.rid.len() + m.uid.len() + m.username.len());
+        if bytes + size > max_bytes && out.last().is_some_and(|c| !c.is_empty()) {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(c) = out.last_mut() {
+            c.push(m);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +72,22 @@ mod tests {
             assert!(share.iter().all(|x| owner(&x.rid, &chats) == Some(c.as_str())));
         }
         assert!(owned_by("chat-1", &members, &[]).is_empty(), "no chat server owns nothing");
+    }
+
+    #[test]
+    fn chunks_stay_under_the_cap_and_keep_every_member() {
+        assert_eq!(chunks(Vec::new(), 1000), vec![Vec::<Member>::new()], "an empty re-join is one empty chunk");
+        let name = "n".repeat(64);
+        let members: Vec<Member> = (0..30_000).map(|i| m(&name, &format!("{name}{i}"), i)).collect();
+        let cap = 1 << 20;
+        let parts = chunks(members.clone(), cap);
+        assert!(parts.len() > 1, "about 10 MB of members needs several frames");
+        for p in &parts {
+            let json = serde_json::to_vec(p).expect("json");
+            assert!(json.len() <= cap, "{} bytes", json.len());
+        }
+        assert_eq!(parts.concat(), members, "nothing lost, order kept");
+        assert_eq!(chunks(vec![m("a", "r", 1)], 1).len(), 1, "a member over the cap still goes, alone");
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! record of which of its sessions is in which room (the only one: the handler asks it).
 //!
 //! Connectors are the source of truth for membership. A watcher task follows the master's membership:
-//! it opens links to new chat servers, closes links to gone ones, reconnects to restarted ones, and
-//! re-joins members whose room changed owner ([`placement`](super::placement)). Each link task
-//! ([`link`](super::link)) connects with backoff, re-joins the members of the rooms its chat server owns
-//! every time it (re)connects, then carries requests and hands deliveries to the sessions. Requests
-//! time out after [`REQUEST_TIMEOUT`]; the caller turns failures into `{"code":500}`. Everything stops
-//! with the shutdown token.
+//! it opens links to new chat servers, closes links to gone ones, reconnects to restarted ones, and on
+//! *every* membership it receives (a new master, a new epoch, rooms that moved) asks each link for an
+//! authoritative re-join, so whatever drifted (a ghost, a lost join or leave, a moved room) heals.
+//! Each link task ([`link`](super::link)) connects with backoff, re-joins the members of the rooms its
+//! chat server owns ([`placement`](super::placement)) every time it (re)connects, then carries requests
+//! and hands deliveries to the sessions. Requests time out after [`REQUEST_TIMEOUT`]; the caller turns
+//! failures into `{"code":500}`. A join that timed out or whose link broke is followed by a leave, so a
+//! chat server that handles it late keeps no ghost. Everything stops with the shutdown token.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +23,7 @@ use pomelo_proto::route;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::link::{self, Link, Queued};
+use super::link::{self, Link};
 use super::metrics::RpcMetrics;
 use super::placement;
 
@@ -125,7 +127,7 @@ impl ChatClient {
         };
         let (tx, rx) = oneshot::channel();
         let queue = lock(&self.inner.links).get(&owner).map(|l| l.tx.clone()).ok_or(RpcError::NoChatServer)?;
-        queue.try_send(Queued::Request(req, tx)).map_err(|_| RpcError::Unavailable(owner.clone()))?;
+        queue.try_send((req, Some(tx))).map_err(|_| RpcError::Unavailable(owner.clone()))?;
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
             Ok(Ok(r)) => Ok(r?),
             Ok(Err(_)) => Err(RpcError::Unavailable(owner)),
@@ -142,9 +144,29 @@ impl ChatClient {
             Ok(ChatReply::Users { users }) => Ok(users),
             Ok(ChatReply::Done) => Ok(Vec::new()),
             Err(e) => {
-                lock(&self.inner.members).remove(&session);
+                if let Some(member) = lock(&self.inner.members).remove(&session) {
+                    if matches!(e, RpcError::Timeout(_) | RpcError::Unavailable(_)) {
+                        // The chat server may still add it (it was slow, or the answer was lost): take it
+                        // back. Should this leave be lost too, the next re-join removes the ghost.
+                        self.fire(ChatRequest::Leave { member });
+                    }
+                }
                 Err(e)
             }
+        }
+    }
+
+    /// Queues a request nobody waits for on the link to the owner of its room, if there is room.
+    fn fire(&self, req: ChatRequest) {
+        let rid = match &req {
+            ChatRequest::Join { member } | ChatRequest::Leave { member } => member.rid.clone(),
+            ChatRequest::Send { rid, .. } => rid.clone(),
+            ChatRequest::Rejoin { .. } => return,
+        };
+        let owner = placement::owner(&rid, lock(&self.inner.chats).iter()).map(String::from);
+        let queue = owner.and_then(|o| lock(&self.inner.links).get(&o).map(|l| l.tx.clone()));
+        if queue.is_none_or(|q| q.try_send((req, None)).is_err()) {
+            tracing::debug!("a compensating leave in {rid:?} could not be queued; the next re-join covers it");
         }
     }
 
@@ -167,7 +189,8 @@ impl ChatClient {
         self.call(&member.rid, req).await.map(|_| ())
     }
 
-    /// Applies a membership: links follow the live chat servers; moved rooms are re-joined.
+    /// Applies a membership: links follow the live chat servers; every link that stayed up re-joins
+    /// (new and restarted links re-join when they connect).
     fn follow(&self, m: &Membership) {
         let live: Vec<(String, SocketAddr, u32)> =
             route::chat_servers(m).filter_map(|s| Some((s.id.clone(), s.addrs.rpc?, s.pid))).collect();
@@ -181,22 +204,18 @@ impl ChatClient {
             }
             keep
         });
+        for l in links.values() {
+            l.rejoin.notify_one();
+        }
         for (id, addr, pid) in &live {
             if !links.contains_key(id) {
                 let stop = self.inner.shutdown.child_token();
                 links.insert(id.clone(), link::spawn(self.clone(), id.clone(), *addr, *pid, stop));
             }
         }
-        if old_chats == new_chats {
-            return;
-        }
-        // Rooms whose owner changed, on links that stayed up, are re-joined on their new owner now;
-        // new and restarted links re-join their share when they connect.
-        let moved = placement::moved(lock(&self.inner.members).values(), &old_chats, &new_chats);
-        for (chat, members) in moved {
-            if let Some(l) = links.get(&chat) {
-                tracing::info!("{} members' rooms moved to `{chat}`: re-joining them there", members.len());
-                let _ = l.tx.try_send(Queued::Rejoin(members));
+        if old_chats != new_chats {
+            for (chat, members) in placement::moved(lock(&self.inner.members).values(), &old_chats, &new_chats) {
+                tracing::info!("{} members' rooms moved to `{chat}`: its re-join takes them there", members.len());
             }
         }
     }
