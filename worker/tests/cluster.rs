@@ -1,6 +1,6 @@
 //! The connector and a chat server over real cluster RPC (in this process, through a relay the test can
-//! freeze or cut), with clients over WebSocket and raw TCP: a request the chat server cannot decode
-//! fails alone, a transient membership drops no one, and the connector's re-join heals
+//! freeze or cut), with clients over WebSocket and raw TCP: hostile input fails only its own request,
+//! names cannot impersonate, a transient membership drops no one, and the connector's re-join heals
 //! ghosts left by a hung chat server or a lost leave.
 
 #![allow(clippy::unwrap_used)]
@@ -46,6 +46,33 @@ async fn next(c: &mut Client, route: &str) -> Value {
     }
 }
 
+fn nested(levels: usize) -> Value {
+    serde_json::from_str(&format!("{}{}", "[".repeat(levels), "]".repeat(levels))).unwrap()
+}
+
+#[tokio::test]
+async fn a_message_too_deep_fails_alone_and_the_link_stays_up() {
+    bounded(LIMIT, async {
+        for kind in [Kind::Ws, Kind::Tcp] {
+            let c = MiniCluster::start().await;
+            let mut mallory = entered(kind, &c, "mallory", "a").await;
+            let mut bob = entered(kind, &c, "bob", "b").await;
+            // 126 arrays: the body is 127 levels, which the client port accepts; the cluster request
+            // would be 129.
+            let r = mallory.request(2, SEND, &json!({"target": "*", "content": nested(126)})).await;
+            assert_eq!(r["code"], 500, "{kind:?}: {r}");
+            assert!(r["message"].as_str().is_some_and(|m| m.contains("nested deeper than 32")), "{kind:?}: {r}");
+            let r = mallory.request(3, SEND, &json!({"target": "*", "content": nested(30)})).await;
+            assert_eq!(r, json!({}), "{kind:?}: 31 levels are fine");
+            assert_eq!(next(&mut mallory, "onChat").await["msg"], nested(30));
+            assert_eq!(bob.request(2, SEND, &json!({"target": "*", "content": "still here"})).await, json!({}));
+            assert_eq!(next(&mut bob, "onChat").await["msg"], "still here", "{kind:?}: the other room is served");
+            assert_eq!(c.relay.accepted(), 1, "{kind:?}: the RPC link never broke");
+        }
+    })
+    .await;
+}
+
 /// A raw cluster link to the chat server, as a connector would open it.
 async fn rpc_link(c: &MiniCluster, connector: &str) -> Framed<TcpStream, LengthDelimitedCodec> {
     let codec = LengthDelimitedCodec::builder().max_frame_length(cluster::MAX_FRAME).new_codec();
@@ -89,6 +116,37 @@ async fn a_request_the_chat_server_cannot_decode_fails_alone() {
             "the next one is served"
         );
         assert_eq!(c.chat.links.load(Ordering::SeqCst), 2, "both links are up");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn names_with_star_or_control_characters_are_refused_at_enter() {
+    bounded(LIMIT, async {
+        for kind in [Kind::Ws, Kind::Tcp] {
+            let c = MiniCluster::start().await;
+            let mut alice = entered(kind, &c, "alice", "r").await;
+            for (name, rid, what) in [
+                ("alice*x", "r", "'*'"),
+                ("a", "b*c", "'*'"),
+                ("eve\n2030-01-01 ERROR forged", "r", "control characters"),
+                ("\u{202e}ecila", "r", "bidirectional"),
+            ] {
+                let (mut cl, r) = enter(kind, &c, name, rid).await;
+                assert_eq!(
+                    (r["code"].clone(), r["error"].clone()),
+                    (json!(500), json!(true)),
+                    "{kind:?} {name:?}: {r}"
+                );
+                assert!(r["message"].as_str().is_some_and(|m| m.contains(what)), "{kind:?} {name:?}: {r}");
+                let r = cl.request(2, SEND, &json!({"target": "*", "content": "hi"})).await;
+                assert_eq!(r, json!({"code": 500}), "{kind:?}: a refused name is in no room");
+            }
+            // Alice saw none of them: her own message is the first push she gets.
+            assert_eq!(alice.request(2, SEND, &json!({"target": "*", "content": "me"})).await, json!({}));
+            let (route, body) = alice.next_push().await;
+            assert_eq!((route.as_str(), &body["from"]), ("onChat", &json!("alice")), "{kind:?}: {body}");
+        }
     })
     .await;
 }
