@@ -98,7 +98,7 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
                 m.snapshot(s);
                 r.snapshot(s);
             }));
-            let handler = Arc::new(Connector::new(Arc::new(ClusterRooms { client })));
+            let handler = Arc::new(Connector::with_metrics(Arc::new(ClusterRooms { client }), rpc_metrics));
             let stop = ctx.shutdown.clone();
             ctx.tasks.spawn(async move {
                 if let Err(e) = frontend::serve_with(listener, config, handler, sessions, stop).await {

@@ -68,6 +68,7 @@ async fn a_message_too_deep_fails_alone_and_the_link_stays_up() {
             assert_eq!(bob.request(2, SEND, &json!({"target": "*", "content": "still here"})).await, json!({}));
             assert_eq!(next(&mut bob, "onChat").await["msg"], "still here", "{kind:?}: the other room is served");
             assert_eq!(c.relay.accepted(), 1, "{kind:?}: the RPC link never broke");
+            assert_eq!(c.rpc_stat("requests_refused_total"), 1.0, "{kind:?}: counted");
         }
     })
     .await;
@@ -142,6 +143,7 @@ async fn names_with_star_or_control_characters_are_refused_at_enter() {
                 let r = cl.request(2, SEND, &json!({"target": "*", "content": "hi"})).await;
                 assert_eq!(r, json!({"code": 500}), "{kind:?}: a refused name is in no room");
             }
+            assert_eq!(c.rpc_stat("requests_refused_total"), 4.0, "{kind:?}: each refusal counted");
             // Alice saw none of them: her own message is the first push she gets.
             assert_eq!(alice.request(2, SEND, &json!({"target": "*", "content": "me"})).await, json!({}));
             let (route, body) = alice.next_push().await;

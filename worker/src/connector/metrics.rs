@@ -1,4 +1,5 @@
-//! The connector's RPC counters and latency histogram, reported with the heartbeat. Atomics only; no
+//! The connector's RPC counters and latency histogram, and the count of client requests it refused
+//! before any RPC, reported with the heartbeat. Atomics only; no
 //! tasks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,8 @@ pub struct RpcMetrics {
     requests: AtomicU64,
     errors: AtomicU64,
     deliveries_in: AtomicU64,
+    /// Client requests refused before any RPC (bad names, bodies nested too deep).
+    refused: AtomicU64,
     latency_us_sum: AtomicU64,
     /// Cumulative counts for the latency buckets in [`LATENCY_BUCKETS_MS`].
     latency_buckets: [AtomicU64; 8],
@@ -26,6 +29,10 @@ impl RpcMetrics {
 
     pub(crate) fn error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn delivered(&self, sessions: usize) {
@@ -49,6 +56,7 @@ impl RpcMetrics {
         out.insert("rpc_requests_total".into(), g(&self.requests));
         out.insert("rpc_errors_total".into(), g(&self.errors));
         out.insert("rpc_deliveries_in_total".into(), g(&self.deliveries_in));
+        out.insert("requests_refused_total".into(), g(&self.refused));
         for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
             out.insert(format!("rpc_latency_seconds_bucket_{}", le / 1000.0), g(&self.latency_buckets[i]));
         }

@@ -26,6 +26,8 @@ use serde_json::{json, Value};
 pub use rooms::{ChatSend, ClusterRooms, JoinError, Rooms};
 pub use rpc::ChatClient;
 
+use metrics::RpcMetrics;
+
 use crate::frontend::{BoxFuture, Handler, HandlerError, Request, Session};
 use crate::routes::{ENTER, SEND};
 
@@ -74,11 +76,17 @@ fn refused(message: String) -> Value {
 
 pub struct Connector {
     rooms: Arc<dyn Rooms>,
+    metrics: Arc<RpcMetrics>,
 }
 
 impl Connector {
     pub fn new(rooms: Arc<dyn Rooms>) -> Connector {
-        Connector { rooms }
+        Connector::with_metrics(rooms, Arc::default())
+    }
+
+    /// A connector that counts the requests it refuses in `metrics` (`requests_refused_total`).
+    pub fn with_metrics(rooms: Arc<dyn Rooms>, metrics: Arc<RpcMetrics>) -> Connector {
+        Connector { rooms, metrics }
     }
 
     async fn enter(&self, session: Session, body: Value) -> Result<Value, HandlerError> {
@@ -89,6 +97,7 @@ impl Connector {
         let (username, rid) = (field("username")?, field("rid")?);
         for (what, name) in [("username", &username), ("rid", &rid)] {
             if let Some(bad) = name_problem(name) {
+                self.metrics.refused();
                 tracing::debug!(session = session.id(), "enter refused: {what} {name:?} contains {bad}");
                 // `error: true` as for a taken name: the demo client asks for another name.
                 return Ok(json!({"code": 500, "error": true, "message": format!("a {what} cannot contain {bad}")}));
@@ -136,6 +145,7 @@ impl Handler for Connector {
     fn handle<'a>(&'a self, req: Request) -> BoxFuture<'a, Result<Value, HandlerError>> {
         Box::pin(async move {
             if depth(&req.body) > MAX_DEPTH {
+                self.metrics.refused();
                 tracing::debug!(
                     session = req.session.id(),
                     "{} refused: body nested deeper than {MAX_DEPTH}",

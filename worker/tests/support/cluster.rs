@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pomelo_proto::control::{BoundAddrs, Membership, ServerInfo, ServerType};
+use pomelo_proto::control::{BoundAddrs, Membership, ServerInfo, ServerType, Stats};
 use pomelo_worker::chat::server::{ChatMetrics, ChatServer};
 use pomelo_worker::connector::metrics::RpcMetrics;
 use pomelo_worker::connector::{ChatClient, ClusterRooms, Connector};
@@ -163,7 +163,7 @@ impl MiniCluster {
             rx,
             shutdown.clone(),
         );
-        let handler = Arc::new(Connector::new(Arc::new(ClusterRooms { client })));
+        let handler = Arc::new(Connector::with_metrics(Arc::new(ClusterRooms { client }), rpc.clone()));
         let connector = Server::start_with(config, handler, sessions, metrics).await;
         let c = MiniCluster { connector, relay, chat_addr, chat, rpc, membership, shutdown };
         c.publish(true);
@@ -182,6 +182,15 @@ impl MiniCluster {
             servers.push(server("connector-1", ServerType::Connector, None));
         }
         self.membership.send_modify(|m| *m = Arc::new(Membership { version: m.version + 1, servers }));
+    }
+}
+
+impl MiniCluster {
+    /// One of the connector's RPC stats.
+    pub fn rpc_stat(&self, name: &str) -> f64 {
+        let mut s = Stats::new();
+        self.rpc.snapshot(&mut s);
+        s.get(name).copied().unwrap_or_else(|| panic!("no stat {name}"))
     }
 }
 
