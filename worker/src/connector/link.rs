@@ -17,18 +17,18 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use pomelo_proto::cluster::{self, ChatError, ChatReply, ChatRequest, FromChat, ToChat};
+use pomelo_proto::cluster::{self, ChatError, ChatReply, ChatRequest, FromChat, Member, ToChat};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::RpcMetrics;
 use super::placement;
-use super::rpc::{lock, ChatClient};
 
 /// Requests queued for one chat server.
 const QUEUE: usize = 8 * 1024;
@@ -38,6 +38,29 @@ const MAX_PENDING: usize = 64 * 1024;
 pub const HEALTHY: Duration = Duration::from_secs(5);
 /// How often entries whose caller stopped waiting are swept from [`Pending`].
 const SWEEP: Duration = Duration::from_secs(5);
+
+/// Locks, recovering from poisoning: every map of the connector's RPC stays consistent between
+/// statements, so a panic elsewhere never makes the data wrong, and skipping work on a poisoned lock
+/// would lose records.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Hands a pre-encoded package to sessions of this connector.
+pub type Deliver = Arc<dyn Fn(&[u64], bytes::Bytes) + Send + Sync>;
+
+/// What every link of one connector shares.
+pub(crate) struct Shared {
+    pub(crate) connector: String,
+    pub(crate) token: String,
+    pub(crate) deliver: Deliver,
+    pub(crate) metrics: Arc<RpcMetrics>,
+    /// The members whose rooms a chat server owns now, read when a re-join is written.
+    pub(crate) owned: Owned,
+}
+
+/// See [`Shared::owned`].
+pub(crate) type Owned = Box<dyn Fn(&str) -> Vec<Member> + Send + Sync>;
 
 /// Where a request's answer goes.
 pub(crate) type Reply = oneshot::Sender<Result<ChatReply, ChatError>>;
@@ -101,7 +124,7 @@ impl Pending {
     }
 }
 
-pub(crate) fn spawn(client: ChatClient, chat: String, addr: SocketAddr, pid: u32, stop: CancellationToken) -> Link {
+pub(crate) fn spawn(client: Arc<Shared>, chat: String, addr: SocketAddr, pid: u32, stop: CancellationToken) -> Link {
     let (tx, rx) = mpsc::channel(QUEUE);
     let rejoin = Arc::new(Notify::new());
     let (s, r) = (stop.clone(), rejoin.clone());
@@ -110,7 +133,7 @@ pub(crate) fn spawn(client: ChatClient, chat: String, addr: SocketAddr, pid: u32
 }
 
 async fn run(
-    client: ChatClient,
+    client: Arc<Shared>,
     chat: String,
     addr: SocketAddr,
     mut rx: mpsc::Receiver<Queued>,
@@ -140,13 +163,13 @@ async fn run(
 }
 
 async fn connect_and_serve(
-    client: &ChatClient,
+    client: &Shared,
     chat: &str,
     addr: SocketAddr,
     rx: &mut mpsc::Receiver<Queued>,
     rejoin: &Notify,
 ) -> anyhow::Result<()> {
-    let inner = &client.inner;
+    let inner = client;
     let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
     stream.set_nodelay(true).ok();
     let codec = LengthDelimitedCodec::builder().max_frame_length(cluster::MAX_FRAME).new_codec();
@@ -218,11 +241,11 @@ async fn connect_and_serve(
 
 /// Feeds the authoritative re-join of every member whose room `chat` owns (possibly none), in chunks of
 /// about [`cluster::REJOIN_CHUNK_BYTES`]; how many members it carried.
-async fn send_rejoin<S>(sink: &mut S, client: &ChatClient, chat: &str, pending: &Pending) -> anyhow::Result<usize>
+async fn send_rejoin<S>(sink: &mut S, client: &Shared, chat: &str, pending: &Pending) -> anyhow::Result<usize>
 where
     S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
 {
-    let members = client.members_owned_by(chat);
+    let members = (client.owned)(chat);
     let total = members.len();
     let mut chunks = placement::chunks(members, cluster::REJOIN_CHUNK_BYTES).into_iter().peekable();
     while let Some(members) = chunks.next() {

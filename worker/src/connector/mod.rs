@@ -4,10 +4,14 @@
 //! - [`Connector`] (this file) is the handler: it checks what the client sent, binds the session's uid
 //!   and hands joins, sends and leaves to its [`Rooms`];
 //! - [`rooms`]: the [`Rooms`] trait and [`ClusterRooms`], its implementation over cluster RPC;
-//! - [`rpc`]: [`ChatClient`], the links to the chat servers, request ids, pending answers and timeouts,
-//!   and the one record of which room each session is in;
+//! - [`rpc`]: [`ChatClient`], calls with timeouts, following the membership, and the one record of
+//!   which room each session is in; `link` (private): one task per chat server (connect with backoff,
+//!   authoritative re-joins, request ids and pending answers, deliveries);
 //! - [`placement`]: the pure rules of which chat server holds which members;
 //! - [`metrics`]: the RPC counters and latency histogram.
+//!
+//! Client input is checked here, before any RPC: names that could pass for another user or forge log
+//! lines, and bodies nested deeper than [`MAX_DEPTH`], are refused with a clear `{"code":500, message}`.
 //!
 //! The handler has no tasks of its own: it runs in the calling connection's task, and a session's leave
 //! runs from its `on_close`. The RPC tasks belong to [`ChatClient`] and end with the shutdown token.

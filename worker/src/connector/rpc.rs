@@ -13,24 +13,22 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use pomelo_proto::cluster::{ChatError, ChatReply, ChatRequest, Member};
 use pomelo_proto::control::Membership;
 use pomelo_proto::route;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::link::{self, Link};
+use super::link::{self, lock, Link, Shared};
 use super::metrics::RpcMetrics;
 use super::placement;
 
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Hands a pre-encoded package to sessions of this connector.
-pub type Deliver = Arc<dyn Fn(&[u64], Bytes) + Send + Sync>;
+pub use super::link::Deliver;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
@@ -44,28 +42,19 @@ pub enum RpcError {
     Chat(#[from] ChatError),
 }
 
-/// Locks, recovering from poisoning: every map here stays consistent between statements, so a panic
-/// elsewhere never makes the data wrong, and skipping work on a poisoned lock would lose records.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-pub(crate) struct Inner {
-    pub(crate) connector: String,
-    pub(crate) token: String,
-    pub(crate) deliver: Deliver,
-    pub(crate) metrics: Arc<RpcMetrics>,
+struct Inner {
+    shared: Arc<Shared>,
     links: Mutex<HashMap<String, Link>>,
     /// session → member, for every session that entered a room: the one record of a session's room.
-    members: Mutex<HashMap<u64, Member>>,
+    members: Arc<Mutex<HashMap<u64, Member>>>,
     /// The live chat servers, in membership order.
-    chats: Mutex<Vec<String>>,
+    chats: Arc<Mutex<Vec<String>>>,
     shutdown: CancellationToken,
 }
 
 #[derive(Clone)]
 pub struct ChatClient {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
 impl ChatClient {
@@ -77,16 +66,16 @@ impl ChatClient {
         mut membership: watch::Receiver<Arc<Membership>>,
         shutdown: CancellationToken,
     ) -> ChatClient {
-        let inner = Arc::new(Inner {
-            connector,
-            token,
-            deliver,
-            metrics,
-            links: Mutex::new(HashMap::new()),
-            members: Mutex::new(HashMap::new()),
-            chats: Mutex::new(Vec::new()),
-            shutdown: shutdown.clone(),
+        let members: Arc<Mutex<HashMap<u64, Member>>> = Arc::default();
+        let chats: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (m, c) = (members.clone(), chats.clone());
+        let owned = Box::new(move |chat: &str| {
+            let chats = lock(&c).clone();
+            placement::owned_by(chat, lock(&m).values(), &chats)
         });
+        let shared = Arc::new(Shared { connector, token, deliver, metrics, owned });
+        let inner =
+            Arc::new(Inner { shared, links: Mutex::new(HashMap::new()), members, chats, shutdown: shutdown.clone() });
         let client = ChatClient { inner };
         let c = client.clone();
         tokio::spawn(async move {
@@ -102,20 +91,14 @@ impl ChatClient {
         client
     }
 
-    /// The members whose rooms `chat` owns now: what a link re-joins when it connects.
-    pub(crate) fn members_owned_by(&self, chat: &str) -> Vec<Member> {
-        let chats = lock(&self.inner.chats).clone();
-        placement::owned_by(chat, lock(&self.inner.members).values(), &chats)
-    }
-
     /// Sends a request to the chat server that owns `rid` and waits for the answer.
     async fn call(&self, rid: &str, req: ChatRequest) -> Result<ChatReply, RpcError> {
         let started = Instant::now();
-        self.inner.metrics.request();
+        self.inner.shared.metrics.request();
         let r = self.call_inner(rid, req).await;
         match &r {
-            Ok(_) => self.inner.metrics.observe(started.elapsed()),
-            Err(_) => self.inner.metrics.error(),
+            Ok(_) => self.inner.shared.metrics.observe(started.elapsed()),
+            Err(_) => self.inner.shared.metrics.error(),
         }
         r
     }
@@ -210,7 +193,7 @@ impl ChatClient {
         for (id, addr, pid) in &live {
             if !links.contains_key(id) {
                 let stop = self.inner.shutdown.child_token();
-                links.insert(id.clone(), link::spawn(self.clone(), id.clone(), *addr, *pid, stop));
+                links.insert(id.clone(), link::spawn(self.inner.shared.clone(), id.clone(), *addr, *pid, stop));
             }
         }
         if old_chats != new_chats {
