@@ -1,6 +1,7 @@
 //! The connector and a chat server over real cluster RPC (in this process, through a relay the test can
 //! freeze or cut), with clients over WebSocket and raw TCP: hostile input fails only its own request,
-//! names cannot impersonate, a transient membership drops no one, and the connector's re-join heals
+//! names cannot impersonate, a transient membership drops no one while a dead connector's members
+//! leave within seconds, and the connector's re-join heals
 //! ghosts left by a hung chat server or a lost leave.
 
 #![allow(clippy::unwrap_used)]
@@ -222,6 +223,64 @@ async fn a_join_that_timed_out_leaves_no_ghost() {
             let (_carol, r) = enter(kind, &c, "carol", "r").await;
             assert_eq!(r["users"], json!(["alice", "carol"]), "{kind:?}: carol's name is free");
         }
+    })
+    .await;
+}
+
+/// Another connector, `connector-x`, as a raw RPC link with one member, xavier, in room `r`.
+async fn xavier(c: &MiniCluster) -> Framed<TcpStream, LengthDelimitedCodec> {
+    let mut link = rpc_link(c, "connector-x").await;
+    let m = Member { rid: "r".into(), uid: "xavier*r".into(), username: "xavier".into(), session: 1 };
+    link.send(cluster::encode_msg(&ToChat::Request { id: 1, req: ChatRequest::Join { member: m } })).await.unwrap();
+    assert!(matches!(response(&mut link, 1).await, Ok(ChatReply::Users { .. })));
+    link
+}
+
+#[tokio::test]
+async fn a_dead_connector_s_members_leave_about_a_second_after_it_is_gone() {
+    bounded(LIMIT, async {
+        for kind in [Kind::Ws, Kind::Tcp] {
+            let c = MiniCluster::start().await;
+            c.publish_with(&["connector-1", "connector-x"]);
+            let mut alice = entered(kind, &c, "alice", "r").await;
+            let link = xavier(&c).await;
+            assert_eq!(next(&mut alice, "onAdd").await["user"], "xavier");
+            // connector-x dies: its link closes and the master announces it gone.
+            drop(link);
+            let died = tokio::time::Instant::now();
+            c.publish_with(&["connector-1"]);
+            assert_eq!(next(&mut alice, "onLeave").await["user"], "xavier", "{kind:?}");
+            let after = died.elapsed();
+            assert!(after >= Duration::from_millis(900), "{kind:?}: the grace is kept: {after:?}");
+            assert!(after < Duration::from_secs(3), "{kind:?}: promptly: {after:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_listed_connector_without_a_link_keeps_its_members_for_the_long_grace() {
+    bounded(LIMIT, async {
+        let c = MiniCluster::start().await;
+        c.publish_with(&["connector-1", "connector-x"]);
+        let mut alice = entered(Kind::Tcp, &c, "alice", "r").await;
+        let link = xavier(&c).await;
+        assert_eq!(next(&mut alice, "onAdd").await["user"], "xavier");
+        drop(link);
+        let lost = tokio::time::Instant::now();
+        // Still listed (a master that has not noticed, a link that is coming back): members stay...
+        let early = tokio::time::timeout(Duration::from_secs(3), alice.next_push()).await;
+        assert!(early.is_err(), "no push while the grace runs: {early:?}");
+        // ...for LINKLESS_GRACE (10 s), then they leave.
+        let (route, body) = loop {
+            let (route, body) = alice.next_push_within(Duration::from_secs(12)).await;
+            if route == "onLeave" {
+                break (route, body);
+            }
+        };
+        assert_eq!((route.as_str(), &body["user"]), ("onLeave", &json!("xavier")));
+        let after = lost.elapsed();
+        assert!(after >= Duration::from_millis(9500) && after < Duration::from_secs(13), "{after:?}");
     })
     .await;
 }

@@ -11,7 +11,7 @@ use pomelo_proto::control::{BoundAddrs, Membership, ServerInfo, ServerType, Stat
 use pomelo_worker::chat::server::{ChatMetrics, ChatServer};
 use pomelo_worker::connector::metrics::RpcMetrics;
 use pomelo_worker::connector::{ChatClient, ClusterRooms, Connector};
-use pomelo_worker::frontend::{FrontendMetrics, Sessions};
+use pomelo_worker::frontend::{FrontendConfig, FrontendMetrics, Sessions};
 use pomelo_worker::routes::chat_dictionary;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -148,7 +148,8 @@ impl MiniCluster {
             tasks: TaskTracker::new(),
         }
         .start(listener);
-        let config = connector_config();
+        // Clients here do not send heartbeats of their own; a long interval keeps them for a whole test.
+        let config = FrontendConfig { heartbeat: Some(Duration::from_secs(30)), ..connector_config() };
         let metrics = Arc::new(FrontendMetrics::new());
         let sessions = Sessions::new(&config, metrics.clone());
         let rpc = Arc::new(RpcMetrics::default());
@@ -177,10 +178,13 @@ impl MiniCluster {
 
     /// Publishes a new membership epoch with `chat-1`, and `connector-1` if `with_connector`.
     pub fn publish(&self, with_connector: bool) {
+        self.publish_with(if with_connector { &["connector-1"] } else { &[] });
+    }
+
+    /// Publishes a new membership epoch with `chat-1` and these connectors.
+    pub fn publish_with(&self, connectors: &[&str]) {
         let mut servers = vec![server("chat-1", ServerType::Chat, Some(self.relay.addr))];
-        if with_connector {
-            servers.push(server("connector-1", ServerType::Connector, None));
-        }
+        servers.extend(connectors.iter().map(|c| server(c, ServerType::Connector, None)));
         self.membership.send_modify(|m| *m = Arc::new(Membership { version: m.version + 1, servers }));
     }
 }

@@ -239,11 +239,17 @@ impl Client {
 
     /// Waits for the next push, answering heartbeats.
     pub async fn next_push(&mut self) -> (String, Value) {
+        self.next_push_within(WAIT).await
+    }
+
+    /// [`Client::next_push`] waiting up to `d` for each package.
+    pub async fn next_push_within(&mut self, d: Duration) -> (String, Value) {
         if !self.pushes.is_empty() {
             return self.pushes.remove(0);
         }
         loop {
-            let p = self.recv().await.expect("connection closed before a push");
+            let p = self.recv_within(d).await.expect("timed out waiting for a package");
+            let p = p.expect("connection closed before a push");
             self.absorb(p, None).await;
             if !self.pushes.is_empty() {
                 return self.pushes.remove(0);
