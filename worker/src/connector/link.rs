@@ -203,24 +203,20 @@ async fn connect_and_serve(
     let writer = async {
         let mut sweep = tokio::time::interval(SWEEP);
         loop {
-            let first = tokio::select! {
+            let (first, rejoin_now) = tokio::select! {
                 q = rx.recv() => match q {
-                    Some(q) => q,
+                    Some(q) => (Some(q), false),
                     None => return anyhow::Ok(()),
                 },
-                _ = rejoin.notified() => {
-                    let n = send_rejoin(&mut sink, client, chat, &pending).await?;
-                    tracing::debug!("re-joined {n} members on `{chat}`");
-                    sink.flush().await?;
-                    continue;
-                }
+                _ = rejoin.notified() => (None, true),
                 _ = sweep.tick() => {
                     pending.sweep();
                     continue;
                 }
             };
-            let mut next = Some(first);
-            // Write what else is queued in the same syscall.
+            let mut next = first;
+            // Write what else is queued in the same syscall; before a re-join, everything queued goes
+            // first, so a join queued before it reaches the chat server with its `onAdd`.
             while let Some((req, reply)) = next.take().or_else(|| rx.try_recv().ok()) {
                 let id = match reply {
                     Some(reply) => match pending.insert(reply) {
@@ -230,6 +226,10 @@ async fn connect_and_serve(
                     None => pending.next_id(),
                 };
                 sink.feed(cluster::encode_msg(&ToChat::Request { id, req })).await?;
+            }
+            if rejoin_now {
+                let n = send_rejoin(&mut sink, client, chat, &pending).await?;
+                tracing::debug!("re-joined {n} members on `{chat}`");
             }
             sink.flush().await?;
         }
