@@ -1,4 +1,4 @@
-//! Criterion micro-benchmarks of the fan-out path: a chat server's `Rooms::send` for a 200-member room
+//! Criterion micro-benchmarks of the fan-out path: a chat server's `RoomTable::send` for a 200-member room
 //! spread over 2 connectors, the delivery frame it sends each connector (`cluster::encode_deliver`), and
 //! the connector's decoding of that frame (`cluster::decode`).
 
@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pomelo_proto::cluster::{self, ChatRequest, FromChat, Member, ToChat};
-use pomelo_worker::chat::rooms::Rooms;
-use pomelo_worker::connector::chat_dictionary;
+use pomelo_worker::chat::room_table::RoomTable;
+use pomelo_worker::routes::chat_dictionary;
 
 const MEMBERS: u64 = 200;
 
-fn room() -> Rooms {
-    let mut rooms = Rooms::new(Some(Arc::new(chat_dictionary())));
+fn room() -> RoomTable {
+    let mut rooms = RoomTable::new(Some(Arc::new(chat_dictionary())));
     let connectors: [Arc<str>; 2] = ["connector-1".into(), "connector-2".into()];
     for i in 0..MEMBERS {
         let m = Member { rid: "big".into(), uid: format!("u{i}*big"), username: format!("u{i}"), session: i + 1 };

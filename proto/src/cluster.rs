@@ -17,6 +17,10 @@ pub use crate::link::FrameError;
 /// still use while they build their codec by hand instead of calling [`crate::link::cluster_codec`].
 pub use crate::link::CLUSTER_MAX_FRAME as MAX_FRAME;
 
+/// A re-join is split into frames of about this many bytes of members, far below [`MAX_FRAME`], so no
+/// number of members can make it unsendable.
+pub const REJOIN_CHUNK_BYTES: usize = 512 << 10;
+
 /// One member of a room as the connector knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -51,8 +55,15 @@ pub enum ChatRequest {
     Leave { member: Member },
     /// `chat.chatHandler.send`: to everyone (`target == "*"`, sender included) or to one user name.
     Send { rid: String, from: String, target: String, content: serde_json::Value },
-    /// Members this chat server now owns (it restarted, or rooms moved to it): added without `onAdd`.
-    Rejoin { members: Vec<Member> },
+    /// Every member of the connector whose room this chat server owns, sent on every new link and every
+    /// membership the connector receives. Authoritative: it *replaces* that connector's members here
+    /// (members missing here are added without `onAdd`; members of that connector not listed are ghosts
+    /// and leave with `onLeave`). Split over several frames, all but the last with `more: true`.
+    Rejoin {
+        members: Vec<Member>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +126,19 @@ pub fn encode_deliver_parts<P: AsRef<[u8]>>(sessions: &[u64], parts: &[P]) -> By
     out.freeze()
 }
 
+/// The request id of a `J` frame whose message did not decode (too deep, a field of the wrong type), so
+/// that one request can be answered with an error instead of the link being closed. serde_json skips
+/// the unknown fields without a recursion limit and without building them.
+pub fn request_id(frame: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Head {
+        t: String,
+        id: u64,
+    }
+    let head: Head = serde_json::from_slice(frame.strip_prefix(b"J")?).ok()?;
+    (head.t == "request").then_some(head.id)
+}
+
 /// Decodes a frame; the payload of a delivery shares the frame's memory.
 pub fn decode<T: for<'de> Deserialize<'de>>(frame: Bytes) -> Result<Frame<T>, FrameError> {
     let mut buf = frame;
@@ -163,6 +187,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_request_too_deep_to_decode_still_has_its_id() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let frame = format!(r#"J{{"t":"request","id":42,"req":{{"op":"send","rid":"r","content":{deep}}}}}"#);
+        assert!(decode::<ToChat>(Bytes::from(frame.clone())).is_err(), "deeper than serde_json's limit");
+        assert_eq!(request_id(frame.as_bytes()), Some(42));
+        assert_eq!(request_id(br#"J{"t":"hello","id":1}"#), None);
+        assert_eq!(request_id(b"J{"), None);
+        assert_eq!(request_id(b"D\x00"), None);
+        let r = ToChat::Request { id: 3, req: ChatRequest::Rejoin { members: vec![], more: false } };
+        assert_eq!(
+            String::from_utf8_lossy(&encode_msg(&r)[1..]),
+            r#"{"t":"request","id":3,"req":{"op":"rejoin","members":[]}}"#
+        );
     }
 
     #[test]

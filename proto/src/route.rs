@@ -1,5 +1,21 @@
 //! Routing helpers shared by every process: Pomelo's default `crc32` routing (so a uid lands where
 //! Pomelo would put it) and rendezvous hashing for room → chat server. Pure functions.
+//!
+//! [`owner`] over [`chat_servers`] is *the* room-owner rule: connectors use it to send a room's requests
+//! and re-joins, chat servers use it to decide which rooms are theirs. Nothing else computes it.
+
+use crate::control::{Membership, ServerInfo, ServerType};
+
+/// The chat servers that can own rooms: those of the membership with an RPC address, in membership order.
+pub fn chat_servers(m: &Membership) -> impl Iterator<Item = &ServerInfo> {
+    m.of_type(ServerType::Chat).filter(|s| s.addrs.rpc.is_some())
+}
+
+/// The chat server that owns room `rid` among `chats` (ids as [`chat_servers`] lists them): rendezvous
+/// hashing, so adding or removing a chat server moves only the rooms it gains or loses.
+pub fn owner<'a, S: AsRef<str> + 'a>(rid: &str, chats: impl IntoIterator<Item = &'a S>) -> Option<&'a str> {
+    rendezvous(rid, chats.into_iter().map(AsRef::as_ref))
+}
 
 /// crc 0.2.0's `crc32(str)`: standard CRC-32 over the low byte of each UTF-16 code unit, as a signed i32.
 pub fn pomelo_crc32(s: &str) -> i32 {

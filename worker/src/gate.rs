@@ -13,10 +13,7 @@ use tokio::sync::watch;
 
 use crate::frontend::{BoxFuture, FrontendConfig, Handler, HandlerError, Request};
 
-pub const QUERY_ENTRY: &str = "gate.gateHandler.queryEntry";
-
-/// Every route the gate server type handles (for the dictionary).
-pub const ROUTES: &[&str] = &[QUERY_ENTRY];
+use crate::routes::QUERY_ENTRY;
 
 pub struct Gate {
     membership: watch::Receiver<Arc<Membership>>,
@@ -63,7 +60,7 @@ impl Gate {
 
 impl Handler for Gate {
     fn routes(&self) -> Vec<String> {
-        ROUTES.iter().map(|r| r.to_string()).collect()
+        vec![QUERY_ENTRY.to_string()]
     }
 
     fn handle<'a>(&'a self, req: Request) -> BoxFuture<'a, Result<Value, HandlerError>> {

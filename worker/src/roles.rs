@@ -7,20 +7,37 @@
 //! - chat: the [`ChatServer`] on the RPC port.
 //!
 //! Each returns the stats sources for the heartbeat. Every task runs under the runtime's token and tracker.
+//! A connector's deliveries bypass the handler stack: the [`ChatClient`]'s `deliver` closure pushes the
+//! chat server's pre-encoded bytes straight into the sessions' queues.
 
 use std::sync::Arc;
 
-use pomelo_proto::config::ServerSpec;
-use pomelo_proto::control::ServerType;
+use pomelo_proto::config::{ServerSpec, WorkerSpec};
+use pomelo_proto::control::{Membership, ServerType};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::chat::server::{ChatMetrics, ChatServer};
-use crate::chat_client::{ChatClient, RpcMetrics};
-use crate::cluster_rooms::ClusterRooms;
-use crate::connector::{chat_dictionary, Connector};
+use crate::connector::metrics::RpcMetrics;
+use crate::connector::{ChatClient, ClusterRooms, Connector};
 use crate::control::StatsSource;
 use crate::frontend::{self, FrontendConfig, FrontendMetrics, Sessions};
 use crate::gate::Gate;
-use crate::runtime::RoleContext;
+use crate::routes::chat_dictionary;
+
+/// What the role needs to start serving (built by [`crate::runtime::run`]).
+pub struct RoleContext {
+    pub spec: WorkerSpec,
+    pub rpc: Option<TcpListener>,
+    pub client: Option<TcpListener>,
+    pub membership: watch::Receiver<Arc<Membership>>,
+    /// The cluster token (peers prove they belong to this cluster with it).
+    pub token: String,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
 
 /// The chat demo page the gate serves on `GET /` (HTML, CSS and JS in one file; no build step).
 pub const CHAT_PAGE: &str = include_str!("../assets/chat.html");
@@ -81,7 +98,7 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
                 m.snapshot(s);
                 r.snapshot(s);
             }));
-            let handler = Arc::new(Connector::new(Arc::new(ClusterRooms { client })));
+            let handler = Arc::new(Connector::with_metrics(Arc::new(ClusterRooms { client }), rpc_metrics));
             let stop = ctx.shutdown.clone();
             ctx.tasks.spawn(async move {
                 if let Err(e) = frontend::serve_with(listener, config, handler, sessions, stop).await {
@@ -111,11 +128,7 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
 }
 
 /// Keeps a listener bound and refuses what connects to it.
-fn hold(
-    listener: Option<tokio::net::TcpListener>,
-    stop: tokio_util::sync::CancellationToken,
-    tasks: &tokio_util::task::TaskTracker,
-) {
+fn hold(listener: Option<TcpListener>, stop: CancellationToken, tasks: &TaskTracker) {
     let Some(listener) = listener else { return };
     tasks.spawn(async move {
         loop {

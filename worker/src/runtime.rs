@@ -19,22 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::{self, Exit, StatsSource};
-use crate::roles;
+use crate::roles::{self, RoleContext};
 
 /// How long the role's tasks get to finish after a stop.
 pub const DRAIN: Duration = Duration::from_secs(5);
-
-/// What the role needs to start serving.
-pub struct RoleContext {
-    pub spec: WorkerSpec,
-    pub rpc: Option<TcpListener>,
-    pub client: Option<TcpListener>,
-    pub membership: watch::Receiver<Arc<Membership>>,
-    /// The cluster token (peers prove they belong to this cluster with it).
-    pub token: String,
-    pub shutdown: CancellationToken,
-    pub tasks: TaskTracker,
-}
 
 /// Runs the worker until the master stops it or `stop` is cancelled; `Ok` with the reason it stopped.
 pub async fn run(spec: WorkerSpec, token: String, stop: CancellationToken) -> anyhow::Result<Exit> {

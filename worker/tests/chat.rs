@@ -10,15 +10,16 @@ use std::time::Duration;
 
 use pomelo_proto::control::{BoundAddrs, Membership, ServerInfo, ServerType};
 use pomelo_proto::wire::PackageType;
-use pomelo_worker::connector::{Connector, LocalRooms};
+use pomelo_worker::connector::Connector;
 use pomelo_worker::frontend::FrontendConfig;
 use pomelo_worker::gate::Gate;
 use serde_json::{json, Value};
+use support::local_rooms::{self, LocalRooms};
 use support::{bounded, Client, Kind, Server};
 use tokio::sync::watch;
 
 fn connector_config(heartbeat_ms: u64) -> FrontendConfig {
-    FrontendConfig { heartbeat: Some(Duration::from_millis(heartbeat_ms)), ..Connector::frontend_config() }
+    FrontendConfig { heartbeat: Some(Duration::from_millis(heartbeat_ms)), ..local_rooms::connector_config() }
 }
 
 async fn connector(heartbeat_ms: u64) -> (Server, Arc<LocalRooms>) {

@@ -12,10 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use pomelo_proto::control::Membership;
 use pomelo_proto::wire::{Message, PackageType, Route};
-use pomelo_worker::connector::{Connector, LocalRooms};
+use pomelo_worker::connector::Connector;
 use pomelo_worker::frontend::FrontendConfig;
 use pomelo_worker::gate::Gate;
 use serde_json::{json, Value};
+use support::local_rooms::{self, LocalRooms};
 use support::{bounded, Client, Kind, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,7 +27,7 @@ async fn connector(cfg: FrontendConfig) -> Server {
 }
 
 fn quick() -> FrontendConfig {
-    FrontendConfig { handshake_timeout: Duration::from_millis(500), ..Connector::frontend_config() }
+    FrontendConfig { handshake_timeout: Duration::from_millis(500), ..local_rooms::connector_config() }
 }
 
 async fn entered(kind: Kind, s: &Server, name: &str) -> Client {
@@ -237,7 +238,7 @@ async fn pomelo_routing_rules() {
 
         // A client that already has the dictionary gets only useDict.
         let mut k = Client::connect(Kind::Tcp, s.addr).await;
-        let version = Connector::frontend_config().dictionary.version().to_owned();
+        let version = local_rooms::connector_config().dictionary.version().to_owned();
         let hs = json!({"sys":{"type":"js-websocket","version":"0.0.1","dictVersion":version}});
         k.send_pkg(PackageType::Handshake, hs.to_string().as_bytes()).await;
         let reply: Value = serde_json::from_slice(&k.recv().await.unwrap().body).unwrap();

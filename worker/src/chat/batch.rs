@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::rooms::Delivery;
+use super::room_table::Delivery;
 
 /// Largest payload of one merged frame.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;

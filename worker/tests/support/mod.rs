@@ -3,6 +3,9 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod cluster;
+pub mod local_rooms;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,10 +35,20 @@ pub struct Server {
 
 impl Server {
     pub async fn start(config: FrontendConfig, handler: Arc<dyn Handler>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(FrontendMetrics::new());
         let sessions = Sessions::new(&config, metrics.clone());
+        Server::start_with(config, handler, sessions, metrics).await
+    }
+
+    /// A server over sessions made beforehand (a connector's chat client delivers into them).
+    pub async fn start_with(
+        config: FrontendConfig,
+        handler: Arc<dyn Handler>,
+        sessions: Arc<Sessions>,
+        metrics: Arc<FrontendMetrics>,
+    ) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let (s, t) = (sessions.clone(), shutdown.clone());
         let task = tokio::spawn(async move {
@@ -209,9 +222,15 @@ impl Client {
 
     /// Sends a request and waits for its response, collecting pushes and answering heartbeats.
     pub async fn request(&mut self, id: u32, route: &str, body: &Value) -> Value {
+        self.request_within(id, route, body, WAIT).await
+    }
+
+    /// [`Client::request`] waiting up to `d` for each package.
+    pub async fn request_within(&mut self, id: u32, route: &str, body: &Value, d: Duration) -> Value {
         self.send_request(id, route, body).await;
         loop {
-            let p = self.recv().await.expect("connection closed before the response");
+            let p = self.recv_within(d).await.expect("timed out waiting for a package");
+            let p = p.expect("connection closed before the response");
             if let Some(v) = self.absorb(p, Some(id)).await {
                 return v;
             }
@@ -220,11 +239,17 @@ impl Client {
 
     /// Waits for the next push, answering heartbeats.
     pub async fn next_push(&mut self) -> (String, Value) {
+        self.next_push_within(WAIT).await
+    }
+
+    /// [`Client::next_push`] waiting up to `d` for each package.
+    pub async fn next_push_within(&mut self, d: Duration) -> (String, Value) {
         if !self.pushes.is_empty() {
             return self.pushes.remove(0);
         }
         loop {
-            let p = self.recv().await.expect("connection closed before a push");
+            let p = self.recv_within(d).await.expect("timed out waiting for a package");
+            let p = p.expect("connection closed before a push");
             self.absorb(p, None).await;
             if !self.pushes.is_empty() {
                 return self.pushes.remove(0);

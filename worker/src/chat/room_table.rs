@@ -1,11 +1,11 @@
-//! Rooms on a chat server, as plain data: who is in which room, on which connector, in which session.
+//! The room table of a chat server, as plain data: who is in which room, on which connector, in which session.
 //!
 //! Every operation returns the [`Delivery`]s it causes, one per connector that holds recipients, each with
 //! a push encoded once; the server sends them. A room keeps its members grouped by connector (rebuilt
 //! lazily after a join or leave), so a broadcast costs one encode and one shared session list per
 //! connector, not a lookup per member. Nothing here does I/O, so the rules are unit-tested.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -99,7 +99,7 @@ impl Room {
 }
 
 #[derive(Debug, Default)]
-pub struct Rooms {
+pub struct RoomTable {
     rooms: HashMap<String, Room>,
     dict: Option<Arc<Dictionary>>,
     members: usize,
@@ -128,9 +128,9 @@ fn deliveries(room: &Arc<str>, groups: &Groups, payload: Option<Bytes>) -> Vec<D
         .collect()
 }
 
-impl Rooms {
-    pub fn new(dict: Option<Arc<Dictionary>>) -> Rooms {
-        Rooms { rooms: HashMap::new(), dict, members: 0 }
+impl RoomTable {
+    pub fn new(dict: Option<Arc<Dictionary>>) -> RoomTable {
+        RoomTable { rooms: HashMap::new(), dict, members: 0 }
     }
 
     pub fn room_count(&self) -> usize {
@@ -160,15 +160,43 @@ impl Rooms {
         Ok((room.users(), out))
     }
 
-    /// Adds members without telling anyone: they were already in the room on another owner.
-    pub fn rejoin(&mut self, connector: &Arc<str>, members: Vec<Member>) {
-        for m in members {
+    /// A connector's authoritative re-join: `members` are *all* of its members in the rooms `owns`
+    /// accepts. Listed members missing here are added without telling anyone (they were in the room
+    /// before: on another owner, or on this one before it restarted); that connector's members here that
+    /// are not listed are ghosts (a join that timed out, a leave lost with a link) and leave with
+    /// `onLeave` to the rest. Members of rooms this server does not own are ignored.
+    pub fn rejoin(&mut self, connector: &Arc<str>, members: Vec<Member>, owns: impl Fn(&str) -> bool) -> Vec<Delivery> {
+        let mut ghosts: Vec<(String, String)> = Vec::new();
+        {
+            // A listed uid on another session of the same connector is replaced in place, not a ghost.
+            let listed: HashSet<&str> = members.iter().map(|m| m.uid.as_str()).collect();
+            for (rid, room) in &mut self.rooms {
+                let gone: Vec<String> = room
+                    .members
+                    .iter()
+                    .filter(|(u, e)| &e.connector == connector && !listed.contains(u.as_str()))
+                    .map(|(u, _)| u.clone())
+                    .collect();
+                for uid in gone {
+                    if let Some(e) = room.remove(&uid) {
+                        ghosts.push((rid.clone(), e.username));
+                    }
+                }
+            }
+        }
+        self.members -= ghosts.len();
+        for m in members.into_iter().filter(|m| owns(&m.rid)) {
             let room = self.rooms.entry(m.rid.clone()).or_insert_with(|| Room::new(&m.rid));
             if !room.members.contains_key(&m.uid) {
                 self.members += 1;
             }
             room.insert(m.uid, Entry { username: m.username, connector: connector.clone(), session: m.session });
         }
+        let mut out = Vec::new();
+        for (rid, username) in ghosts {
+            out.extend(self.after_leave(&rid, &username));
+        }
+        out
     }
 
     /// Removes a member (only the session that joined); `onLeave` goes to the rest.
@@ -265,89 +293,4 @@ impl Rooms {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn m(name: &str, rid: &str, session: u64) -> Member {
-        Member { rid: rid.into(), uid: format!("{name}*{rid}"), username: name.into(), session }
-    }
-
-    #[test]
-    fn join_pushes_on_add_to_the_others_and_lists_users_in_order() {
-        let mut r = Rooms::new(None);
-        let c1: Arc<str> = "c1".into();
-        let c2: Arc<str> = "c2".into();
-        let (users, d) = r.join(&c1, m("ann", "r", 1)).expect("join");
-        assert_eq!(users, ["ann"]);
-        assert!(d.is_empty());
-        r.join(&c1, m("bob", "r", 2)).expect("join");
-        let (users, d) = r.join(&c2, m("cy", "r", 7)).expect("join");
-        assert_eq!(users, ["ann", "bob", "cy"]);
-        assert_eq!(d.len(), 1, "one delivery for connector c1");
-        assert_eq!(&d[0].sessions[..], [1, 2]);
-        assert!(d[0].payload.ends_with(br#"{"route":"onAdd","user":"cy"}"#));
-        assert!(matches!(r.join(&c2, m("ann", "r", 9)), Err(ChatError::Duplicate { .. })));
-        assert!(r.join(&c1, m("ann", "r", 1)).is_ok(), "the same session joining again is harmless");
-        assert_eq!(r.member_count(), 3);
-    }
-
-    #[test]
-    fn broadcast_includes_the_sender_and_private_reaches_one() {
-        let mut r = Rooms::new(None);
-        let (c1, c2): (Arc<str>, Arc<str>) = ("c1".into(), "c2".into());
-        r.join(&c1, m("ann", "r", 1)).expect("join");
-        r.join(&c2, m("bob", "r", 2)).expect("join");
-        r.join(&c2, m("eve", "other", 3)).expect("join");
-        let d = r.send("r", "ann", "*", &json!("hi")).expect("send");
-        assert_eq!(d.len(), 2);
-        assert_eq!(d[0].payload.as_ptr(), d[1].payload.as_ptr(), "encoded once, shared");
-        assert!(d[0].payload.ends_with(br#"{"msg":"hi","from":"ann","target":"*"}"#));
-        let d = r.send("r", "ann", "bob", &json!("psst")).expect("send");
-        assert_eq!(d.len(), 1);
-        assert_eq!((&*d[0].connector, &d[0].sessions[..]), ("c2", &[2u64][..]));
-        assert!(r.send("r", "ann", "eve", &json!("x")).expect("send").is_empty(), "eve is in another room");
-    }
-
-    #[test]
-    fn broadcasts_follow_joins_and_leaves() {
-        let mut r = Rooms::new(None);
-        let c1: Arc<str> = "c1".into();
-        r.join(&c1, m("ann", "r", 1)).expect("join");
-        assert_eq!(&r.send("r", "ann", "*", &json!("a")).expect("send")[0].sessions[..], [1]);
-        r.join(&c1, m("bob", "r", 2)).expect("join");
-        let d = r.send("r", "ann", "*", &json!("b")).expect("send");
-        assert_eq!((&d[0].sessions[..], &*d[0].room), (&[1u64, 2][..], "r"));
-        r.leave(&c1, &m("ann", "r", 1));
-        assert_eq!(&r.send("r", "bob", "*", &json!("c")).expect("send")[0].sessions[..], [2]);
-    }
-
-    #[test]
-    fn a_gone_connector_leaves_and_the_rest_hear_on_leave() {
-        let mut r = Rooms::new(None);
-        let (c1, c2): (Arc<str>, Arc<str>) = ("c1".into(), "c2".into());
-        r.join(&c1, m("ann", "r", 1)).expect("join");
-        r.join(&c2, m("bob", "r", 2)).expect("join");
-        r.join(&c2, m("cy", "solo", 3)).expect("join");
-        let d = r.drop_connector("c2");
-        assert_eq!(d.len(), 1);
-        assert_eq!(&d[0].sessions[..], [1]);
-        assert!(d[0].payload.ends_with(br#"{"route":"onLeave","user":"bob"}"#));
-        assert_eq!(r.room_count(), 1, "the emptied room is gone");
-        assert_eq!(r.member_count(), 1);
-    }
-
-    #[test]
-    fn rejoin_is_silent_and_retain_drops_moved_rooms() {
-        let mut r = Rooms::new(None);
-        let c1: Arc<str> = "c1".into();
-        r.rejoin(&c1, vec![m("ann", "r1", 1), m("bob", "r1", 2), m("cy", "r2", 3)]);
-        r.rejoin(&c1, vec![m("ann", "r1", 1)]);
-        assert_eq!(r.member_count(), 3);
-        assert_eq!(r.retain(|rid| rid == "r1"), 1);
-        assert_eq!((r.room_count(), r.member_count()), (1, 2));
-        let d = r.leave(&c1, &m("ann", "r1", 99));
-        assert!(d.is_empty(), "another session cannot remove ann");
-        let d = r.leave(&c1, &m("ann", "r1", 1));
-        assert_eq!(&d[0].sessions[..], [2]);
-    }
-}
+mod tests;
