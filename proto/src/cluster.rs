@@ -13,11 +13,8 @@ use serde::{Deserialize, Serialize};
 
 /// What [`decode`] fails with: the one frame error of every link.
 pub use crate::link::FrameError;
-/// The cluster frame cap, [`crate::link::CLUSTER_MAX_FRAME`], under the name the worker's two link sites
-/// still use while they build their codec by hand instead of calling [`crate::link::cluster_codec`].
-pub use crate::link::CLUSTER_MAX_FRAME as MAX_FRAME;
 
-/// A re-join is split into frames of about this many bytes of members, far below [`MAX_FRAME`], so no
+/// A re-join is split into frames of about this many bytes of members, far below [`crate::link::CLUSTER_MAX_FRAME`], so no
 /// number of members can make it unsendable.
 pub const REJOIN_CHUNK_BYTES: usize = 512 << 10;
 

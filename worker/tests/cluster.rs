@@ -77,7 +77,7 @@ async fn a_message_too_deep_fails_alone_and_the_link_stays_up() {
 
 /// A raw cluster link to the chat server, as a connector would open it.
 async fn rpc_link(c: &MiniCluster, connector: &str) -> Framed<TcpStream, LengthDelimitedCodec> {
-    let codec = LengthDelimitedCodec::builder().max_frame_length(cluster::MAX_FRAME).new_codec();
+    let codec = pomelo_proto::link::cluster_codec();
     let mut link = Framed::new(TcpStream::connect(c.chat_addr).await.unwrap(), codec);
     link.send(cluster::encode_msg(&ToChat::Hello { connector: connector.into(), token: TOKEN.into() })).await.unwrap();
     link

@@ -17,7 +17,7 @@ use pomelo_proto::control::{Membership, Stats};
 use pomelo_proto::wire::Dictionary;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -76,29 +76,21 @@ impl ChatServer {
         self.tasks.spawn(rooms_task(self.id, self.dict, self.membership, self.metrics, rx, stop.clone()));
         tasks.clone().spawn(async move {
             let mut next = 0u64;
-            loop {
-                let (stream, peer) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!("rpc accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
+            let stopping = stop.clone();
+            pomelo_proto::link::accept_loop(listener, stop, "rpc", |stream, peer| {
                 next += 1;
-                let (tx, token, metrics, stop) = (tx.clone(), token.clone(), metrics.clone(), stop.clone());
+                let conn = next;
+                let (tx, token, metrics, stop) = (tx.clone(), token.clone(), metrics.clone(), stopping.clone());
                 tasks.spawn(async move {
                     tokio::select! {
                         _ = stop.cancelled() => {}
-                        r = link(stream, next, tx, token, metrics) => if let Err(e) = r {
+                        r = link(stream, conn, tx, token, metrics) => if let Err(e) = r {
                             tracing::info!("rpc link from {peer} closed: {e}");
                         }
                     }
                 });
-            }
+            })
+            .await;
         });
     }
 }
@@ -111,7 +103,7 @@ async fn link(
     metrics: Arc<ChatMetrics>,
 ) -> anyhow::Result<()> {
     stream.set_nodelay(true).ok();
-    let codec = LengthDelimitedCodec::builder().max_frame_length(cluster::MAX_FRAME).new_codec();
+    let codec = pomelo_proto::link::cluster_codec();
     let (mut sink, mut stream) = Framed::new(stream, codec).split();
     let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await?;
     let frame = first.ok_or_else(|| anyhow::anyhow!("closed before hello"))??.freeze();

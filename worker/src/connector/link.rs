@@ -24,7 +24,7 @@ use futures_util::{SinkExt, StreamExt};
 use pomelo_proto::cluster::{self, ChatError, ChatReply, ChatRequest, FromChat, Member, ToChat};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::RpcMetrics;
@@ -172,7 +172,7 @@ async fn connect_and_serve(
     let inner = client;
     let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
     stream.set_nodelay(true).ok();
-    let codec = LengthDelimitedCodec::builder().max_frame_length(cluster::MAX_FRAME).new_codec();
+    let codec = pomelo_proto::link::cluster_codec();
     let (mut sink, mut stream) = Framed::new(stream, codec).split();
     let hello = ToChat::Hello { connector: inner.connector.clone(), token: inner.token.clone() };
     sink.send(cluster::encode_msg(&hello)).await?;
