@@ -46,6 +46,8 @@ const SERVER_KEYS: &[&str] = &[
     "heartbeat",
     "dictionary",
     "idleTimeout",
+    "maxMessageSize",
+    "maxRequestsPerSecond",
     "threads",
 ];
 
@@ -365,6 +367,8 @@ fn parse_server(ctx: &mut Ctx, t: ServerType, value: &Value, path: &[Seg]) -> Op
         heartbeat: (t == ServerType::Connector).then(|| Duration::from_secs(3)),
         use_dict: t == ServerType::Connector,
         idle_timeout: Duration::from_secs(90),
+        max_message_bytes: super::DEFAULT_MAX_MESSAGE_BYTES,
+        max_requests_per_second: super::DEFAULT_REQUESTS_PER_SECOND,
         threads: None,
     };
     let mut has_id = false;
@@ -432,7 +436,14 @@ fn parse_server(ctx: &mut Ctx, t: ServerType, value: &Value, path: &[Seg]) -> Op
                 }
             }
             "autoRestart" => set(&mut s.auto_restart, ctx.boolean(v, &p)),
-            "maxConnections" | "heartbeat" | "dictionary" | "idleTimeout" if !frontend => {
+            "maxConnections"
+            | "heartbeat"
+            | "dictionary"
+            | "idleTimeout"
+            | "maxMessageSize"
+            | "maxRequestsPerSecond"
+                if !frontend =>
+            {
                 ctx.err(&p, format!("`{key}` applies to frontends (gate, connector), not to {t} servers"));
             }
             "maxConnections" => match ctx.uint(v, &p, 1_000_000) {
@@ -450,6 +461,18 @@ fn parse_server(ctx: &mut Ctx, t: ServerType, value: &Value, path: &[Seg]) -> Op
             },
             "dictionary" => set(&mut s.use_dict, ctx.boolean(v, &p)),
             "idleTimeout" => set(&mut s.idle_timeout, ctx.duration(v, &p)),
+            "maxMessageSize" => match ctx.size(v, &p) {
+                Some(n) if (1024..=super::MAX_MAX_MESSAGE_BYTES as u64).contains(&n) => {
+                    s.max_message_bytes = n as usize
+                }
+                Some(_) => ctx.err(&p, "between 1KiB and 1MiB"),
+                None => {}
+            },
+            "maxRequestsPerSecond" => match ctx.uint(v, &p, 1_000_000) {
+                Some(0) => ctx.err(&p, "must be at least 1"),
+                Some(n) => s.max_requests_per_second = n as u32,
+                None => {}
+            },
             "threads" => match ctx.uint(v, &p, 256) {
                 Some(0) => ctx.err(&p, "must be at least 1"),
                 Some(n) => s.threads = Some(n as usize),
