@@ -3,6 +3,7 @@
 mod chat;
 mod dashboard;
 mod harness;
+mod hostile;
 mod pomelo_client;
 mod reload;
 mod supervision;

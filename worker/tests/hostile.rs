@@ -210,10 +210,14 @@ async fn a_session_over_its_request_rate_is_kicked_with_a_reason_and_others_carr
         for (i, kind) in [Kind::Ws, Kind::Tcp].into_iter().enumerate() {
             let mut c = ready(kind, &s).await;
             let burst: Vec<u8> = (1..=400).flat_map(|i| request(i, "t.h.echo", &json!(i)).to_vec()).collect();
+            let sent = tokio::time::Instant::now();
             assert!(c.send_raw(&burst).await);
             let got = c.expect_closed(Duration::from_secs(5)).await;
-            let answers = got.iter().filter(|p| p.kind == PackageType::Data).count();
-            assert!(answers <= 101, "{kind:?}: {answers} requests served, over the burst of 100");
+            let answers = got.iter().filter(|p| p.kind == PackageType::Data).count() as f64;
+            // The burst of 100, plus what the rate refilled meanwhile.
+            let allowed = 100.0 + 100.0 * sent.elapsed().as_secs_f64() + 1.0;
+            assert!(answers <= allowed, "{kind:?}: {answers} requests served, at most {allowed} allowed");
+            assert!(answers >= 100.0, "{kind:?}: the burst of 100 is served");
             let last = got.last().unwrap();
             assert_eq!(last.kind, PackageType::Kick, "{kind:?}");
             let reason: Value = serde_json::from_slice(&last.body).unwrap();

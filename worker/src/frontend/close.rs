@@ -48,7 +48,8 @@ pub(crate) fn settle(end: &End, s: &SessionInner, peer: SocketAddr, m: &Frontend
         (End::Protocol(e), _) => {
             metrics::inc(&m.protocol_errors_total);
             tracing::warn!(session = id, %peer, "closing connection on malformed input: {e}");
-            s.queue.abort();
+            // Tell the client why, in place of whatever was still queued (it may not be able to read it).
+            s.queue.replace_with_last(wire::kick(&format!("malformed input: {e}")));
         }
         (End::Failed(e), _) => {
             tracing::info!(session = id, %peer, "connection failed: {e}");
