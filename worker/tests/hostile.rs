@@ -217,7 +217,9 @@ async fn a_session_over_its_request_rate_is_kicked_with_a_reason_and_others_carr
             // The burst of 100, plus what the rate refilled meanwhile.
             let allowed = 100.0 + 100.0 * sent.elapsed().as_secs_f64() + 1.0;
             assert!(answers <= allowed, "{kind:?}: {answers} requests served, at most {allowed} allowed");
-            assert!(answers >= 100.0, "{kind:?}: the burst of 100 is served");
+            // Requests still in flight when the kick comes are dropped with the session (the KICK says why).
+            let inflight = config().max_inflight_requests as f64;
+            assert!(answers >= 100.0 - inflight, "{kind:?}: {answers} answered: the burst of 100 is served");
             let last = got.last().unwrap();
             assert_eq!(last.kind, PackageType::Kick, "{kind:?}");
             let reason: Value = serde_json::from_slice(&last.body).unwrap();

@@ -47,7 +47,8 @@ pub(crate) fn settle(end: &End, s: &SessionInner, peer: SocketAddr, m: &Frontend
         }
         (End::Protocol(e), _) => {
             metrics::inc(&m.protocol_errors_total);
-            tracing::warn!(session = id, %peer, "closing connection on malformed input: {e}");
+            // Debug-quoted: the text may quote what the client sent.
+            tracing::warn!(session = id, %peer, "closing connection on malformed input: {e:?}");
             // Tell the client why, in place of whatever was still queued (it may not be able to read it).
             s.queue.replace_with_last(wire::kick(&format!("malformed input: {e}")));
         }
