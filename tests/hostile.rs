@@ -413,3 +413,43 @@ fn the_log_view_shows_lines_around_an_invalid_utf8_byte() {
     assert!(lines.contains(&"\u{FFFD} invalid"), "{lines:?}");
     assert!(lines.contains(&"after the bad byte"), "{lines:?}");
 }
+
+#[test]
+fn the_client_limits_are_checked_in_servers_yaml() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("servers.yaml");
+    let text = "servers:\n  gate:\n    - {id: g, clientPort: 0, maxRequestsPerSecond: 0}\n  connector:\n    - id: c\n      port: 0\n      clientPort: 0\n      maxMessageSize: 2MiB\n  chat:\n    - {id: h, port: 0, maxMessageSize: 64KiB}\n";
+    std::fs::write(&file, text).expect("write");
+    let check =
+        std::process::Command::new(crate::harness::bin()).args(["check", "-c"]).arg(&file).output().expect("run");
+    assert_eq!(check.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&check.stderr);
+    for needle in [
+        ":3: servers.gate[0].maxRequestsPerSecond: must be at least 1",
+        ":8: servers.connector[0].maxMessageSize: between 1KiB and 1MiB",
+        ":10: servers.chat[0].maxMessageSize: `maxMessageSize` applies to frontends",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    let ok = "servers:\n  connector:\n    - {id: c, port: 0, clientPort: 0, maxMessageSize: 1MiB, maxRequestsPerSecond: 20}\n  chat:\n    - {id: h, port: 0}\n";
+    std::fs::write(&file, ok).expect("write");
+    let check =
+        std::process::Command::new(crate::harness::bin()).args(["check", "-c"]).arg(&file).output().expect("run");
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
+
+#[test]
+fn max_requests_per_second_from_servers_yaml_reaches_the_connector() {
+    let (_c, _gate, conn) = cluster(", maxRequestsPerSecond: 20");
+    runtime().block_on(async {
+        for kind in [Kind::Ws, Kind::Tcp] {
+            let name = format!("{kind:?}");
+            let mut c = member(kind, conn, &name, "slow").await;
+            let burst: Vec<u8> = (0..100u32).flat_map(|i| send_pkg(10 + i, "slow", &name, json!(i)).to_vec()).collect();
+            assert!(c.send_raw(&burst).await);
+            let seen = watch(&mut c, Duration::from_secs(10), |s| s.kick.is_some()).await;
+            let reason = seen.kick.as_ref().and_then(|k| k["reason"].as_str()).map(str::to_owned);
+            assert_eq!(reason.as_deref(), Some("too many requests: more than 20 per second"), "{kind:?}");
+        }
+    });
+}

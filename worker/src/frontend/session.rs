@@ -321,7 +321,7 @@ mod tests {
     use super::*;
 
     fn setup() -> (Arc<Sessions>, Session, Session) {
-        let cfg = FrontendConfig::gate();
+        let cfg = FrontendConfig { queue_max_bytes: 1 << 20, ..FrontendConfig::gate() };
         let reg = Sessions::new(&cfg, Arc::new(FrontendMetrics::new()));
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mk = |reg: &Arc<Sessions>| {
