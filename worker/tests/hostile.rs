@@ -253,3 +253,22 @@ async fn a_client_that_resets_its_socket_is_not_malformed_input() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn timeouts_are_counted() {
+    bounded(Duration::from_secs(30), async {
+        let (probe, _gate) = Probe::new();
+        let cfg = FrontendConfig { handshake_timeout: Duration::from_millis(200), ..config() };
+        let s = Server::start(cfg, probe).await;
+        // Silent from the start, and silent after the handshake (no ACK), over both transports.
+        for kind in [Kind::Ws, Kind::Tcp] {
+            let mut quiet = Client::connect(kind, s.addr).await;
+            quiet.expect_closed(Duration::from_secs(3)).await;
+            let mut no_ack = Client::connect(kind, s.addr).await;
+            no_ack.send_pkg(PackageType::Handshake, wire::handshake::JS_CLIENT_HANDSHAKE.as_bytes()).await;
+            no_ack.expect_closed(Duration::from_secs(3)).await;
+        }
+        s.eventually("four timeouts counted", |s| s.metric("timeouts_total") == 4).await;
+    })
+    .await;
+}

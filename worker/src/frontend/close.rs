@@ -42,6 +42,7 @@ pub(crate) fn settle(end: &End, s: &SessionInner, peer: SocketAddr, m: &Frontend
             s.queue.abort();
         }
         (End::Timeout(what), _) => {
+            metrics::inc(&m.timeouts_total);
             tracing::info!(session = id, %peer, "closing connection: {what}");
             s.queue.abort();
         }

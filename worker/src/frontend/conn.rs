@@ -75,6 +75,7 @@ pub(crate) async fn run(
             return;
         }
         Err(_) => {
+            metrics::inc(&shared.metrics.timeouts_total);
             tracing::info!(%peer, "closing connection: nothing usable within the handshake timeout");
             return;
         }

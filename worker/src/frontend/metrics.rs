@@ -26,6 +26,8 @@ pub struct FrontendMetrics {
     pub rate_limited_total: AtomicU64,
     /// Sessions that ended because a write to the client failed (what was queued for it is lost).
     pub write_failures_total: AtomicU64,
+    /// Connections closed for a handshake, heartbeat or idle timeout.
+    pub timeouts_total: AtomicU64,
     /// Bytes in every session's outbound queue, including batches being written.
     pub outbound_queued_bytes: AtomicU64,
     /// The most one session ever had queued; stays at or under `queue_max_bytes`.
@@ -53,7 +55,7 @@ impl FrontendMetrics {
 
     /// Writes every series under its Prometheus-style name (no `pomelo_` prefix).
     pub fn snapshot(&self, out: &mut Stats) {
-        let series: [(&str, &AtomicU64); 18] = [
+        let series: [(&str, &AtomicU64); 19] = [
             ("connections", &self.connections),
             ("connections_total", &self.connections_total),
             ("handshakes_total", &self.handshakes_total),
@@ -68,6 +70,7 @@ impl FrontendMetrics {
             ("oversized_total", &self.oversized_total),
             ("rate_limited_total", &self.rate_limited_total),
             ("write_failures_total", &self.write_failures_total),
+            ("timeouts_total", &self.timeouts_total),
             ("outbound_queued_bytes", &self.outbound_queued_bytes),
             ("outbound_queue_peak_bytes", &self.outbound_queue_peak_bytes),
             ("requests_total", &self.requests_total),
