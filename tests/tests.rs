@@ -2,6 +2,7 @@
 
 mod chat;
 mod dashboard;
+mod fuzz;
 mod harness;
 mod hostile;
 mod pomelo_client;
