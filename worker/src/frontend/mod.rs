@@ -10,6 +10,9 @@
 //! - [`config`]: [`FrontendConfig`]. [`metrics`]: [`FrontendMetrics`].
 //! - [`handler`]: the [`Handler`] trait the gate and connector implement.
 //! - [`session`]: [`Session`] handles and the [`Sessions`] registry (push to ids, kick, lookup by uid).
+//! - private: `conn` (one connection's tasks), `intake` (what one read brought, dispatched within the
+//!   in-flight cap; the request rate), `close` (the reason logged for every close), `queue`, `state`,
+//!   `transport`.
 
 mod close;
 pub mod config;

@@ -4,7 +4,8 @@
 //! blocking; a push that would pass the package or byte cap fails, and the caller kicks the session.
 //! One writer task per connection takes everything queued as one batch, writes it, and only then
 //! releases the batch's bytes, so the cap covers what is queued *and* what is being written. Close lets
-//! the writer drain what is left; abort drops it. No task of its own.
+//! the writer drain what is left; abort drops it; `replace_with_last` drops the backlog but keeps one
+//! last package (a KICK saying why). No task of its own.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
