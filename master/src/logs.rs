@@ -112,8 +112,9 @@ impl LogSink {
                 buf.drain(..=pos);
             }
             while buf.len() >= MAX_LINE {
-                self.line(&buf[..MAX_LINE]);
-                buf.drain(..MAX_LINE);
+                let cut = char_boundary(&buf, MAX_LINE);
+                self.line(&buf[..cut]);
+                buf.drain(..cut);
             }
         }
         if !buf.is_empty() {
@@ -122,7 +123,27 @@ impl LogSink {
     }
 }
 
-/// The last `lines` lines of a server's log (current file only), for the dashboard.
+/// Where to cut `buf` at most `max` bytes in so that a UTF-8 character is never split: before the last
+/// character's first byte when that character does not end by `max` (invalid UTF-8 is cut anywhere).
+fn char_boundary(buf: &[u8], max: usize) -> usize {
+    let max = max.min(buf.len());
+    let lead = (max.saturating_sub(3)..max).rev().find(|&i| buf[i] & 0xC0 != 0x80);
+    let Some(i) = lead else { return max };
+    let width = match buf[i] {
+        b if b < 0x80 => 1,
+        b if b >= 0xF0 => 4,
+        b if b >= 0xE0 => 3,
+        _ => 2,
+    };
+    if i + width > max && i > 0 {
+        i
+    } else {
+        max
+    }
+}
+
+/// The last `lines` lines of a server's log (current file only), for the dashboard. Read lossily: a log
+/// holds whatever the child printed, and one invalid UTF-8 byte must cost one character, not the view.
 pub fn tail(dir: &Path, id: &str, lines: usize) -> io::Result<Vec<String>> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = File::open(dir.join(format!("{id}.log")))?;
@@ -130,8 +151,14 @@ pub fn tail(dir: &Path, id: &str, lines: usize) -> io::Result<Vec<String>> {
     // Read at most 1 MiB from the end: enough for any sane request, bounded for any file.
     let start = len.saturating_sub(1 << 20);
     f.seek(SeekFrom::Start(start))?;
-    let mut text = String::new();
-    f.take(1 << 20).read_to_string(&mut text).ok();
+    let mut bytes = Vec::new();
+    f.take(1 << 20).read_to_end(&mut bytes)?;
+    let mut text = &bytes[..];
+    if start > 0 {
+        // The read began inside a line (maybe inside a character): skip to the next whole one.
+        text = text.iter().position(|b| *b == b'\n').map_or(&[][..], |i| &text[i + 1..]);
+    }
+    let text = String::from_utf8_lossy(text);
     let all: Vec<&str> = text.lines().collect();
     Ok(all[all.len().saturating_sub(lines)..].iter().map(|s| s.to_string()).collect())
 }
@@ -169,5 +196,23 @@ mod tests {
         assert_eq!(lines[0], "a");
         assert_eq!(lines[2].len(), MAX_LINE);
         assert_eq!(lines[3].len(), 10);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_byte_or_a_split_character_does_not_blank_the_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = LogConfig { dir: dir.path().into(), max_bytes: 1 << 20, keep: 1 };
+        let sink = LogSink::open(dir.path(), "w", &cfg, false).expect("open");
+        // A 3-byte character straddling the 16 KiB cut, then a line with a byte that is never UTF-8.
+        let mut input = vec![b'x'; MAX_LINE - 1];
+        input.extend_from_slice("€tail\n".as_bytes());
+        input.extend_from_slice(b"bad \xff byte\nlast line\n");
+        sink.pump(&input[..]).await;
+        let lines = tail(dir.path(), "w", 10).expect("tail");
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0].len(), MAX_LINE - 1, "cut before the character, not inside it");
+        assert_eq!(lines[1], "€tail");
+        assert_eq!(lines[2], "bad \u{FFFD} byte");
+        assert_eq!(lines[3], "last line");
     }
 }

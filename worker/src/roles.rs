@@ -53,8 +53,10 @@ pub fn frontend_config(spec: &ServerSpec) -> FrontendConfig {
         use_dict: spec.use_dict,
         max_connections: spec.max_connections,
         idle_timeout: spec.idle_timeout,
+        max_requests_per_second: spec.max_requests_per_second,
         ..base
     }
+    .with_max_message(spec.max_message_bytes)
 }
 
 pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {

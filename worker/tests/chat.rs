@@ -145,6 +145,8 @@ async fn heartbeats_keep_a_client_alive_and_a_missed_one_disconnects() {
             loop {
                 assert!(started.elapsed() < Duration::from_secs(3), "{kind:?}: never timed out");
                 id += 1;
+                // Paced well under maxRequestsPerSecond, so the heartbeat timeout is what ends it.
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 c.send_request(id, "nope.nope.nope", &json!({})).await;
                 match c.recv_within(Duration::from_millis(100)).await {
                     Ok(None) => break,

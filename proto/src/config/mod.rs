@@ -29,6 +29,21 @@ use crate::control::ServerType;
 
 pub use locate::Seg;
 
+/// Default `maxMessageSize`: the largest package body a client may send.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest `maxMessageSize` accepted: a push of it must fit a session's queue several times over.
+pub const MAX_MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Default `maxRequestsPerSecond` per session.
+pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 500;
+
+fn default_max_message() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+
+fn default_requests_per_second() -> u32 {
+    DEFAULT_REQUESTS_PER_SECOND
+}
+
 /// The environment used when `--env` is not given.
 pub const DEFAULT_ENV: &str = "development";
 
@@ -161,6 +176,12 @@ pub struct ServerSpec {
     pub use_dict: bool,
     /// Frontends: close a connection idle for this long when heartbeats are off.
     pub idle_timeout: Duration,
+    /// Frontends: largest package body a client may send (`maxMessageSize`).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Frontends: requests per second one session may send before it is kicked (`maxRequestsPerSecond`).
+    #[serde(default = "default_requests_per_second")]
+    pub max_requests_per_second: u32,
     /// Runtime threads of the worker; `None` shares the machine's cores among its servers.
     pub threads: Option<usize>,
 }

@@ -204,6 +204,26 @@ const SERVER: &[Row<Draft>] = &[
             set(&mut d.spec.idle_timeout, c.duration(v, p));
         }
     }),
+    Row("maxMessageSize", |c, d, v, p| {
+        if frontend_key(c, d, "maxMessageSize", p) {
+            match c.size(v, p) {
+                Some(n) if (1024..=super::MAX_MAX_MESSAGE_BYTES as u64).contains(&n) => {
+                    d.spec.max_message_bytes = n as usize
+                }
+                Some(_) => c.err(p, "between 1KiB and 1MiB"),
+                None => {}
+            }
+        }
+    }),
+    Row("maxRequestsPerSecond", |c, d, v, p| {
+        if frontend_key(c, d, "maxRequestsPerSecond", p) {
+            match c.uint(v, p, 1_000_000) {
+                Some(0) => c.err(p, "must be at least 1"),
+                Some(n) => d.spec.max_requests_per_second = n as u32,
+                None => {}
+            }
+        }
+    }),
     Row("threads", |c, d, v, p| match c.uint(v, p, 256) {
         Some(0) => c.err(p, "must be at least 1"),
         Some(n) => d.spec.threads = Some(n as usize),
@@ -226,6 +246,8 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         heartbeat: (t == ServerType::Connector).then(|| Duration::from_secs(3)),
         use_dict: t == ServerType::Connector,
         idle_timeout: Duration::from_secs(90),
+        max_message_bytes: super::DEFAULT_MAX_MESSAGE_BYTES,
+        max_requests_per_second: super::DEFAULT_REQUESTS_PER_SECOND,
         threads: None,
     }
 }

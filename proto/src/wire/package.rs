@@ -191,6 +191,33 @@ impl PackageDecoder {
     }
 }
 
+/// Cuts bytes that hold whole packages into pieces of at most `max` bytes, each ending on a package
+/// boundary, so each piece can be one WebSocket message (Pomelo clients decode every message as whole
+/// packages). A package longer than `max` is a piece of its own; so is a malformed tail, whole, since
+/// the bytes were encoded here and only the peer could mind. No copies: the pieces share `bytes`.
+pub fn split_at_packages(mut bytes: Bytes, max: usize) -> impl Iterator<Item = Bytes> {
+    std::iter::from_fn(move || {
+        if bytes.is_empty() {
+            return None;
+        }
+        let mut end = 0;
+        while let Some(h) = bytes.get(end..end + HEADER_LEN) {
+            let next = end + HEADER_LEN + u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
+            if next > bytes.len() || (end > 0 && next > max) {
+                break;
+            }
+            end = next;
+            if end >= max {
+                break;
+            }
+        }
+        if end == 0 {
+            end = bytes.len();
+        }
+        Some(bytes.split_to(end))
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeAllError {
     #[error(transparent)]
@@ -281,6 +308,26 @@ mod tests {
         assert_eq!(d.decode_all(&[3, 0, 0, 0, 3, 0, 0, 0]).unwrap().len(), 2);
         assert_eq!(d.decode_all(&[3, 0, 0, 0, 4, 0]), Err(DecodeAllError::Truncated(2)));
         assert!(d.decode_all(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn split_at_packages_keeps_packages_whole_and_pieces_under_the_cap() {
+        let mut buf = BytesMut::new();
+        for len in [10usize, 20, 5, 100, 0, 30] {
+            encode_into(&mut buf, PackageType::Data, &vec![b'x'; len]).unwrap();
+        }
+        let all = buf.freeze();
+        let pieces: Vec<Bytes> = split_at_packages(all.clone(), 40).collect();
+        let lens: Vec<usize> = pieces.iter().map(Bytes::len).collect();
+        // 14+24 | 9 | 104 (alone, over the cap) | 4+34
+        assert_eq!(lens, vec![38, 9, 104, 38]);
+        let d = PackageDecoder::default();
+        let n: usize = pieces.iter().map(|p| d.decode_all(p).unwrap().len()).sum();
+        assert_eq!(n, 6);
+        assert_eq!(pieces.concat(), all.to_vec());
+        assert_eq!(split_at_packages(all.clone(), 1 << 20).collect::<Vec<_>>(), vec![all]);
+        assert_eq!(split_at_packages(Bytes::from_static(&[4, 0, 0, 9, 1]), 2).count(), 1, "a bad tail is one piece");
+        assert_eq!(split_at_packages(Bytes::new(), 10).count(), 0);
     }
 
     #[test]

@@ -20,7 +20,9 @@ use tokio::time::Instant;
 
 use super::room_table::Delivery;
 
-/// Largest payload of one merged frame.
+/// Largest payload of one merged frame. A connector queues it for each session as one item: it must
+/// stay within a session's queue cap (a larger item is refused and the session kicked), and the
+/// connector's writer cuts it at package boundaries into WebSocket messages of `max_batch_bytes`.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// Packages for some sessions of one connector.
@@ -165,6 +167,19 @@ mod tests {
         );
         assert_eq!(out[0].deliveries(), 4);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_merged_batch_always_fits_a_session_queue() {
+        // Four full batches fit the default cap, so a burst merged to the limit never kicks a reader.
+        assert!(4 * MAX_BATCH_BYTES <= crate::frontend::FrontendConfig::gate().queue_max_bytes);
+        let mut b = Batches::default();
+        for _ in 0..10 {
+            b.add(d("c1", "r1", &[1], &[b'x'; 60 * 1024]));
+        }
+        let out = b.take();
+        assert_eq!(out.iter().map(|b| b.payloads.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
+        assert!(out.iter().all(|b| b.bytes <= MAX_BATCH_BYTES));
     }
 
     #[test]

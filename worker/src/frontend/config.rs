@@ -19,7 +19,7 @@ pub struct FrontendConfig {
     pub handshake_timeout: Duration,
     /// Send and accept dictionary-coded routes.
     pub use_dict: bool,
-    /// Built from the routes of every server type (see `crate::connector::chat_dictionary`).
+    /// Built from the routes of every server type (see `crate::routes::chat_dictionary`).
     pub dictionary: Arc<Dictionary>,
     /// Sockets beyond this are closed at once and counted in `refused_total`.
     pub max_connections: usize,
@@ -27,11 +27,18 @@ pub struct FrontendConfig {
     pub queue_max_packages: usize,
     /// Outbound queue cap per session, in bytes (queued plus being written); a client over it is kicked.
     pub queue_max_bytes: usize,
-    /// Largest client → server package body; larger ones close the connection.
+    /// Largest client → server package body (servers.yaml `maxMessageSize`); larger ones close the
+    /// connection. Pushes of this size (or merged to more) reach every client: see `max_batch_bytes`.
     pub max_package_bytes: usize,
-    /// Requests of one client handled at once; past it the connection stops reading until one finishes.
+    /// Requests of one client handled at once. Packages past it stay buffered (one read's worth) and
+    /// are dispatched as requests finish; nothing more is read meanwhile.
     pub max_inflight_requests: usize,
-    /// Largest single write (several queued packages are coalesced up to this).
+    /// Requests (and notifies) one session may send per second, with a burst of as many (servers.yaml
+    /// `maxRequestsPerSecond`); a client over it is kicked with a reason.
+    pub max_requests_per_second: u32,
+    /// Largest single write (several queued packages are coalesced up to this). A larger queued item is
+    /// cut at package boundaries into WebSocket messages of at most this (one package alone may be
+    /// larger, up to `queue_max_bytes`).
     pub max_batch_bytes: usize,
     /// How long a kicked client gets to receive its KICK before the socket is dropped.
     pub kick_flush_timeout: Duration,
@@ -53,9 +60,13 @@ impl FrontendConfig {
             dictionary: Arc::new(Dictionary::default()),
             max_connections: 10_000,
             queue_max_packages: 1024,
-            queue_max_bytes: 1 << 20,
-            max_package_bytes: 64 * 1024,
+            // A burst of large messages (30 of 60 KB, merged by the chat server) fits with room to spare;
+            // fan-out shares one buffer among a room's sessions, so this counts, it does not copy.
+            queue_max_bytes: 4 << 20,
+            max_package_bytes: pomelo_proto::config::DEFAULT_MAX_MESSAGE_BYTES,
             max_inflight_requests: 32,
+            // Far above what a person types, and above the benchmark's fastest step (300 per client per second).
+            max_requests_per_second: pomelo_proto::config::DEFAULT_REQUESTS_PER_SECOND,
             max_batch_bytes: 64 * 1024,
             kick_flush_timeout: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(2),
@@ -66,6 +77,14 @@ impl FrontendConfig {
     /// Pomelo demo connector: heartbeat 3 s, dictionary on.
     pub fn connector(dictionary: Arc<Dictionary>) -> FrontendConfig {
         FrontendConfig { heartbeat: Some(Duration::from_secs(3)), use_dict: true, dictionary, ..FrontendConfig::gate() }
+    }
+
+    /// Sets the largest client package, and raises the queue cap so that it holds at least four pushes
+    /// of that size: a message a client may send, every member may receive.
+    pub fn with_max_message(mut self, bytes: usize) -> FrontendConfig {
+        self.max_package_bytes = bytes;
+        self.queue_max_bytes = self.queue_max_bytes.max(bytes.saturating_mul(4));
+        self
     }
 
     /// The timeout that applies once a connection works: heartbeat timeout if heartbeats are on, else idle.
@@ -87,8 +106,15 @@ impl FrontendConfig {
         if self.heartbeat.is_some_and(zero) || zero(self.idle_timeout) || zero(self.handshake_timeout) {
             return Err("heartbeat, idle_timeout and handshake_timeout must be above zero".into());
         }
-        if self.max_connections == 0 || self.queue_max_packages == 0 || self.max_inflight_requests == 0 {
-            return Err("max_connections, queue_max_packages and max_inflight_requests must be above zero".into());
+        if self.max_connections == 0
+            || self.queue_max_packages == 0
+            || self.max_inflight_requests == 0
+            || self.max_requests_per_second == 0
+        {
+            return Err(
+                "max_connections, queue_max_packages, max_inflight_requests and max_requests_per_second must be above zero"
+                    .into(),
+            );
         }
         if self.queue_max_bytes < 1024 || self.max_batch_bytes < 1024 || self.max_package_bytes < 64 {
             return Err("queue_max_bytes and max_batch_bytes must be at least 1 KiB, max_package_bytes 64 B".into());

@@ -1,10 +1,13 @@
 //! One client connection: its task, its writer task and its teardown.
 //!
 //! The connection task owns the read half, the protocol phase, the timers and the handler futures of
-//! this client (at most `max_inflight_requests`, polled in the same task). Everything it sends goes
+//! this client (at most `max_inflight_requests`, polled in the same task). What one read brings is
+//! dispatched package by package as that cap allows (`intake.rs`); the next read waits until it is all
+//! dispatched, and a session over `max_requests_per_second` is kicked with a reason. Everything it sends goes
 //! through the session's bounded queue; a writer task owns the write half and writes what is queued in
-//! batches. The task ends on peer close, malformed input (one log line, one counter), a timeout, a kick
-//! (its session token), or shutdown (which kicks with "server shutting down"). Teardown: unregister,
+//! batches, as WebSocket messages of at most `max_batch_bytes` cut at package boundaries. The task ends
+//! on peer close, malformed input (one log line, one counter), a timeout, a kick (its session token), or
+//! shutdown (which kicks with "server shutting down"); `close.rs` logs why. Teardown: unregister,
 //! cancel handler futures, flush a KICK within `kick_flush_timeout`, run `on_close` within
 //! `close_hook_timeout`. The `force` token drops everything at once.
 
@@ -13,18 +16,19 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use pomelo_proto::wire::{self, handshake, Decoded, Package, PackageDecoder, PackageType};
+use pomelo_proto::wire::{self, handshake, Package, PackageDecoder, PackageType};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
+use super::close::{self, End};
 use super::config::FrontendConfig;
 use super::handler::{BoxFuture, Handler, HandlerError, Request, RequestKind};
+use super::intake::{Intake, IntakeError, RateLimit};
 use super::metrics::{self, FrontendMetrics};
 use super::session::{CloseReason, Session, SessionInner, Sessions};
 use super::state::{self, Action, Ctx, Phase};
@@ -39,16 +43,6 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<FrontendMetrics>,
     pub(crate) ws_config: WebSocketConfig,
     pub(crate) decoder: PackageDecoder,
-}
-
-/// How the read loop ended.
-enum End {
-    Closing,
-    PeerClosed,
-    Failed(String),
-    Protocol(String),
-    Timeout(&'static str),
-    Forced,
 }
 
 type Inflight<'a> = FuturesUnordered<BoxFuture<'a, (Option<u32>, Result<Value, HandlerError>)>>;
@@ -81,6 +75,7 @@ pub(crate) async fn run(
             return;
         }
         Err(_) => {
+            metrics::inc(&shared.metrics.timeouts_total);
             tracing::info!(%peer, "closing connection: nothing usable within the handshake timeout");
             return;
         }
@@ -91,7 +86,7 @@ pub(crate) async fn run(
     }
     let Some((reader, writer)) = transport::split(accepted) else { return };
     let inner = Arc::new(SessionInner::new(shared.sessions.next_id(), peer, cfg, shared.metrics.clone()));
-    let mut writer_task = tokio::spawn(write_loop(writer, inner.clone(), shared.metrics.clone()));
+    let mut writer_task = tokio::spawn(write_loop(writer, inner.clone(), shared.metrics.clone(), cfg.max_batch_bytes));
     let _guard = Teardown { inner: inner.clone(), sessions: shared.sessions.clone() };
 
     let mut conn = Conn { shared: &shared, inner: &inner, phase: Phase::Inited, registered: false };
@@ -101,30 +96,7 @@ pub(crate) async fn run(
     if registered {
         shared.sessions.unregister(&inner);
     }
-    match (&end, inner.close_reason()) {
-        (End::Closing, Some(CloseReason::Kick(reason))) => {
-            tracing::info!(session = inner.id, %peer, "kicked: {reason}");
-            inner.queue.push_last(wire::kick(&reason));
-        }
-        (End::Closing, Some(CloseReason::Close(why))) => {
-            tracing::info!(session = inner.id, %peer, "closing: {why}");
-            inner.queue.close();
-        }
-        (End::Timeout(what), _) => {
-            tracing::info!(session = inner.id, %peer, "client {} {what}", inner.id);
-            inner.queue.abort();
-        }
-        (End::Protocol(e), _) => {
-            metrics::inc(&shared.metrics.protocol_errors_total);
-            tracing::warn!(session = inner.id, %peer, "closing connection on malformed input: {e}");
-            inner.queue.abort();
-        }
-        (End::Failed(e), _) => {
-            tracing::debug!(session = inner.id, %peer, "connection failed: {e}");
-            inner.queue.abort();
-        }
-        _ => inner.queue.abort(),
-    }
+    close::settle(&end, &inner, peer, &shared.metrics);
     // Let the writer flush a KICK or handshake error, but not for long.
     let flushed = tokio::select! {
         _ = force.cancelled() => false,
@@ -159,14 +131,16 @@ impl Drop for Teardown {
     }
 }
 
-async fn write_loop(mut w: Writer, s: Arc<SessionInner>, m: Arc<FrontendMetrics>) {
+async fn write_loop(mut w: Writer, s: Arc<SessionInner>, m: Arc<FrontendMetrics>, max_message: usize) {
     while let Some((batch, packages)) = s.queue.next_batch().await {
         let len = batch.len();
-        let r = w.write(batch).await;
+        let r = w.write(batch, max_message).await;
         s.queue.written(len);
         if let Err(e) = r {
-            tracing::debug!(session = s.id, "write failed: {e}");
-            s.end(CloseReason::PeerGone);
+            metrics::inc(&m.write_failures_total);
+            if s.end(CloseReason::PeerGone) {
+                tracing::info!(session = s.id, peer = %s.peer, "connection lost: write failed: {e}");
+            }
             return;
         }
         metrics::add(&m.bytes_out_total, len);
@@ -195,10 +169,16 @@ impl<'a> Conn<'a> {
         let cfg = &self.shared.config;
         let handler: &'a dyn Handler = &*self.shared.handler;
         let mut inflight: Inflight<'a> = FuturesUnordered::new();
-        let mut tcp_buf = BytesMut::new();
+        let mut intake = Intake::default();
+        let mut rate = RateLimit::new(cfg.max_requests_per_second, Instant::now());
         let deadline = sleep_until(started + cfg.handshake_timeout);
         tokio::pin!(deadline);
         loop {
+            if let Some(end) = self.dispatch(&mut intake, &mut rate, handler, &mut inflight, deadline.as_mut()) {
+                return end;
+            }
+            // Read again only once everything read so far is dispatched: one read's worth is the bound.
+            let can_read = intake.is_drained() && inflight.len() < cfg.max_inflight_requests;
             tokio::select! {
                 biased;
                 _ = force.cancelled() => return End::Forced,
@@ -214,63 +194,62 @@ impl<'a> Conn<'a> {
                     });
                 }
                 Some((id, res)) = inflight.next(), if !inflight.is_empty() => self.respond(id, res),
-                r = reader.read(&mut tcp_buf), if inflight.len() < cfg.max_inflight_requests => {
-                    let pkgs = match r {
-                        Ok(Inbound::Closed) => return End::PeerClosed,
-                        Err(transport::ReadError::Malformed(e)) => return End::Protocol(e),
-                        Err(transport::ReadError::Io(e)) => return End::Failed(e),
-                        Ok(Inbound::Message(b)) => {
-                            metrics::add(&self.shared.metrics.bytes_in_total, b.len());
-                            self.decode_message(&b)
-                        }
-                        Ok(Inbound::Stream(n)) => {
-                            metrics::add(&self.shared.metrics.bytes_in_total, n);
-                            let pkgs = self.decode_stream(&mut tcp_buf);
-                            if tcp_buf.is_empty() {
-                                // Give the allocation back (once the packages are dropped) while idle.
-                                tcp_buf = BytesMut::new();
-                            }
-                            pkgs
-                        }
-                    };
-                    let pkgs = match pkgs {
-                        Ok(p) => p,
-                        Err(e) => return End::Protocol(e),
-                    };
-                    for pkg in pkgs {
-                        metrics::inc(&self.shared.metrics.packages_in_total);
-                        if let Some(end) = self.on_package(pkg, handler, &mut inflight, deadline.as_mut()) {
-                            return end;
-                        }
+                r = reader.read(intake.tcp_buf()), if can_read => match r {
+                    Ok(Inbound::Closed) => return End::PeerClosed,
+                    Err(transport::ReadError::Malformed(e)) => return End::Protocol(e),
+                    Err(transport::ReadError::Reset(e)) => return End::PeerReset(e),
+                    Err(transport::ReadError::Io(e)) => return End::Failed(e),
+                    Ok(Inbound::Message(b)) => {
+                        metrics::add(&self.shared.metrics.bytes_in_total, b.len());
+                        intake.message(&b);
                     }
-                }
+                    Ok(Inbound::Stream(n)) => metrics::add(&self.shared.metrics.bytes_in_total, n),
+                },
             }
         }
     }
 
-    fn decode_message(&self, b: &[u8]) -> Result<Vec<Package>, String> {
-        self.shared.decoder.decode_all(b).map_err(|e| {
-            if matches!(e, wire::package::DecodeAllError::Package(wire::PackageError::TooLarge { .. })) {
-                metrics::inc(&self.shared.metrics.oversized_total);
-            }
-            e.to_string()
-        })
-    }
-
-    fn decode_stream(&self, buf: &mut BytesMut) -> Result<Vec<Package>, String> {
-        let mut out = Vec::new();
-        loop {
-            match self.shared.decoder.decode(buf) {
-                Ok(Decoded::Package(p)) => out.push(p),
-                Ok(Decoded::NeedMore) => return Ok(out),
+    /// Acts on buffered packages in order while the caps allow: a request waits while
+    /// `max_inflight_requests` are in flight, and a session over `max_requests_per_second` is kicked.
+    fn dispatch(
+        &mut self,
+        intake: &mut Intake,
+        rate: &mut RateLimit,
+        handler: &'a dyn Handler,
+        inflight: &mut Inflight<'a>,
+        mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Option<End> {
+        let cfg = &self.shared.config;
+        while !self.inner.closing.is_cancelled() {
+            let next = match intake.peek(&self.shared.decoder) {
+                Ok(next) => next,
                 Err(e) => {
-                    if matches!(e, wire::PackageError::TooLarge { .. }) {
+                    if matches!(e, IntakeError::Package(wire::PackageError::TooLarge { .. })) {
                         metrics::inc(&self.shared.metrics.oversized_total);
                     }
-                    return Err(e.to_string());
+                    return Some(End::Protocol(e.to_string()));
+                }
+            };
+            let pkg = next?;
+            if pkg.kind == PackageType::Data {
+                if inflight.len() >= cfg.max_inflight_requests {
+                    return None;
+                }
+                if !rate.take(Instant::now()) {
+                    metrics::inc(&self.shared.metrics.rate_limited_total);
+                    let reason = format!("too many requests: more than {} per second", cfg.max_requests_per_second);
+                    tracing::info!(session = self.inner.id, peer = %self.inner.peer, "kicking client: {reason}");
+                    self.inner.end(CloseReason::Kick(reason));
+                    return None;
                 }
             }
+            let pkg = intake.pop()?;
+            metrics::inc(&self.shared.metrics.packages_in_total);
+            if let Some(end) = self.on_package(pkg, handler, inflight, deadline.as_mut()) {
+                return Some(end);
+            }
         }
+        None
     }
 
     fn on_package(
@@ -357,7 +336,7 @@ impl<'a> Conn<'a> {
                 Ok(user) => handshake::ok_reply(cfg.heartbeat, cfg.dict(), req.dict_version.as_deref(), user.as_ref())
                     .map_err(|_| handshake::CODE_USE_ERROR),
                 Err(e) => {
-                    tracing::info!(session = self.inner.id, "handshake hook refused the client: {e}");
+                    tracing::info!(session = self.inner.id, "handshake hook refused the client: {:?}", e.to_string());
                     Err(handshake::CODE_USE_ERROR)
                 }
             }
@@ -379,7 +358,7 @@ impl<'a> Conn<'a> {
         let Some(id) = id else {
             match res {
                 Ok(v) if !v.is_null() => tracing::warn!(session = self.inner.id, "handler answered a notify; dropped"),
-                Err(e) => tracing::warn!(session = self.inner.id, "notify handler failed: {e}"),
+                Err(e) => tracing::warn!(session = self.inner.id, "notify handler failed: {:?}", e.to_string()),
                 Ok(_) => {}
             }
             return;
@@ -388,7 +367,8 @@ impl<'a> Conn<'a> {
             Ok(Value::Null) => b"{}".to_vec(),
             Ok(v) => serde_json::to_vec(&v).unwrap_or_else(|_| br#"{"code":500}"#.to_vec()),
             Err(e) => {
-                tracing::warn!(session = self.inner.id, "request {id} failed: {e}");
+                // Handler errors may quote what the client sent: Debug-quoted, so it cannot forge lines.
+                tracing::warn!(session = self.inner.id, "request {id} failed: {:?}", e.to_string());
                 br#"{"code":500}"#.to_vec()
             }
         };

@@ -22,6 +22,12 @@ pub struct FrontendMetrics {
     pub queue_full_total: AtomicU64,
     /// Client packages over `max_package_bytes` (also counted in `protocol_errors_total`).
     pub oversized_total: AtomicU64,
+    /// Sessions kicked for sending over `max_requests_per_second` (also counted in `kicks_total`).
+    pub rate_limited_total: AtomicU64,
+    /// Sessions that ended because a write to the client failed (what was queued for it is lost).
+    pub write_failures_total: AtomicU64,
+    /// Connections closed for a handshake, heartbeat or idle timeout.
+    pub timeouts_total: AtomicU64,
     /// Bytes in every session's outbound queue, including batches being written.
     pub outbound_queued_bytes: AtomicU64,
     /// The most one session ever had queued; stays at or under `queue_max_bytes`.
@@ -49,7 +55,7 @@ impl FrontendMetrics {
 
     /// Writes every series under its Prometheus-style name (no `pomelo_` prefix).
     pub fn snapshot(&self, out: &mut Stats) {
-        let series: [(&str, &AtomicU64); 16] = [
+        let series: [(&str, &AtomicU64); 19] = [
             ("connections", &self.connections),
             ("connections_total", &self.connections_total),
             ("handshakes_total", &self.handshakes_total),
@@ -62,6 +68,9 @@ impl FrontendMetrics {
             ("refused_total", &self.refused_total),
             ("queue_full_total", &self.queue_full_total),
             ("oversized_total", &self.oversized_total),
+            ("rate_limited_total", &self.rate_limited_total),
+            ("write_failures_total", &self.write_failures_total),
+            ("timeouts_total", &self.timeouts_total),
             ("outbound_queued_bytes", &self.outbound_queued_bytes),
             ("outbound_queue_peak_bytes", &self.outbound_queue_peak_bytes),
             ("requests_total", &self.requests_total),

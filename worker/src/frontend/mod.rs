@@ -10,10 +10,15 @@
 //! - [`config`]: [`FrontendConfig`]. [`metrics`]: [`FrontendMetrics`].
 //! - [`handler`]: the [`Handler`] trait the gate and connector implement.
 //! - [`session`]: [`Session`] handles and the [`Sessions`] registry (push to ids, kick, lookup by uid).
+//! - private: `conn` (one connection's tasks), `intake` (what one read brought, dispatched within the
+//!   in-flight cap; the request rate), `close` (the reason logged for every close), `queue`, `state`,
+//!   `transport`.
 
+mod close;
 pub mod config;
 mod conn;
 pub mod handler;
+mod intake;
 pub mod metrics;
 mod queue;
 pub mod session;
@@ -70,10 +75,13 @@ pub async fn serve_with(
     let metrics = sessions.metrics().clone();
     // A WebSocket message may carry several packages; allow a few full-size ones, never more.
     let max_msg = (config.max_package_bytes + 4) * 4;
+    // The writer sends a queued item as messages of at most max_batch_bytes, cut at package
+    // boundaries; only a single package may be larger, and no package larger than the queue cap can be
+    // queued. So one frame of the queue cap plus its header always fits: nothing queued is refused.
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(config.max_batch_bytes * 2 + 1024)
+        .max_write_buffer_size(config.queue_max_bytes.max(config.max_batch_bytes) + 1024)
         .max_message_size(Some(max_msg))
         .max_frame_size(Some(max_msg));
     let shared = Arc::new(conn::Shared {

@@ -4,7 +4,8 @@
 //! blocking; a push that would pass the package or byte cap fails, and the caller kicks the session.
 //! One writer task per connection takes everything queued as one batch, writes it, and only then
 //! releases the batch's bytes, so the cap covers what is queued *and* what is being written. Close lets
-//! the writer drain what is left; abort drops it. No task of its own.
+//! the writer drain what is left; abort drops it; `replace_with_last` drops the backlog but keeps one
+//! last package (a KICK saying why). No task of its own.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -80,6 +81,19 @@ impl OutQueue {
         metrics::add(&self.metrics.outbound_queued_bytes, len);
         self.ready.notify_one();
         Ok(())
+    }
+
+    /// Drops everything queued (not the batch the writer holds), queues `pkg` past the caps and closes:
+    /// the writer finishes its batch, if the peer takes it, then sends `pkg` (a queue-full KICK).
+    pub(crate) fn replace_with_last(&self, pkg: Bytes) {
+        let dropped = {
+            let mut s = self.lock();
+            let queued: usize = s.items.drain(..).map(|b| b.len()).sum();
+            s.bytes -= queued;
+            queued
+        };
+        metrics::sub(&self.metrics.outbound_queued_bytes, dropped);
+        self.push_last(pkg);
     }
 
     /// No more pushes; the writer drains what is queued and then ends.
@@ -200,6 +214,22 @@ mod tests {
         q2.abort();
         assert!(q2.next_batch().await.is_none());
         assert_eq!(q2.metrics.outbound_queued_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn replace_with_last_drops_the_backlog_but_keeps_the_kick() {
+        let q = q(3, 12);
+        q.push(Bytes::from_static(b"aaaa")).unwrap();
+        let (batch, _) = q.next_batch().await.unwrap();
+        q.push(Bytes::from_static(b"bbbb")).unwrap();
+        q.push(Bytes::from_static(b"cccc")).unwrap();
+        assert_eq!(q.push(Bytes::from_static(b"d")), Err(PushError::Full));
+        q.replace_with_last(Bytes::from_static(b"kick"));
+        q.written(batch.len());
+        assert_eq!(&q.next_batch().await.unwrap().0[..], b"kick");
+        assert!(q.next_batch().await.is_none());
+        q.written(4);
+        assert_eq!(q.metrics.outbound_queued_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -20,6 +20,9 @@ use super::config::FrontendConfig;
 use super::metrics::{self, FrontendMetrics};
 use super::queue::{OutQueue, PushError};
 
+/// The KICK reason a client gets when its outbound queue overflows.
+pub const QUEUE_FULL_REASON: &str = "outbound queue full: the client is not reading fast enough";
+
 /// Why a session ends, decided by whoever ends it first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
@@ -27,7 +30,8 @@ pub enum CloseReason {
     Kick(String),
     /// Flush what is queued and close, without a KICK (handshake refused).
     Close(String),
-    /// The outbound queue overflowed: the client is not reading, so nothing more is sent.
+    /// The outbound queue overflowed: the client is not reading; what is queued is dropped and a KICK
+    /// with [`QUEUE_FULL_REASON`] is sent instead.
     QueueFull,
     /// The peer is gone (a write failed).
     PeerGone,
@@ -79,8 +83,9 @@ impl SessionInner {
         }
         match reason {
             CloseReason::QueueFull => {
-                // Nothing queued will ever be read; free it now rather than when the task gets to it.
-                self.queue.abort();
+                // The backlog will not be read in time; free it now, but tell the client why it goes
+                // (the KICK passes the cap; the writer gets `kick_flush_timeout` to deliver it).
+                self.queue.replace_with_last(wire::kick(QUEUE_FULL_REASON));
                 metrics::inc(&self.metrics.queue_full_total);
                 metrics::inc(&self.metrics.kicks_total);
             }
@@ -103,7 +108,7 @@ impl SessionInner {
             Ok(()) => true,
             Err(PushError::Full) => {
                 if self.end(CloseReason::QueueFull) {
-                    tracing::warn!(session = self.id, peer = %self.peer, "outbound queue full, client is not reading: kicked");
+                    tracing::info!(session = self.id, peer = %self.peer, "kicking client: {QUEUE_FULL_REASON}");
                 }
                 false
             }
@@ -316,7 +321,7 @@ mod tests {
     use super::*;
 
     fn setup() -> (Arc<Sessions>, Session, Session) {
-        let cfg = FrontendConfig::gate();
+        let cfg = FrontendConfig { queue_max_bytes: 1 << 20, ..FrontendConfig::gate() };
         let reg = Sessions::new(&cfg, Arc::new(FrontendMetrics::new()));
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mk = |reg: &Arc<Sessions>| {

@@ -10,6 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
@@ -134,10 +135,20 @@ async fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &[u8])
     let _ = stream.shutdown().await;
 }
 
-/// Why a read failed: the peer broke the WebSocket rules (a protocol error), or the socket failed.
+/// Why a read failed: the peer broke the WebSocket rules (a protocol error), reset the connection
+/// (an ordinary way for a client to go), or the socket failed otherwise.
 pub(crate) enum ReadError {
     Malformed(String),
+    Reset(String),
     Io(String),
+}
+
+fn io_error(what: &str, e: std::io::Error) -> ReadError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match e.kind() {
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => ReadError::Reset(format!("{what}: {e}")),
+        _ => ReadError::Io(format!("{what}: {e}")),
+    }
 }
 
 /// The read side of a connection.
@@ -164,6 +175,11 @@ impl Reader {
                     // Pomelo's ws server hands text frames to the same decoder.
                     Some(Ok(WsMessage::Text(t))) => return Ok(Inbound::Message(Bytes::from(t))),
                     Some(Ok(_)) => continue, // ping/pong are answered by tungstenite
+                    Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+                        return Err(ReadError::Reset("websocket: closed without a close frame".into()))
+                    }
+                    Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => return Ok(Inbound::Closed),
+                    Some(Err(WsError::Io(e))) => return Err(io_error("websocket", e)),
                     Some(Err(e @ (WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_)))) => {
                         return Err(ReadError::Malformed(format!("websocket: {e}")))
                     }
@@ -173,12 +189,12 @@ impl Reader {
             Reader::Tcp(r) => loop {
                 // An idle connection holds no read buffer: wait for readiness, then read into the stack
                 // and keep only the bytes that arrived (or into room a partial package reserved).
-                r.readable().await.map_err(|e| ReadError::Io(format!("tcp: {e}")))?;
+                r.readable().await.map_err(|e| io_error("tcp", e))?;
                 match try_read_tcp(r, tcp_buf) {
                     Ok(0) => return Ok(Inbound::Closed),
                     Ok(n) => return Ok(Inbound::Stream(n)),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(ReadError::Io(format!("tcp: {e}"))),
+                    Err(e) => return Err(io_error("tcp", e)),
                 }
             },
         }
@@ -206,10 +222,16 @@ pub(crate) enum Writer {
 }
 
 impl Writer {
-    /// Writes one batch: one binary WebSocket message, or one TCP write.
-    pub(crate) async fn write(&mut self, batch: Bytes) -> Result<(), String> {
+    /// Writes one batch of whole packages: binary WebSocket messages of at most `max_message` bytes cut
+    /// at package boundaries (a single larger package is one message of its own), or one TCP write.
+    pub(crate) async fn write(&mut self, batch: Bytes, max_message: usize) -> Result<(), String> {
         match self {
-            Writer::Ws(s) => s.send(WsMessage::Binary(batch)).await.map_err(|e| format!("websocket: {e}")),
+            Writer::Ws(s) => {
+                for piece in pomelo_proto::wire::package::split_at_packages(batch, max_message) {
+                    s.feed(WsMessage::Binary(piece)).await.map_err(|e| format!("websocket: {e}"))?;
+                }
+                s.flush().await.map_err(|e| format!("websocket: {e}"))
+            }
             Writer::Tcp(w) => w.write_all(&batch).await.map_err(|e| format!("tcp: {e}")),
         }
     }
