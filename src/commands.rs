@@ -86,13 +86,12 @@ async fn run_master(prepared: pomelo_master::Prepared) -> anyhow::Result<ExitCod
         "master pid {} running; dashboard http://{admin_addr}/ (admin token {token_source}); Ctrl-C stops the cluster",
         std::process::id()
     );
-    let dash_stop = CancellationToken::new();
-    let dashboard = tokio::spawn(pomelo_dashboard::serve(admin, running.handle.clone(), token, dash_stop.clone()));
+    // The dashboard is one of the master's tasks: it stops with the control listener once every server has
+    // stopped, and its drain is bounded (and warned about) with the rest.
+    running.tasks.spawn(pomelo_dashboard::serve(admin, running.handle.clone(), token, running.services.clone()));
     cancel_on_signals(shutdown.clone(), "stopping the cluster");
     running.task.await.context("the supervisor task failed")?;
     tracing::info!("every server has stopped; master exiting");
-    dash_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), dashboard).await;
     Ok(ExitCode::SUCCESS)
 }
 

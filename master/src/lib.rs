@@ -124,8 +124,13 @@ impl MasterHandle {
 /// The master, running.
 pub struct Running {
     pub handle: MasterHandle,
-    /// Ends when every server has stopped after a shutdown.
+    /// Ends when every server has stopped after a shutdown and the master's tasks have drained.
     pub task: JoinHandle<()>,
+    /// The master's one task tracker: a service the caller adds (the dashboard) is drained with the rest,
+    /// bounded by [`DRAIN`].
+    pub tasks: TaskTracker,
+    /// Cancelled once every server has stopped: services stop serving then.
+    pub services: CancellationToken,
 }
 
 /// Starts the control listener and the supervisor.
@@ -188,6 +193,7 @@ pub fn start(
     };
     let channels = supervisor::Channels { links: links_rx, commands: cmd_rx, view_tx, events_tx };
     let run_dir = prepared.run_dir;
+    let (services, tracker) = (listener_stop.clone(), tasks.clone());
     let task = tokio::spawn(async move {
         supervisor::run(setup, channels, tasks.clone(), shutdown).await;
         listener_stop.cancel();
@@ -200,7 +206,7 @@ pub fn start(
         }
         std::fs::remove_file(runstate::master_file(&run_dir)).ok();
     });
-    Ok(Running { handle, task })
+    Ok(Running { handle, task, tasks: tracker, services })
 }
 
 /// The control address workers should dial: the configured host with the bound port.
