@@ -8,11 +8,15 @@
 // Commands:
 //   {"op":"encode","lib":L,"protos":{...},"route":R,"msg":{...}}  -> {"hex":"..."|null,"logs":[...]}
 //   {"op":"decode","lib":L,"protos":{...},"route":R,"hex":"..."}  -> {"msg":...,"logs":[...]}
+//   {"op":"parsed","client":"<file text>"|null,"server":"<file text>"|null}
+//       -> {"client":"<JSON.stringify(parse(file))>","server":...,"version":"..."} as Pomelo's protobuf
+//          component computes them (a missing file is {})
 // Numbers that JSON cannot carry exactly (non-integers, beyond 2^53, -0, NaN, infinities) travel both
 // ways as {"$f64":"<16 hex digits of the IEEE-754 bits, big-endian>"}. The libraries log with
 // console.*; that is captured into "logs" so it cannot corrupt stdout. A thrown error answers
 // {"error":"...","logs":[...]}. The process exits when stdin closes.
 'use strict';
+const crypto = require('crypto');
 const readline = require('readline');
 const PomeloProtobuf = require('pomelo-protobuf');
 const ClientProtobuf = require('pomelo-protobuf/lib/client/protobuf');
@@ -80,7 +84,17 @@ function codec(lib, raw) {
   }
 }
 
+function parsed(text) {
+  return JSON.stringify(text === null || text === undefined ? {} : PomeloProtobuf.parse(JSON.parse(text)));
+}
+
 function run(cmd) {
+  if (cmd.op === 'parsed') {
+    const client = parsed(cmd.client);
+    const server = parsed(cmd.server);
+    const version = crypto.createHash('md5').update(client + server).digest('base64');
+    return { client, server, version };
+  }
   const pb = codec(cmd.lib, cmd.protos);
   switch (cmd.op) {
     case 'encode': {

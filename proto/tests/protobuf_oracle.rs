@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use pomelo_proto::wire::protobuf::{EncodeErrorKind, Protos, ProtosError};
+use pomelo_proto::wire::protobuf::{handshake, EncodeErrorKind, Protos, ProtosError};
 use serde_json::{json, Map, Value};
 
 struct Oracle {
@@ -355,4 +355,43 @@ fn where_the_js_fails_silently_we_give_an_error() {
     assert!(r.get("error").is_some(), "{r}");
     let e = Protos::compile(&p).unwrap().decode("onEmpty", &[0x18, 0x01]).unwrap_err();
     assert_eq!(e.to_string(), "onEmpty: byte 0: tag 3 is not a field of onEmpty");
+}
+
+/// The handshake's `sys.protos`: the parsed form, byte for byte, in the file's own key order.
+const SERVER_PROTOS: &str = r#"{
+  "onChat": {"required string msg": 3, "required string from": 1, "optional string target": 2},
+  "connector.entryHandler.enter": {
+    "repeated User users": 2, "required uInt32 code": 1,
+    "message User": {"optional sInt32 level": 7, "required string name": 1, "message Tag": {"optional string t": 1}},
+    "message Aaa": {"optional uInt32 10": 10, "optional uInt32 9": 9}
+  },
+  "7": {"optional uInt32 2": 2, "optional uInt32 b": 1},
+  "房间.推送": {"optional string 表情\"quoted\"😀\t\u0001\u007f": 4, "required double d": 268435455},
+  "message Shared": {"optional Shared next": 2, "optional string t": 1},
+  "onChat": {"required string msg": 3, "required string from": 1, "optional bool seen": 4}
+}"#;
+
+const CLIENT_PROTOS: &str =
+    r#"{"chat.chatHandler.send": {"required string content": 1, "required string target": 2, "optional float at": 3}}"#;
+
+#[test]
+fn handshake_protos_and_version_match_pomelos_component() {
+    let Some(mut o) = Oracle::start() else { return };
+    let (server, server_json) = handshake::parsed_json(SERVER_PROTOS).unwrap();
+    let (_, client_json) = handshake::parsed_json(CLIENT_PROTOS).unwrap();
+    let theirs = o.ask(json!({"op":"parsed","client":CLIENT_PROTOS,"server":SERVER_PROTOS}));
+    assert_eq!(server_json, theirs["server"].as_str().unwrap());
+    assert_eq!(client_json, theirs["client"].as_str().unwrap());
+    assert_eq!(handshake::version(&client_json, &server_json), theirs["version"].as_str().unwrap());
+    // A missing file is {} on Pomelo's side.
+    let one = o.ask(json!({"op":"parsed","client":null,"server":SERVER_PROTOS}));
+    assert_eq!(handshake::version("{}", &server_json), one["version"].as_str().unwrap());
+    // The repeated "onChat" key: JSON.parse keeps its first place and its last value.
+    assert!(server_json.starts_with(r#"{"7":{"2":{"#), "{server_json}");
+    assert!(
+        server.has_route("onChat") && server_json.contains(r#""seen":{"option":"optional","type":"bool","tag":4}"#)
+    );
+    // The browser client can encode and decode with the parsed form: it is what the handshake sends.
+    let parsed: Value = serde_json::from_str(&server_json).unwrap();
+    assert!(parsed["connector.entryHandler.enter"]["__messages"]["User"]["__tags"]["7"] == json!("level"));
 }

@@ -5,6 +5,8 @@
 //!   into a compiled schema once; a bad proto is a [`ProtosError`] naming the place.
 //! - [`encode`]: [`Protos::encode`] a `serde_json::Value` for a route into body bytes.
 //! - [`decode`]: [`Protos::decode`] body bytes of a route into a `serde_json::Value`.
+//! - [`handshake`]: the parsed form of a protos file that Pomelo's handshake carries, byte for byte,
+//!   and Pomelo's `version` of a client/server pair.
 //!
 //! The dialect is not Google's protobuf: a repeated number (every scalar but `string`) is written as one
 //! key, then the element **count** (not a byte length), then the elements; keys carry wire types but
@@ -23,10 +25,9 @@
 //! any bytes give a value or an error, never a panic, and output grows at most linearly with input.
 //!
 //! Left to integrate (not done here):
-//! - the handshake: send `sys.protos = {server, client, version}` when `useProtobuf` is on. Pomelo's
-//!   component sends the *parsed* form (`pomelo-protobuf`'s `parse`, with `__messages`/`__tags`, which
-//!   the browser client uses as is); check pomelo's `components/protobuf.js` for how it computes
-//!   `version` and reproduce it;
+//! - the handshake: send `sys.protos = {server, client, version}` when `useProtobuf` is on, with
+//!   [`handshake::parsed_json`] of each file (embedded as raw JSON, not re-serialised through a
+//!   `Value`, which would reorder keys) and [`handshake::version`];
 //! - `protoVersion` caching: leave `protos` out of the handshake (or send only the version) when the
 //!   client's `protoVersion` matches, as Pomelo does;
 //! - `servers.yaml`: paths of `serverProtos.json` (encodes pushes and responses) and `clientProtos.json`
@@ -37,6 +38,7 @@
 
 pub mod decode;
 pub mod encode;
+pub mod handshake;
 pub mod schema;
 
 pub use decode::{DecodeError, DecodeErrorKind};

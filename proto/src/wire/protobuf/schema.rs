@@ -25,6 +25,8 @@ pub const SCALARS: &str = "uInt32, sInt32, int32, uInt64, sInt64, float, double,
 /// A problem in a protos file. `path` is the route, then message names, joined with `.`.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ProtosError {
+    #[error("protos: not JSON: {message}")]
+    BadJson { message: String },
     #[error("protos: the top level must be an object of routes, found {found}")]
     NotAnObjectOfRoutes { found: &'static str },
     #[error("{path}: expected an object of fields and messages, found {found}")]
@@ -191,8 +193,7 @@ pub(super) fn is_index_like(s: &str) -> bool {
 impl Protos {
     /// Compiles the text of a protos file.
     pub fn parse(text: &str) -> Result<Protos, ProtosError> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| ProtosError::NotAnObject { path: format!("protos (line {})", e.line()), found: "bad JSON" })?;
+        let v: Value = serde_json::from_str(text).map_err(|e| ProtosError::BadJson { message: e.to_string() })?;
         Protos::compile(&v)
     }
 
