@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use pomelo_proto::wire::protobuf::{handshake, EncodeErrorKind, Protos, ProtosError};
+use pomelo_proto::wire::protobuf::{handshake, EncodeErrorKind, Protos, ProtosError, Strings};
 use serde_json::{json, Map, Value};
 
 struct Oracle {
@@ -394,4 +394,31 @@ fn handshake_protos_and_version_match_pomelos_component() {
     // The browser client can encode and decode with the parsed form: it is what the handshake sends.
     let parsed: Value = serde_json::from_str(&server_json).unwrap();
     assert!(parsed["connector.entryHandler.enter"]["__messages"]["User"]["__tags"]["7"] == json!("level"));
+}
+
+#[test]
+fn emoji_survive_the_browser_client_with_cesu8_strings() {
+    let Some(mut o) = Oracle::start() else { return };
+    let p = json!({"chat": {"required string msg": 1, "repeated string tags": 2, "optional Who from": 3,
+        "message Who": {"required string name": 1}}});
+    let ours = Protos::compile(&p).unwrap();
+    let mut non_bmp = 0;
+    for s in strings() {
+        let msg = json!({"msg": s, "tags": [s, "😀", "ok"], "from": {"name": s}});
+        // Only string and message fields: the browser copy's keys are the server's, so bytes compare.
+        let theirs = o.encode("client", &p, "chat", &msg);
+        let mut mine = Vec::new();
+        ours.encode_with("chat", &msg, &mut mine, Strings::Cesu8).unwrap();
+        assert_eq!(hex(&mine), hex(&theirs), "{msg}");
+        assert_eq!(ours.decode_with("chat", &theirs, Strings::Cesu8).unwrap(), msg, "the client's emoji, whole");
+        assert_eq!(o.decode("client", &p, "chat", &mine), normalise(&msg), "the client reads ours whole");
+        // Pomelo's way (UTF-8 to the browser client) garbles them, which is why the switch exists.
+        if s.chars().any(|c| c as u32 > 0xffff) {
+            non_bmp += 1;
+            let utf8 = ours.encode("chat", &msg).unwrap();
+            assert_ne!(o.decode("client", &p, "chat", &utf8), normalise(&msg));
+            assert_ne!(ours.decode("chat", &theirs).unwrap(), msg);
+        }
+    }
+    assert_eq!(non_bmp, 1);
 }

@@ -2,7 +2,7 @@
 //! decode(encode(v)) == v (empty repeated fields come back absent, as in the JS codec); decoding random
 //! or damaged bytes never panics; compiling random protos JSON never panics.
 
-use pomelo_proto::wire::protobuf::Protos;
+use pomelo_proto::wire::protobuf::{Protos, Strings};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
@@ -162,6 +162,25 @@ proptest! {
             let mut flipped = bytes.clone();
             flipped[cut] ^= 0x80 | (cut as u8);
             let _ = p.decode("r", &flipped);
+        }
+    }
+
+    #[test]
+    fn strings_round_trip_in_both_dialects(text in "\\PC{0,40}", raw in proptest::collection::vec(any::<u8>(), 0..60)) {
+        let p = Protos::compile(&json!({"r": {"required string s": 1, "repeated string ss": 2}})).expect("compiles");
+        let v = json!({"s": text, "ss": [text, "😀x"]});
+        for mode in [Strings::Utf8, Strings::Cesu8] {
+            let mut bytes = Vec::new();
+            p.encode_with("r", &v, &mut bytes, mode).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(p.decode_with("r", &bytes, mode).map_err(|e| TestCaseError::fail(e.to_string()))?, v.clone());
+            // Any bytes as a string: never a panic, and CESU-8 reading equals UTF-8 reading on valid UTF-8.
+            let mut body = vec![0x0a];
+            body.push(raw.len() as u8);
+            body.extend_from_slice(&raw);
+            let read = p.decode_with("r", &body, mode).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            if std::str::from_utf8(&raw).is_ok() {
+                prop_assert_eq!(&read["s"], &json!(String::from_utf8_lossy(&raw)));
+            }
         }
     }
 

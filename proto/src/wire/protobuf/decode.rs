@@ -6,13 +6,14 @@
 //! checked against the end of the input or of the enclosing message (the JS decoder reads past it),
 //! varints longer than 10 bytes or beyond 2^53 are refused, an unknown tag is an error (the JS decoder
 //! throws a TypeError), and messages nest at most [`MAX_DEPTH`] deep. Invalid UTF-8 in a string
-//! becomes U+FFFD, as Node's `buffer.toString('utf8')` does. NaN and infinite floats decode to
+//! becomes U+FFFD, as Node's `buffer.toString('utf8')` does (or see [`Strings::Cesu8`]). NaN and infinite floats decode to
 //! `null`, which is what `JSON.stringify` makes of them. Pure, no I/O.
 
 use serde_json::{Map, Number, Value};
 use thiserror::Error;
 
 use super::schema::{FieldType, Label, MessageDef, Protos, Scalar};
+use super::strings::{self, Strings};
 use super::{MAX_DEPTH, MAX_SAFE};
 
 /// Why a body could not be decoded: at which byte offset of the body, and what was wrong.
@@ -123,13 +124,25 @@ fn unzigzag(z: u64) -> i64 {
 impl Protos {
     /// Decodes a body of `route`. An empty body is `{}`.
     pub fn decode(&self, route: &str, body: &[u8]) -> Result<Value, DecodeError> {
+        self.decode_with(route, body, Strings::Utf8)
+    }
+
+    /// [`Protos::decode`] reading strings in `mode` ([`Strings::Cesu8`] joins the JS browser client's
+    /// surrogate pairs into the characters they stand for).
+    pub fn decode_with(&self, route: &str, body: &[u8], mode: Strings) -> Result<Value, DecodeError> {
         let err = |(offset, kind)| DecodeError { route: route.to_owned(), offset, kind };
         let def = self.route(route).ok_or_else(|| err((0, DecodeErrorKind::UnknownRoute)))?;
         let mut r = Reader { buf: body, pos: 0, base: 0 };
-        self.decode_msg(def, &mut r, 0).map(Value::Object).map_err(err)
+        self.decode_msg(def, &mut r, 0, mode).map(Value::Object).map_err(err)
     }
 
-    fn decode_msg(&self, def: &MessageDef, r: &mut Reader<'_>, depth: usize) -> Result<Map<String, Value>, Fail> {
+    fn decode_msg(
+        &self,
+        def: &MessageDef,
+        r: &mut Reader<'_>,
+        depth: usize,
+        mode: Strings,
+    ) -> Result<Map<String, Value>, Fail> {
         if depth >= MAX_DEPTH {
             return Err(r.fail(DecodeErrorKind::TooDeep));
         }
@@ -142,7 +155,7 @@ impl Protos {
             };
             match f.label {
                 Label::Required | Label::Optional => {
-                    let v = self.decode_value(f.ty, r, depth)?;
+                    let v = self.decode_value(f.ty, r, depth, mode)?;
                     msg.insert(f.name.to_string(), v);
                 }
                 Label::Repeated => {
@@ -160,10 +173,10 @@ impl Protos {
                         }
                         items.reserve(count as usize);
                         for _ in 0..count {
-                            items.push(self.decode_value(f.ty, r, depth)?);
+                            items.push(self.decode_value(f.ty, r, depth, mode)?);
                         }
                     } else {
-                        items.push(self.decode_value(f.ty, r, depth)?);
+                        items.push(self.decode_value(f.ty, r, depth, mode)?);
                     }
                 }
             }
@@ -171,7 +184,7 @@ impl Protos {
         Ok(msg)
     }
 
-    fn decode_value(&self, ty: FieldType, r: &mut Reader<'_>, depth: usize) -> Result<Value, Fail> {
+    fn decode_value(&self, ty: FieldType, r: &mut Reader<'_>, depth: usize, mode: Strings) -> Result<Value, Fail> {
         Ok(match ty {
             FieldType::Scalar(Scalar::UInt32 | Scalar::UInt64) => Value::from(r.safe_varint()?),
             FieldType::Scalar(Scalar::SInt32 | Scalar::Int32 | Scalar::SInt64) => {
@@ -188,13 +201,13 @@ impl Protos {
             }
             FieldType::Scalar(Scalar::String) => {
                 let n = r.length()?;
-                Value::String(String::from_utf8_lossy(r.take(n)?).into_owned())
+                Value::String(strings::read(r.take(n)?, mode))
             }
             FieldType::Message(id) => {
                 let n = r.length()?;
                 let base = r.base + r.pos;
                 let mut inner = Reader { buf: r.take(n)?, pos: 0, base };
-                Value::Object(self.decode_msg(self.message(id), &mut inner, depth + 1)?)
+                Value::Object(self.decode_msg(self.message(id), &mut inner, depth + 1, mode)?)
             }
         })
     }

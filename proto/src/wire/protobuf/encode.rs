@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use thiserror::Error;
 
 use super::schema::{is_index_like, Field, FieldType, Label, MessageDef, Protos, Scalar};
+use super::strings::{self, Strings};
 use super::{MAX_DEPTH, MAX_SAFE};
 
 /// Why a value could not be encoded. `path` is the route, then field names (and `[i]` for elements).
@@ -143,10 +144,15 @@ impl Protos {
 
     /// [`Protos::encode`] appending to `out`; on error `out` is left as it was.
     pub fn encode_into(&self, route: &str, msg: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        self.encode_with(route, msg, out, Strings::Utf8)
+    }
+
+    /// [`Protos::encode_into`] writing strings in `mode` ([`Strings::Cesu8`] for the JS browser client).
+    pub fn encode_with(&self, route: &str, msg: &Value, out: &mut Vec<u8>, mode: Strings) -> Result<(), EncodeError> {
         let start = out.len();
         let r = match (self.route(route), msg) {
             (None, _) => Err(EncodeError::new(EncodeErrorKind::UnknownRoute)),
-            (Some(def), Value::Object(map)) => self.encode_msg(def, map, out, 0),
+            (Some(def), Value::Object(map)) => self.encode_msg(def, map, out, 0, mode),
             (Some(_), other) => Err(wrong("an object", other)),
         };
         r.map_err(|e| {
@@ -161,6 +167,7 @@ impl Protos {
         map: &Map<String, Value>,
         out: &mut Vec<u8>,
         depth: usize,
+        mode: Strings,
     ) -> Result<(), EncodeError> {
         if depth >= MAX_DEPTH {
             return Err(EncodeError::new(EncodeErrorKind::TooDeep));
@@ -176,26 +183,33 @@ impl Protos {
             keys.sort_by_key(|(k, _)| if is_index_like(k) { (0, k.parse::<u64>().unwrap_or(0)) } else { (1, 0) });
             for (k, v) in keys {
                 if let Some(f) = def.field(k) {
-                    self.encode_field(f, v, out, depth).map_err(|e| e.within(k))?;
+                    self.encode_field(f, v, out, depth, mode).map_err(|e| e.within(k))?;
                 }
             }
         } else {
             for (k, v) in map {
                 if let Some(f) = def.field(k) {
-                    self.encode_field(f, v, out, depth).map_err(|e| e.within(k))?;
+                    self.encode_field(f, v, out, depth, mode).map_err(|e| e.within(k))?;
                 }
             }
         }
         Ok(())
     }
 
-    fn encode_field(&self, f: &Field, v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), EncodeError> {
+    fn encode_field(
+        &self,
+        f: &Field,
+        v: &Value,
+        out: &mut Vec<u8>,
+        depth: usize,
+        mode: Strings,
+    ) -> Result<(), EncodeError> {
         match f.label {
             // JS would throw on null (or fail checkMsg for a message); here an optional null means absent.
             Label::Optional if v.is_null() => Ok(()),
             Label::Required | Label::Optional => {
                 out.extend_from_slice(&f.key);
-                self.encode_value(f.ty, v, out, depth)
+                self.encode_value(f.ty, v, out, depth, mode)
             }
             // `!!msg[name] && msg[name].length > 0`: null and [] write nothing.
             Label::Repeated => {
@@ -211,12 +225,12 @@ impl Protos {
                     out.extend_from_slice(&f.key);
                     put_varint(out, items.len() as u64);
                     for (i, item) in items.iter().enumerate() {
-                        self.encode_value(f.ty, item, out, depth).map_err(|e| e.within(&format!("[{i}]")))?;
+                        self.encode_value(f.ty, item, out, depth, mode).map_err(|e| e.within(&format!("[{i}]")))?;
                     }
                 } else {
                     for (i, item) in items.iter().enumerate() {
                         out.extend_from_slice(&f.key);
-                        self.encode_value(f.ty, item, out, depth).map_err(|e| e.within(&format!("[{i}]")))?;
+                        self.encode_value(f.ty, item, out, depth, mode).map_err(|e| e.within(&format!("[{i}]")))?;
                     }
                 }
                 Ok(())
@@ -224,7 +238,14 @@ impl Protos {
         }
     }
 
-    fn encode_value(&self, ty: FieldType, v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), EncodeError> {
+    fn encode_value(
+        &self,
+        ty: FieldType,
+        v: &Value,
+        out: &mut Vec<u8>,
+        depth: usize,
+        mode: Strings,
+    ) -> Result<(), EncodeError> {
         match ty {
             FieldType::Scalar(Scalar::UInt32) => put_varint(out, unsigned(v, "uInt32")?),
             FieldType::Scalar(Scalar::UInt64) => put_varint(out, unsigned(v, "uInt64")?),
@@ -236,15 +257,15 @@ impl Protos {
             FieldType::Scalar(Scalar::Double) => out.extend_from_slice(&number(v)?.to_le_bytes()),
             FieldType::Scalar(Scalar::String) => {
                 let s = v.as_str().ok_or_else(|| wrong("a string", v))?;
-                put_varint(out, s.len() as u64);
-                out.extend_from_slice(s.as_bytes());
+                put_varint(out, strings::encoded_len(s, mode) as u64);
+                strings::put(out, s, mode);
             }
             FieldType::Scalar(Scalar::Bool) => out.push(u8::from(v.as_bool().ok_or_else(|| wrong("a boolean", v))?)),
             FieldType::Message(id) => {
                 let Value::Object(map) = v else { return Err(wrong("an object", v)) };
                 let at = out.len();
                 out.push(0);
-                self.encode_msg(self.message(id), map, out, depth + 1)?;
+                self.encode_msg(self.message(id), map, out, depth + 1, mode)?;
                 let len = out.len() - at - 1;
                 let extra = varint_len(len as u64) - 1;
                 if extra > 0 {

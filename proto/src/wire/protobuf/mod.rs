@@ -5,6 +5,8 @@
 //!   into a compiled schema once; a bad proto is a [`ProtosError`] naming the place.
 //! - [`encode`]: [`Protos::encode`] a `serde_json::Value` for a route into body bytes.
 //! - [`decode`]: [`Protos::decode`] body bytes of a route into a `serde_json::Value`.
+//! - [`strings`]: [`Strings::Utf8`] as Pomelo's server, or [`Strings::Cesu8`] as the JS browser
+//!   client writes and reads strings (`encode_with` / `decode_with`), so emoji survive both ways.
 //! - [`handshake`]: the parsed form of a protos file that Pomelo's handshake carries, byte for byte,
 //!   and Pomelo's `version` of a client/server pair.
 //!
@@ -33,17 +35,19 @@
 //! - `servers.yaml`: paths of `serverProtos.json` (encodes pushes and responses) and `clientProtos.json`
 //!   (decodes requests and notifies), compiled at start and on reload (a bad file fails the reload);
 //! - the connector: a route with a proto uses these bodies, any other route stays JSON;
-//! - emoji: the JS browser client writes strings as CESU-8 and reads no 4-byte UTF-8; the per-client
-//!   string handling of issue 17 belongs in front of [`Protos::decode`] / after [`Protos::encode`].
+//! - emoji: choose [`Strings::Cesu8`] for `js-websocket` clients (per client type, from the handshake)
+//!   and [`Strings::Utf8`] for the others.
 
 pub mod decode;
 pub mod encode;
 pub mod handshake;
 pub mod schema;
+pub mod strings;
 
 pub use decode::{DecodeError, DecodeErrorKind};
 pub use encode::{EncodeError, EncodeErrorKind};
 pub use schema::{FieldType, Label, Protos, ProtosError, Scalar};
+pub use strings::Strings;
 
 /// How deep messages may nest, in protos, in values to encode and in bodies to decode.
 pub const MAX_DEPTH: usize = 32;
