@@ -195,7 +195,11 @@ proptest! {
     }
 
     #[test]
-    fn random_protos_never_panic(keys in proptest::collection::vec(("(required|optional|repeated|message)( [a-zA-Z0-9]{0,6}){0,3}", -3i64..300), 0..12)) {
+    fn random_protos_never_panic(keys in proptest::collection::vec((prop_oneof![
+        "(required|optional|repeated|message)( [a-zA-Z0-9]{0,6}){0,3}",
+        "(required|optional|repeated) (uInt32|string|bool|M|N) [a-z0-9]{1,2}",
+        "message (M|N)",
+    ], -3i64..300), 0..12)) {
         let mut r = Map::new();
         for (k, tag) in &keys {
             let v = if k.starts_with("message") { json!({ "required uInt32 x": tag }) } else { json!(tag) };
@@ -204,6 +208,8 @@ proptest! {
         if let Ok(p) = Protos::compile(&json!({ "r": r })) {
             let _ = p.decode("r", &[0x08, 0x01, 0x12, 0x00]);
             let _ = p.encode("r", &json!({"x": 1}));
+            // What compiles is reachable under its route.
+            prop_assert!(p.has_route("r"));
         }
     }
 }

@@ -140,6 +140,10 @@ pub struct MessageDef {
 
 impl MessageDef {
     pub fn field(&self, name: &str) -> Option<&Field> {
+        // A few string compares beat hashing the key for the small messages that are the norm.
+        if self.fields.len() <= 8 {
+            return self.fields.iter().find(|f| &*f.name == name);
+        }
         self.by_name.get(name).map(|&i| &self.fields[i])
     }
 
