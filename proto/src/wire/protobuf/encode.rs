@@ -2,6 +2,8 @@
 //!
 //! Fields go out in the order of the value's keys, as the JS `for (name in msg)` walks them (array
 //! index keys first, ascending, then the rest in map order); keys the proto does not name are skipped.
+//! serde_json's map is sorted by key (unless its `preserve_order` feature is on), so our bytes are the
+//! JS bytes for an object whose keys come in that order; any order decodes to the same value.
 //! Nested messages are written in place: one byte is reserved for the length and the body is moved
 //! only when its length needs more than one byte, so one output `Vec` is all that is allocated.
 //! Pure, no I/O.
