@@ -17,6 +17,7 @@ pub mod digest;
 pub mod handshake;
 pub mod message;
 pub mod package;
+pub mod protobuf;
 
 use bytes::Bytes;
 use serde::Serialize;
