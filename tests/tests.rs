@@ -7,6 +7,7 @@ mod failover;
 mod fuzz;
 mod harness;
 mod hostile;
+mod limits;
 mod pomelo_client;
 mod reload;
 mod supervision;

@@ -84,6 +84,9 @@ pub enum ChatError {
     Duplicate { uid: String },
     #[error("this chat server does not own room `{rid}`")]
     NotOwner { rid: String },
+    /// A configured limit (`maxRoomMembers`, `maxRooms`) refused a join; `msg` says which.
+    #[error("{msg}")]
+    Full { msg: String },
     #[error("{msg}")]
     Other { msg: String },
 }

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::chat::room_table::Limits;
 use crate::chat::server::{ChatMetrics, ChatServer};
 use crate::connector::metrics::RpcMetrics;
 use crate::connector::{ChatClient, ClusterRooms, Connector};
@@ -100,7 +101,10 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
                 m.snapshot(s);
                 r.snapshot(s);
             }));
-            let handler = Arc::new(Connector::with_metrics(Arc::new(ClusterRooms { client }), rpc_metrics));
+            let handler = Arc::new(
+                Connector::with_metrics(Arc::new(ClusterRooms { client }), rpc_metrics)
+                    .with_max_name(spec.max_name_bytes),
+            );
             let stop = ctx.shutdown.clone();
             ctx.tasks.spawn(async move {
                 if let Err(e) = frontend::serve_with(listener, config, handler, sessions, stop).await {
@@ -116,6 +120,7 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
             stats.push(Arc::new(move |s| m.snapshot(s)));
             ChatServer {
                 id: spec.id.clone(),
+                limits: Limits { room_members: spec.max_room_members, rooms: spec.max_rooms },
                 token: ctx.token.clone(),
                 dict: Some(Arc::new(chat_dictionary())),
                 membership: ctx.membership.clone(),

@@ -35,6 +35,26 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const MAX_MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Default `maxRequestsPerSecond` per session.
 pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 500;
+/// Default `maxNameLength` (bytes of a username or room id; connectors).
+pub const DEFAULT_MAX_NAME_BYTES: usize = 64;
+/// Largest `maxNameLength` accepted.
+pub const MAX_MAX_NAME_BYTES: usize = 1024;
+/// Default `maxRoomMembers` (chat servers): a join reply of this many short names is about 150 KB.
+pub const DEFAULT_MAX_ROOM_MEMBERS: usize = 10_000;
+/// Default `maxRooms` per chat server.
+pub const DEFAULT_MAX_ROOMS: usize = 100_000;
+
+fn default_max_name() -> usize {
+    DEFAULT_MAX_NAME_BYTES
+}
+
+fn default_max_room_members() -> usize {
+    DEFAULT_MAX_ROOM_MEMBERS
+}
+
+fn default_max_rooms() -> usize {
+    DEFAULT_MAX_ROOMS
+}
 
 fn default_max_message() -> usize {
     DEFAULT_MAX_MESSAGE_BYTES
@@ -182,6 +202,15 @@ pub struct ServerSpec {
     /// Frontends: requests per second one session may send before it is kicked (`maxRequestsPerSecond`).
     #[serde(default = "default_requests_per_second")]
     pub max_requests_per_second: u32,
+    /// Connectors: longest username or room id, in bytes (`maxNameLength`).
+    #[serde(default = "default_max_name")]
+    pub max_name_bytes: usize,
+    /// Chat servers: most members one room may hold (`maxRoomMembers`).
+    #[serde(default = "default_max_room_members")]
+    pub max_room_members: usize,
+    /// Chat servers: most rooms one chat server may hold (`maxRooms`).
+    #[serde(default = "default_max_rooms")]
+    pub max_rooms: usize,
     /// Runtime threads of the worker; `None` shares the machine's cores among its servers.
     pub threads: Option<usize>,
 }

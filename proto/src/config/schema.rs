@@ -120,6 +120,15 @@ fn frontend_key(c: &mut Ctx, d: &Draft, key: &str, p: &[Seg]) -> bool {
     t.is_frontend()
 }
 
+/// Whether a `key` of the given type only may be set here; reports it on another type.
+fn typed_key(c: &mut Ctx, d: &Draft, only: ServerType, key: &str, p: &[Seg]) -> bool {
+    let t = d.spec.server_type;
+    if t != only {
+        c.err(p, format!("`{key}` applies to {only} servers, not to {t} servers"));
+    }
+    t == only
+}
+
 const SERVER: &[Row<Draft>] = &[
     Row("id", |c, d, v, p| {
         if let Some(id) = c.string(v, p) {
@@ -224,6 +233,33 @@ const SERVER: &[Row<Draft>] = &[
             }
         }
     }),
+    Row("maxNameLength", |c, d, v, p| {
+        if typed_key(c, d, ServerType::Connector, "maxNameLength", p) {
+            match c.uint(v, p, super::MAX_MAX_NAME_BYTES as u64) {
+                Some(0) => c.err(p, "must be at least 1"),
+                Some(n) => d.spec.max_name_bytes = n as usize,
+                None => {}
+            }
+        }
+    }),
+    Row("maxRoomMembers", |c, d, v, p| {
+        if typed_key(c, d, ServerType::Chat, "maxRoomMembers", p) {
+            match c.uint(v, p, 1_000_000) {
+                Some(0) => c.err(p, "must be at least 1"),
+                Some(n) => d.spec.max_room_members = n as usize,
+                None => {}
+            }
+        }
+    }),
+    Row("maxRooms", |c, d, v, p| {
+        if typed_key(c, d, ServerType::Chat, "maxRooms", p) {
+            match c.uint(v, p, 10_000_000) {
+                Some(0) => c.err(p, "must be at least 1"),
+                Some(n) => d.spec.max_rooms = n as usize,
+                None => {}
+            }
+        }
+    }),
     Row("threads", |c, d, v, p| match c.uint(v, p, 256) {
         Some(0) => c.err(p, "must be at least 1"),
         Some(n) => d.spec.threads = Some(n as usize),
@@ -248,6 +284,9 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         idle_timeout: Duration::from_secs(90),
         max_message_bytes: super::DEFAULT_MAX_MESSAGE_BYTES,
         max_requests_per_second: super::DEFAULT_REQUESTS_PER_SECOND,
+        max_name_bytes: super::DEFAULT_MAX_NAME_BYTES,
+        max_room_members: super::DEFAULT_MAX_ROOM_MEMBERS,
+        max_rooms: super::DEFAULT_MAX_ROOMS,
         threads: None,
     }
 }

@@ -125,3 +125,23 @@ fn inconsistent_timeouts_are_refused() {
     assert!(err.errors[0].message.contains("longer than heartbeatInterval"), "{err}");
     assert_eq!(err.errors[0].line, Some(3));
 }
+
+#[test]
+fn room_and_name_limits_have_defaults_bounds_and_a_server_type() {
+    let t = parse("servers:\n  connector: [{id: c, port: 0, clientPort: 0, maxNameLength: 20}]\n  chat: [{id: a, port: 0, maxRoomMembers: 500, maxRooms: 7}, {id: b, port: 0}]\n")
+        .expect("valid");
+    let by = |id: &str| t.servers.iter().find(|s| s.id == id).expect("server").clone();
+    assert_eq!(by("c").max_name_bytes, 20);
+    assert_eq!((by("a").max_room_members, by("a").max_rooms), (500, 7));
+    assert_eq!(
+        (by("b").max_room_members, by("b").max_rooms),
+        (super::DEFAULT_MAX_ROOM_MEMBERS, super::DEFAULT_MAX_ROOMS)
+    );
+    let err = parse("servers:\n  connector:\n    - {id: c, port: 0, clientPort: 0, maxRoomMembers: 5}\n  chat:\n    - {id: a, port: 0, maxNameLength: 9}\n    - {id: b, port: 0, maxRooms: 0}\n")
+        .expect_err("invalid");
+    let text = err.to_string();
+    assert_eq!(err.errors.len(), 3, "{err}");
+    assert!(text.contains("`maxRoomMembers` applies to chat servers, not to connector servers"), "{text}");
+    assert!(text.contains("`maxNameLength` applies to connector servers, not to chat servers"), "{text}");
+    assert!(text.contains("must be at least 1"), "{text}");
+}

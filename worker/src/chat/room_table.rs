@@ -103,6 +103,25 @@ pub struct RoomTable {
     rooms: HashMap<String, Room>,
     dict: Option<Arc<Dictionary>>,
     members: usize,
+    limits: Limits,
+}
+
+/// What one chat server holds at most (`maxRoomMembers`, `maxRooms` in servers.yaml). A join past either
+/// is refused with [`ChatError::Full`]; a connector's re-join is not (its members were admitted before,
+/// here or on the room's previous owner), so a restart or a moved room never evicts anyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub room_members: usize,
+    pub rooms: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            room_members: pomelo_proto::config::DEFAULT_MAX_ROOM_MEMBERS,
+            rooms: pomelo_proto::config::DEFAULT_MAX_ROOMS,
+        }
+    }
 }
 
 fn push<T: serde::Serialize>(dict: Option<&Dictionary>, route: &str, body: &T) -> Option<Bytes> {
@@ -130,7 +149,25 @@ fn deliveries(room: &Arc<str>, groups: &Groups, payload: Option<Bytes>) -> Vec<D
 
 impl RoomTable {
     pub fn new(dict: Option<Arc<Dictionary>>) -> RoomTable {
-        RoomTable { rooms: HashMap::new(), dict, members: 0 }
+        RoomTable { rooms: HashMap::new(), dict, members: 0, limits: Limits::default() }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> RoomTable {
+        self.limits = limits;
+        self
+    }
+
+    /// Why a new member may not join `rid` now, if a limit says so.
+    fn over_limit(&self, rid: &str) -> Option<String> {
+        match self.rooms.get(rid) {
+            Some(room) if room.members.len() >= self.limits.room_members => {
+                Some(format!("room is full ({} members)", self.limits.room_members))
+            }
+            None if self.rooms.len() >= self.limits.rooms => {
+                Some(format!("this chat server holds its maximum of {} rooms", self.limits.rooms))
+            }
+            _ => None,
+        }
     }
 
     pub fn room_count(&self) -> usize {
@@ -143,6 +180,12 @@ impl RoomTable {
 
     /// Adds a member; `onAdd` goes to the others. Joining twice from the same session is harmless.
     pub fn join(&mut self, connector: &Arc<str>, m: Member) -> Result<(Vec<String>, Vec<Delivery>), ChatError> {
+        let again = self.rooms.get(&m.rid).and_then(|r| r.members.get(&m.uid)).is_some();
+        if !again {
+            if let Some(msg) = self.over_limit(&m.rid) {
+                return Err(ChatError::Full { msg });
+            }
+        }
         let room = self.rooms.entry(m.rid.clone()).or_insert_with(|| Room::new(&m.rid));
         if let Some(e) = room.members.get(&m.uid) {
             if &e.connector == connector && e.session == m.session {

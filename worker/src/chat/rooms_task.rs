@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{Batch, Batches, Pacer};
 use super::presence::Presence;
-use super::room_table::{Delivery, RoomTable};
+use super::room_table::{Delivery, Limits, RoomTable};
 use super::server::ChatMetrics;
 
 /// Requests handled at most before their deliveries are sent.
@@ -72,10 +72,11 @@ pub(super) async fn rooms_task(
     metrics: Arc<ChatMetrics>,
     mut inbox: mpsc::Receiver<Inbox>,
     stop: CancellationToken,
+    limits: Limits,
 ) {
     let mut st = State {
         me: id,
-        rooms: RoomTable::new(dict),
+        rooms: RoomTable::new(dict).with_limits(limits),
         links: HashMap::new(),
         presence: Presence::default(),
         chats: None,

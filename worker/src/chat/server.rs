@@ -21,6 +21,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::room_table::Limits;
 use super::rooms_task::{rooms_task, Inbox};
 
 /// Frames queued for one connector.
@@ -58,6 +59,8 @@ impl ChatMetrics {
 
 pub struct ChatServer {
     pub id: String,
+    /// `maxRoomMembers` and `maxRooms`.
+    pub limits: Limits,
     pub token: String,
     pub dict: Option<Arc<Dictionary>>,
     pub membership: watch::Receiver<Arc<Membership>>,
@@ -73,7 +76,8 @@ impl ChatServer {
         let token: Arc<str> = self.token.clone().into();
         let metrics = self.metrics.clone();
         let tasks = self.tasks.clone();
-        self.tasks.spawn(rooms_task(self.id, self.dict, self.membership, self.metrics, rx, stop.clone()));
+        let limits = self.limits;
+        self.tasks.spawn(rooms_task(self.id, self.dict, self.membership, self.metrics, rx, stop.clone(), limits));
         tasks.clone().spawn(async move {
             let mut next = 0u64;
             let stopping = stop.clone();

@@ -35,8 +35,8 @@ use metrics::RpcMetrics;
 use crate::frontend::{BoxFuture, Handler, HandlerError, Request, Session};
 use crate::routes::{ENTER, SEND};
 
-/// Longest username or room name accepted (the demo client allows 20 characters).
-pub const MAX_NAME_BYTES: usize = 64;
+/// Longest username or room name accepted by default (`maxNameLength`; the demo client allows 20 characters).
+pub const MAX_NAME_BYTES: usize = pomelo_proto::config::DEFAULT_MAX_NAME_BYTES;
 
 /// Deepest body accepted (arrays and objects inside each other). A chat message travels two levels
 /// deeper inside the cluster request, and every decoder on the way allows 127; refusing at 32 leaves a
@@ -81,6 +81,7 @@ fn refused(message: String) -> Value {
 pub struct Connector {
     rooms: Arc<dyn Rooms>,
     metrics: Arc<RpcMetrics>,
+    max_name: usize,
 }
 
 impl Connector {
@@ -90,16 +91,29 @@ impl Connector {
 
     /// A connector that counts the requests it refuses in `metrics` (`requests_refused_total`).
     pub fn with_metrics(rooms: Arc<dyn Rooms>, metrics: Arc<RpcMetrics>) -> Connector {
-        Connector { rooms, metrics }
+        Connector { rooms, metrics, max_name: MAX_NAME_BYTES }
+    }
+
+    /// Longest username or room id, in bytes (`maxNameLength`).
+    pub fn with_max_name(mut self, bytes: usize) -> Connector {
+        self.max_name = bytes;
+        self
     }
 
     async fn enter(&self, session: Session, body: Value) -> Result<Value, HandlerError> {
+        let max = self.max_name;
         let field = |k: &str| match body.get(k) {
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_NAME_BYTES => Ok(s.clone()),
-            _ => Err(HandlerError::new(format!("enter needs a non-empty {k} of at most {MAX_NAME_BYTES} bytes"))),
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            _ => Err(HandlerError::new(format!("enter needs a non-empty {k} of at most {max} bytes"))),
         };
         let (username, rid) = (field("username")?, field("rid")?);
         for (what, name) in [("username", &username), ("rid", &rid)] {
+            if name.len() > max {
+                self.metrics.refused();
+                // `maxNameLength`; `error: true` as for a taken name: the demo client asks for another name.
+                let message = format!("a {what} may be at most {max} bytes (maxNameLength)");
+                return Ok(json!({"code": 500, "error": true, "message": message}));
+            }
             if let Some(bad) = name_problem(name) {
                 self.metrics.refused();
                 tracing::debug!(session = session.id(), "enter refused: {what} {name:?} contains {bad}");
@@ -120,6 +134,10 @@ impl Connector {
                 session.unbind();
                 match e {
                     JoinError::Duplicate => Ok(duplicate_name()),
+                    JoinError::Full(msg) => {
+                        self.metrics.refused();
+                        Ok(refused(msg))
+                    }
                     JoinError::Failed(e) => Err(e),
                 }
             }

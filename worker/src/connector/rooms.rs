@@ -23,6 +23,9 @@ pub enum JoinError {
     /// as for a duplicate on this connector.
     #[error("already in the room")]
     Duplicate,
+    /// A limit of the room's chat server (`maxRoomMembers`, `maxRooms`): the client sees `{code:500, message}`.
+    #[error("{0}")]
+    Full(String),
     #[error(transparent)]
     Failed(#[from] HandlerError),
 }
@@ -49,6 +52,7 @@ impl Rooms for ClusterRooms {
             match self.client.join(member).await {
                 Ok(users) => Ok(users),
                 Err(RpcError::Chat(ChatError::Duplicate { .. })) => Err(JoinError::Duplicate),
+                Err(RpcError::Chat(ChatError::Full { msg })) => Err(JoinError::Full(msg)),
                 Err(e) => {
                     tracing::warn!("enter of {uid:?} failed: {e}");
                     Err(JoinError::Failed(HandlerError::new(e.to_string())))

@@ -139,6 +139,7 @@ impl MiniCluster {
         let (membership, rx) = watch::channel(Arc::new(Membership::default()));
         let chat = Arc::new(ChatMetrics::default());
         ChatServer {
+            limits: Default::default(),
             id: "chat-1".into(),
             token: TOKEN.into(),
             dict: Some(Arc::new(chat_dictionary())),

@@ -114,3 +114,27 @@ fn rejoin_is_authoritative_for_its_connector_only() {
     assert_eq!(r.member_count(), 3, "a new session of the same uid replaces the old one");
     assert!(d.is_empty(), "replaced in place, nobody leaves: {d:?}");
 }
+
+#[test]
+fn limits_refuse_joins_past_them_but_never_a_rejoin_or_a_member_joining_again() {
+    let mut r = RoomTable::new(None).with_limits(Limits { room_members: 2, rooms: 1 });
+    let c1: Arc<str> = "c1".into();
+    r.join(&c1, m("ann", "r", 1)).expect("join");
+    r.join(&c1, m("bob", "r", 2)).expect("join");
+    match r.join(&c1, m("cy", "r", 3)) {
+        Err(ChatError::Full { msg }) => assert_eq!(msg, "room is full (2 members)"),
+        other => panic!("a third member of a room of 2: {other:?}"),
+    }
+    match r.join(&c1, m("dee", "s", 4)) {
+        Err(ChatError::Full { msg }) => assert_eq!(msg, "this chat server holds its maximum of 1 rooms"),
+        other => panic!("a second room of 1: {other:?}"),
+    }
+    assert!(r.join(&c1, m("ann", "r", 1)).is_ok(), "a member already in may join again");
+    assert_eq!((r.room_count(), r.member_count()), (1, 2));
+    // A connector's authoritative re-join is never refused: its members were admitted before.
+    r.rejoin(&c1, vec![m("ann", "r", 1), m("bob", "r", 2), m("cy", "r", 3), m("dee", "s", 4)], |_| true);
+    assert_eq!((r.room_count(), r.member_count()), (2, 4));
+    // A leave frees a place.
+    r.leave(&c1, &m("cy", "r", 3));
+    assert!(matches!(r.join(&c1, m("cy", "r", 3)), Err(ChatError::Full { .. })), "still 2 of 2 in r");
+}
