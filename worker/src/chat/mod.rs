@@ -7,6 +7,7 @@
 //! - [`batch`]: deliveries of one drain of the inbox merged per room and connector, and their pacing.
 
 pub mod batch;
+pub mod outbox;
 pub mod presence;
 pub mod room_table;
 pub mod rooms_task;

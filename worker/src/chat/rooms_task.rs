@@ -18,7 +18,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use pomelo_proto::cluster::{self, ChatReply, ChatRequest, FromChat};
 use pomelo_proto::control::{Membership, ServerType};
 use pomelo_proto::route;
@@ -28,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Batch, Batches, Pacer};
+use super::outbox::Outbox;
 use super::presence::Presence;
 use super::room_table::{Delivery, Limits, RoomTable};
 use super::server::ChatMetrics;
@@ -39,7 +39,7 @@ const MAX_PENDING_BYTES: usize = 1 << 20;
 
 /// What link tasks tell the rooms task.
 pub(super) enum Inbox {
-    Link { connector: Arc<str>, conn: u64, outbox: mpsc::Sender<Bytes> },
+    Link { connector: Arc<str>, conn: u64, outbox: Outbox },
     Unlink { connector: Arc<str>, conn: u64 },
     Request { connector: Arc<str>, conn: u64, id: u64, req: ChatRequest },
 }
@@ -131,7 +131,7 @@ pub(super) async fn rooms_task(
     }
 }
 
-type Links = HashMap<Arc<str>, (u64, mpsc::Sender<Bytes>)>;
+type Links = HashMap<Arc<str>, (u64, Outbox)>;
 
 /// What the rooms task owns.
 struct State {

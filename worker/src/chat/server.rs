@@ -3,14 +3,13 @@
 //!
 //! The accept task spawns a link task per connection. A link task checks the hello (connector id and
 //! cluster token), then reads requests and passes them to the rooms task on a bounded channel
-//! ([`INBOX`]), and writes what the rooms task puts in its bounded outbox (answers and deliveries). All
+//! ([`INBOX`]), and writes what the rooms task puts in its outbox (answers and deliveries; bounded by frames and bytes, see `outbox.rs`). All
 //! tasks end when the shutdown token is cancelled; a link's end is reported to the rooms task.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use pomelo_proto::cluster::{self, ChatError, ChatRequest, FromChat, Member, ToChat};
 use pomelo_proto::control::{Membership, Stats};
@@ -21,6 +20,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::outbox::{outbox, OUTBOX_BYTES};
 use super::room_table::Limits;
 use super::rooms_task::{rooms_task, Inbox};
 
@@ -118,7 +118,7 @@ async fn link(
         }
         _ => anyhow::bail!("the first frame was not a hello"),
     };
-    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(OUTBOX);
+    let (out_tx, mut out_rx) = outbox(OUTBOX, OUTBOX_BYTES);
     out_tx.try_send(cluster::encode_msg(&FromChat::Welcome { chat: String::new() })).ok();
     // The reader answers requests it cannot decode; it must not keep the outbox open on its own.
     let errors = out_tx.downgrade();
@@ -128,7 +128,7 @@ async fn link(
         while let Some(frame) = out_rx.recv().await {
             sink.feed(frame).await?;
             // Write what else is queued in the same syscall.
-            while let Ok(more) = out_rx.try_recv() {
+            while let Some(more) = out_rx.try_recv() {
                 sink.feed(more).await?;
             }
             sink.flush().await?;

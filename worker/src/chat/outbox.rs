@@ -1,0 +1,118 @@
+//! A link's outbox, bounded by frames *and* bytes: what the rooms task has queued for one connector and
+//! the link's writer has not yet written. A chat server's frames range from a 30-byte answer to a 256 KiB
+//! merged batch or a large room's user list, so a count alone (16k frames) would let one slow connector
+//! hold gigabytes; the byte budget caps that. A frame that does not fit is refused (the caller counts it
+//! as dropped); one frame is always accepted into an empty outbox, so no single frame can be refused for
+//! ever. No task of its own: the writer's `recv` gives the bytes back to the budget.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+/// Bytes one connector's outbox may hold (frames queued, not yet written to the socket).
+pub const OUTBOX_BYTES: usize = 64 << 20;
+
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    queued: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+pub struct WeakOutbox {
+    tx: mpsc::WeakSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+pub struct OutboxRx {
+    rx: mpsc::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// An outbox of at most `frames` frames and about `bytes` bytes, and its receiving end.
+pub fn outbox(frames: usize, bytes: usize) -> (Outbox, OutboxRx) {
+    let (tx, rx) = mpsc::channel(frames);
+    let queued = Arc::new(AtomicUsize::new(0));
+    (Outbox { tx, queued: queued.clone(), cap: bytes }, OutboxRx { rx, queued })
+}
+
+impl Outbox {
+    /// Queues `frame` if both budgets allow; gives it back if not (or if the link is gone).
+    pub fn try_send(&self, frame: Bytes) -> Result<(), Bytes> {
+        let n = frame.len();
+        let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        if before > 0 && before + n > self.cap {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            return Err(frame);
+        }
+        self.tx.try_send(frame).map_err(|e| {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            match e {
+                mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f) => f,
+            }
+        })
+    }
+
+    /// Bytes queued now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    pub fn downgrade(&self) -> WeakOutbox {
+        WeakOutbox { tx: self.tx.downgrade(), queued: self.queued.clone(), cap: self.cap }
+    }
+}
+
+impl WeakOutbox {
+    pub fn upgrade(&self) -> Option<Outbox> {
+        Some(Outbox { tx: self.tx.upgrade()?, queued: self.queued.clone(), cap: self.cap })
+    }
+}
+
+impl OutboxRx {
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.recv().await?;
+        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bytes_and_frames_are_both_bounded_and_an_empty_outbox_takes_any_frame() {
+        let (tx, mut rx) = outbox(4, 100);
+        assert!(tx.try_send(Bytes::from(vec![0; 300])).is_ok(), "one frame always fits an empty outbox");
+        assert!(tx.try_send(Bytes::from_static(b"x")).is_err(), "over the byte budget");
+        assert_eq!(rx.recv().await.map(|b| b.len()), Some(300));
+        assert_eq!(tx.queued(), 0);
+        for _ in 0..2 {
+            tx.try_send(Bytes::from(vec![0; 40])).expect("80 of 100 bytes");
+        }
+        assert!(tx.try_send(Bytes::from(vec![0; 40])).is_err(), "120 > 100 bytes");
+        assert_eq!(tx.queued(), 80, "a refused frame is not counted");
+        for _ in 0..2 {
+            tx.try_send(Bytes::from_static(b"y")).expect("small frames fit");
+        }
+        assert!(tx.try_send(Bytes::from_static(b"z")).is_err(), "over 4 frames");
+        let mut got = 0;
+        while rx.try_recv().is_some() {
+            got += 1;
+        }
+        assert_eq!((got, tx.queued()), (4, 0));
+        let weak = tx.downgrade();
+        drop(tx);
+        assert!(weak.upgrade().is_none(), "a weak outbox does not keep the link open");
+    }
+}
