@@ -268,3 +268,48 @@ fn a_fuzz_run_against_the_cluster_ports_leaves_the_cluster_serving() {
     });
     assert_eq!(c.wait_running(), before, "still the same processes");
 }
+
+/// What the fuzz found: a decoder's error quoted the attacker's bytes, newlines included, into the log,
+/// so one frame before authentication wrote a line of its choosing (review H5 and M4); so did the id of
+/// a registration with a wrong token.
+#[test]
+fn frames_before_authentication_cannot_forge_log_lines() {
+    let c = Cluster::start(&yaml("  chat:\n    - {id: chat-1, port: 0}\n", ""));
+    c.wait_running();
+    let rpc: SocketAddr = c.server("chat-1")["addrs"]["rpc"].as_str().expect("rpc").parse().expect("addr");
+    let control: SocketAddr =
+        c.master_json().and_then(|m| m["control_addr"].as_str()?.parse().ok()).expect("the control address");
+    let forged = |what: &str| format!("x\nFORGED {what}");
+    let frames = [
+        (rpc, [&b"J"[..], json!({"t": forged("tag on rpc")}).to_string().as_bytes()].concat()),
+        (
+            rpc,
+            [&b"J"[..], json!({"t": "hello", "connector": forged("hello"), "token": "no"}).to_string().as_bytes()]
+                .concat(),
+        ),
+        (control, json!({"t": forged("tag on control")}).to_string().into_bytes()),
+        (
+            control,
+            json!({"t": "register", "id": forged("register"), "server_type": "chat", "pid": 1, "token": "no",
+                   "spec_hash": "", "addrs": {}})
+            .to_string()
+            .into_bytes(),
+        ),
+    ];
+    runtime().block_on(async {
+        for (addr, body) in &frames {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let mut b = (body.len() as u32).to_be_bytes().to_vec();
+            b.extend_from_slice(body);
+            let (closed, _) = play(&mut s, &Script { bytes: b, half_close: false }, PROMPT).await;
+            assert!(closed, "{addr} refuses {}", String::from_utf8_lossy(body));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let logs = [("master", c.master_output()), ("chat-1", log_lines(&c, "chat-1"))];
+    let bad: Vec<String> = logs
+        .iter()
+        .flat_map(|(id, log)| log.lines().filter(|l| l.starts_with("FORGED")).map(move |l| format!("{id}: {l}")))
+        .collect();
+    assert!(bad.is_empty(), "forged log lines: {bad:#?}");
+}
