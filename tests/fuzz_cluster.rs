@@ -2,6 +2,7 @@
 //! ports and the master's control port, from fixed seeds, as attackers without the cluster token (inputs
 //! from [`crate::fuzz_frames`]), with idle and half-open connections held open meanwhile.
 //!
+//! Meanwhile, a WebSocket and a TCP member of a room of each chat server exchange messages both ways.
 //! Afterwards: no server crashed or restarted (same pids, no restarts in the admin API), the master still
 //! answers, the held connections were closed by the servers within a few seconds, and a WebSocket and a
 //! TCP client that come in through the gate and the connector exchange messages, both ways, in a room of
@@ -213,8 +214,34 @@ fn a_fuzz_run_against_the_cluster_ports_leaves_the_cluster_serving() {
         for (i, (a, p, _)) in targets.iter().enumerate() {
             held.push(hold(*a, *p, 0xc1a5_7e20 + i as u64).await);
         }
+        // Members of a room of each chat server keep talking, both ways, while the fuzz runs.
+        let mut pairs = Vec::new();
+        for (n, rid) in rooms.iter().enumerate() {
+            let (wn, tn) = (format!("during-ws{n}"), format!("during-tcp{n}"));
+            pairs.push((enter(Kind::Ws, gate, &wn, rid).await, wn, enter(Kind::Tcp, gate, &tn, rid).await, tn, rid));
+        }
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let during = async {
+            let mut rounds = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for (ws, wn, tcp, tn, rid) in pairs.iter_mut() {
+                    exchange(ws, wn, tcp, rid, 20 + 2 * rounds).await;
+                    exchange(tcp, tn, ws, rid, 21 + 2 * rounds).await;
+                }
+                rounds += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            rounds
+        };
         let fuzz = targets.iter().enumerate().map(|(i, (a, p, _))| fuzz_port(*a, *p, 0x5eed_c1a5_0000 + i as u64));
-        let tallies = futures_util::future::join_all(fuzz).await;
+        let fuzz = async {
+            let tallies = futures_util::future::join_all(fuzz).await;
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            tallies
+        };
+        let (tallies, rounds) = tokio::join!(fuzz, during);
+        eprintln!("{rounds} rounds of messages in both rooms during the fuzz");
+        assert!(rounds >= 2, "only {rounds} rounds of messages during the fuzz");
         for mut set in held {
             while let Some(r) = set.join_next().await {
                 if let Err(e) = r {
