@@ -5,6 +5,8 @@ mod chat;
 mod dashboard;
 mod failover;
 mod fuzz;
+mod fuzz_cluster;
+mod fuzz_frames;
 mod harness;
 mod hostile;
 mod limits;

@@ -5,7 +5,9 @@
 //!   through [`JsonFramed`]) caps a frame at [`CONTROL_MAX_FRAME`]; [`cluster_codec`] (connector ↔ chat
 //!   server, bodies as in [`crate::cluster`]) at [`CLUSTER_MAX_FRAME`]. Frames over the cap are refused on
 //!   both the read and the write side, so one bad peer cannot make a process allocate without bound.
-//! - [`FrameError`] is what reading or decoding a frame of either kind can fail with.
+//! - [`FrameError`] is what reading or decoding a frame of either kind can fail with. Its text quotes
+//!   what the peer sent (serde names the unknown variant), so it goes through [`printable`]: a frame
+//!   cannot write a log line of its own.
 //! - [`accept_loop`] accepts connections until its token is cancelled and hands each one to a callback; an
 //!   accept error (usually EMFILE) is logged and retried after a short back-off instead of spinning. It
 //!   spawns nothing itself: the callback decides where a connection's task runs, and the loop returns
@@ -45,7 +47,7 @@ pub fn cluster_codec() -> LengthDelimitedCodec {
 pub enum FrameError {
     #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
-    #[error("malformed frame: {0}")]
+    #[error("malformed frame: {}", printable(&.0.to_string()))]
     Json(#[from] serde_json::Error),
     #[error("connection closed")]
     Closed,
@@ -55,6 +57,19 @@ pub enum FrameError {
     Tag(u8),
     #[error("truncated delivery frame")]
     Truncated,
+}
+
+/// `s` with control and bidirectional-override characters escaped (`\n`, `\u{202e}`), for logging text
+/// a peer chose.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(bad) {
+        return s.into();
+    }
+    s.chars().map(|c| if bad(c) { c.escape_default().to_string() } else { c.to_string() }).collect::<String>().into()
 }
 
 /// A framed JSON connection (the control link).
@@ -129,6 +144,15 @@ mod tests {
             .await
             .expect("write");
         assert!(matches!(c.recv::<ToWorker>().await, Err(FrameError::Io(_))));
+    }
+
+    #[test]
+    fn a_malformed_frame_error_cannot_break_a_log_line() {
+        let e = serde_json::from_str::<ToWorker>(r#"{"t":"x\nFORGED \u202e"}"#).expect_err("unknown variant");
+        let text = FrameError::from(e).to_string();
+        assert!(!text.contains('\n') && !text.contains('\u{202e}'), "{text}");
+        assert!(text.contains(r"x\nFORGED \u{202e}"), "{text}");
+        assert_eq!(printable("chat-1 `ok`"), "chat-1 `ok`");
     }
 
     #[tokio::test]

@@ -24,7 +24,8 @@ impl Core {
     pub(super) fn on_registered(&mut self, reg: Registration, holder_alive: bool, now: Instant, out: &mut Out) {
         let Registration { conn, id, server_type, pid, token, spec_hash, addrs, peer } = reg;
         let reject = |why: String, out: &mut Out| {
-            tracing::warn!(server = %id, "refused registration of pid {pid} from {peer}: {why}");
+            // Logged before the token is known good: the id is the peer's text.
+            tracing::warn!(server = %pomelo_proto::link::printable(&id), "refused registration of pid {pid} from {peer}: {why}");
             out.push(Effect::Send { conn, msg: ToWorker::Rejected { reason: why } });
             out.push(Effect::Close { conn });
         };
