@@ -84,13 +84,13 @@ pub(crate) async fn run(
         metrics::inc(&shared.metrics.http_requests_total);
         return;
     }
-    let Some((reader, writer)) = transport::split(accepted) else { return };
+    let Some((mut reader, writer)) = transport::split(accepted) else { return };
     let inner = Arc::new(SessionInner::new(shared.sessions.next_id(), peer, cfg, shared.metrics.clone()));
     let mut writer_task = tokio::spawn(write_loop(writer, inner.clone(), shared.metrics.clone(), cfg.max_batch_bytes));
     let _guard = Teardown { inner: inner.clone(), sessions: shared.sessions.clone() };
 
     let mut conn = Conn { shared: &shared, inner: &inner, phase: Phase::Inited, registered: false };
-    let end = conn.read_loop(reader, started, &shutdown, &force).await;
+    let end = conn.read_loop(&mut reader, started, &shutdown, &force).await;
     let registered = conn.registered;
 
     if registered {
@@ -104,6 +104,12 @@ pub(crate) async fn run(
     };
     if !flushed {
         writer_task.abort();
+    } else if matches!(end, End::Closing | End::Protocol(_)) {
+        // A lingering close, so the KICK is not lost to a reset (see `Reader::linger`).
+        tokio::select! {
+            _ = force.cancelled() => {}
+            _ = reader.linger(cfg.kick_flush_timeout) => {}
+        }
     }
     inner.queue.release_all();
     inner.closing.cancel();
@@ -161,7 +167,7 @@ struct Conn<'a> {
 impl<'a> Conn<'a> {
     async fn read_loop(
         &mut self,
-        mut reader: Reader,
+        reader: &mut Reader,
         started: Instant,
         shutdown: &CancellationToken,
         force: &CancellationToken,

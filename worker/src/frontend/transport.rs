@@ -4,6 +4,8 @@
 //! framing. After the upgrade both are split into a [`Reader`] (owned by the connection task) and a
 //! [`Writer`] (owned by the writer task). No tasks here; the caller bounds every call with a timeout.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -164,7 +166,31 @@ pub(crate) enum Inbound {
     Closed,
 }
 
+/// The most a lingering close reads (and discards) before it closes anyway.
+const LINGER_BYTES: usize = 1 << 20;
+
 impl Reader {
+    /// A lingering close: reads and discards what the peer still sends, until it closes, [`LINGER_BYTES`]
+    /// or `limit` pass. Had the socket closed with the client's requests still unread, the kernel would
+    /// answer with a reset, and a reset makes the client's kernel throw away what it has not read yet,
+    /// the KICK that says why among it.
+    pub(crate) async fn linger(&mut self, limit: Duration) {
+        let max = LINGER_BYTES;
+        let mut buf = BytesMut::new();
+        let mut seen = 0;
+        let _ = tokio::time::timeout(limit, async {
+            while seen < max {
+                buf.clear();
+                match self.read(&mut buf).await {
+                    Ok(Inbound::Closed) | Err(_) => return,
+                    Ok(Inbound::Message(b)) => seen += b.len(),
+                    Ok(Inbound::Stream(n)) => seen += n.max(1),
+                }
+            }
+        })
+        .await;
+    }
+
     /// Cancel-safe: either nothing was consumed or the result is returned.
     pub(crate) async fn read(&mut self, tcp_buf: &mut BytesMut) -> Result<Inbound, ReadError> {
         match self {
