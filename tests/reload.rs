@@ -67,8 +67,8 @@ fn a_changed_server_is_restarted_and_the_others_are_untouched() {
         (s["state"] == "running" && s["pid"].as_u64().is_some_and(|p| p as u32 != old)).then_some(())
     });
     let new_pid = c.server("chat-1")["pid"].as_u64().expect("pid") as u32;
-    let env = std::fs::read(format!("/proc/{new_pid}/environ")).expect("environ");
-    assert!(String::from_utf8_lossy(&env).contains("CHAT_FLAVOUR=lime"), "the new process has the new spec");
+    let env = pomelo_master::procstat::environ(new_pid).expect("environ");
+    assert_eq!(env.get(std::ffi::OsStr::new("CHAT_FLAVOUR")).and_then(|v| v.to_str()), Some("lime"), "the new spec");
     for (id, pid) in before.iter().filter(|(id, _)| id != "chat-1") {
         assert_eq!(c.server(id)["pid"].as_u64(), Some(*pid as u64), "{id} untouched");
     }
