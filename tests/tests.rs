@@ -5,6 +5,7 @@ mod chat;
 mod dashboard;
 mod failover;
 mod harness;
+mod history;
 mod pomelo_client;
 mod reload;
 mod supervision;
