@@ -1,7 +1,8 @@
 //! Room history (issue 16) across the real binary, over raw TCP: a kill -9 of a connector loses
 //! nothing (its clients re-enter with `since` and recover what was said meanwhile); a kill -9 of a
 //! chat server with the `memory` backend starts a new epoch, so the next message says so and a
-//! re-enter with the old position answers `recovered: false`: never a silent gap.
+//! re-enter with the old position answers `recovered: false`: never a silent gap. And the oracle:
+//! Pomelo's own browser client from npm reads `onChat` with the extra fields and recovers with `since`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -120,4 +121,27 @@ fn a_killed_chat_server_with_memory_history_starts_a_new_epoch_never_a_silent_ga
     let (_ann, r) = enter(g, "ann", "m", Some(json!({"epoch": old, "offset": 3})));
     assert_eq!(r["recovered"], false, "the old epoch cannot be recovered: {r}");
     assert_eq!((&r["epoch"], &r["offset"]), (&new, &json!(1)), "where the room is now: {r}");
+}
+
+#[test]
+fn pomelo_s_npm_client_reads_the_history_fields_and_recovers() {
+    use crate::harness::{browser_ready, have, repo};
+    if !browser_ready()
+        || !have(repo().join("browser/node_modules/pomelo-jsclient-websocket").exists(), "pomelo-jsclient-websocket")
+    {
+        return;
+    }
+    let (_c, g) = start();
+    let out = std::process::Command::new("node")
+        .arg(repo().join("browser/pomelo-npm.js"))
+        .arg(g.ip().to_string())
+        .arg(g.port().to_string())
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "npm client test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+    assert_eq!(seen["ok"], true);
+    assert_eq!(seen["first"]["msg"], "one", "{seen}");
+    assert_eq!(seen["missed"].as_array().map(Vec::len), Some(2), "{seen}");
 }

@@ -111,6 +111,9 @@ pub trait History: Send {
     /// The messages `q` asks for, oldest first, or `None` when the history does not cover `Query::Since`
     /// (another epoch, an offset too old or in the future).
     fn read(&mut self, rid: &str, q: &Query, now: Instant) -> Option<Vec<Stored>>;
+    /// Forgets the rooms `owns` refuses: they moved to another chat server, which numbers them from
+    /// there on. What is kept here would have a silent gap should a room come back.
+    fn retain(&mut self, owns: &dyn Fn(&str) -> bool);
 }
 
 #[derive(Debug)]
@@ -208,6 +211,10 @@ impl History for MemoryHistory {
         Ok(Since { epoch: r.epoch.clone(), offset: r.top })
     }
 
+    fn retain(&mut self, owns: &dyn Fn(&str) -> bool) {
+        self.rooms.retain(|rid, _| owns(rid));
+    }
+
     fn read(&mut self, rid: &str, q: &Query, now: Instant) -> Option<Vec<Stored>> {
         let r = self.ring(rid, now);
         match q {
@@ -277,5 +284,8 @@ mod tests {
         h.position("a", now + Duration::from_secs(1));
         h.position("b", now + Duration::from_secs(2));
         assert_ne!(h.position("r", now).epoch, epoch, "the idlest room was forgotten: a new epoch");
+        let epoch = h.position("b", now).epoch;
+        h.retain(&|rid| rid != "b");
+        assert_ne!(h.position("b", now).epoch, epoch, "a room that moved away and back starts a new epoch");
     }
 }

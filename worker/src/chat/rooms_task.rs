@@ -298,6 +298,7 @@ impl State {
         self.presence.membership(&connectors, &self.rooms.connectors(), Instant::now());
         let me = self.me.clone();
         let moved = self.rooms.retain(|rid| route::owner(rid, &chats) == Some(me.as_str()));
+        self.history.retain(&|rid| route::owner(rid, &chats) == Some(me.as_str()));
         if moved > 0 {
             tracing::info!("{moved} rooms moved to other chat servers");
         }
