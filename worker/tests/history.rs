@@ -172,6 +172,18 @@ async fn since_that_history_does_not_cover_is_not_recovered_and_history_pages() 
             let (mut fay, r) = enter(kind, &c, "fay", "w", json!({"since": {"epoch": epoch, "offset": 1000}})).await;
             assert_eq!(r["recovered"], true, "{kind:?}: {r}");
             assert_eq!(offsets(&chats_until(&mut fay, 1004).await), (1001..=1004).collect::<Vec<_>>());
+            // At most 500 are pushed on a join (more would overflow the client's queue and get it kicked).
+            let (mut gus, r) =
+                enter(kind, &c, "gus", "w", json!({"since": {"epoch": epoch, "offset": 1004 - 501}})).await;
+            assert_eq!(r["recovered"], false, "{kind:?}: 501 missed is too many to push: {r}");
+            quiet(&mut gus).await;
+            let r =
+                gus.request(30, HISTORY, &json!({"since": {"epoch": epoch, "offset": 1004 - 501}, "limit": 200})).await;
+            assert_eq!(page(&r), (504..=703).collect::<Vec<_>>(), "{kind:?}: still there to page through");
+            let (mut hal, r) =
+                enter(kind, &c, "hal", "w", json!({"since": {"epoch": epoch, "offset": 1004 - 500}})).await;
+            assert_eq!(r["recovered"], true, "{kind:?}: 500 are pushed: {r}");
+            assert_eq!(offsets(&chats_until(&mut hal, 1004).await), (505..=1004).collect::<Vec<_>>());
         }
     })
     .await;

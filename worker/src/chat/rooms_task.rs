@@ -39,6 +39,10 @@ use super::server::ChatMetrics;
 
 /// Requests handled at most before their deliveries are sent.
 pub const DRAIN: usize = 256;
+/// Most messages, and bytes of pushes, a join recovers (a connector queues at most 1024 packages and
+/// 1 MiB per session); past either it answers `recovered: false`.
+pub const MAX_REPLAY: usize = 500;
+pub const MAX_REPLAY_BYTES: usize = 512 * 1024;
 /// Most messages one `chat.chatHandler.history` answer carries.
 pub const MAX_PAGE: usize = 200;
 /// Deliveries waiting to be merged are sent at once past this many payload bytes.
@@ -272,16 +276,21 @@ impl State {
         let at = self.history.position(&rid, now);
         let recovered = since.map(|s| {
             let Some(missed) = self.history.read(&rid, &Query::Since(s), now) else { return false };
-            if let Some((room, session)) = self.rooms.session_of(connector, &rid, &uid) {
-                let chats = missed.iter().filter(|m| m.visible_to(&username)).map(|m: &Stored| OnChat {
-                    msg: &m.msg,
-                    from: &m.from,
-                    target: &m.target,
-                    epoch: &at.epoch,
-                    offset: m.offset,
-                });
-                out.extend(self.rooms.replay(connector, &room, session, chats));
+            let Some((room, session)) = self.rooms.session_of(connector, &rid, &uid) else { return false };
+            let chats = missed.iter().filter(|m| m.visible_to(&username)).map(|m: &Stored| OnChat {
+                msg: &m.msg,
+                from: &m.from,
+                target: &m.target,
+                epoch: &at.epoch,
+                offset: m.offset,
+            });
+            let replay = self.rooms.replay(connector, &room, session, chats);
+            // More than its queue holds would get the client kicked, and again on every retry: it is told
+            // `recovered: false` and may page through `history` instead.
+            if replay.len() > MAX_REPLAY || replay.iter().map(|d| d.payload.len()).sum::<usize>() > MAX_REPLAY_BYTES {
+                return false;
             }
+            out.extend(replay);
             true
         });
         (Ok(ChatReply::Users { users, epoch: at.epoch, offset: at.offset, recovered }), out)
