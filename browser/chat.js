@@ -1,5 +1,6 @@
 // Browser test of the chat page the gate serves: two people in headless Chromium join one room, see each
-// other, exchange a broadcast and a private message; with the admin API given, ada's connector is restarted
+// other, exchange a broadcast and a private message; ada's page reloads and recovers what bob said
+// meanwhile, nothing missing or doubled; with the admin API given, ada's connector is restarted
 // and the page must reconnect by itself. Usage: node chat.js GATE_URL SCREENSHOT.png [ADMIN_URL TOKEN]
 // Prints one JSON line of what it saw; exits non-zero (with the reason) on the first failed check.
 "use strict";
@@ -62,6 +63,22 @@ const entries = (page, cls) => page.$$eval(`#log .entry.${cls}`, (es) => es.map(
     await bob.waitForFunction(() => document.querySelectorAll("#log .entry.private").length > 0, null, { timeout: 5000 });
     const bobPrivate = await entries(bob, "private");
     check(bobPrivate.length === 1 && bobPrivate[0].includes("you → ada"), "bob sees his own private once: " + bobPrivate);
+
+    // ada goes away (her page is closed and reloaded) while bob talks: the reloaded page shows the log it
+    // had and what bob said meanwhile (recovered with `since`), each once.
+    await ada.evaluate(() => state.client.close());
+    await bob.fill("#msg", "while you were away");
+    await bob.click("#send");
+    await bob.waitForFunction(() => [...document.querySelectorAll("#log .entry.mine")].some((e) => e.textContent.includes("while you were away")), null, { timeout: 5000 });
+    await ada.reload();
+    await ada.waitForFunction(() => [...document.querySelectorAll("#log .entry.system")].some((e) => e.textContent === "you are back in tea"), null, { timeout: 10000 });
+    await ada.waitForFunction(() => [...document.querySelectorAll("#log .entry.chat")].some((e) => e.textContent.includes("while you were away")), null, { timeout: 5000 });
+    await ada.waitForTimeout(300);
+    const count = async (text) => (await ada.$$eval("#log .entry", (es) => es.map((e) => e.textContent))).filter((t) => t.includes(text)).length;
+    check((await count("hello tea room")) === 1, "ada's log kept her message once after the reload");
+    check((await count("while you were away")) === 1, "ada got what bob said while she was away, once");
+    check((await count("just for you")) === 1, "ada's private message kept once");
+    check(!(await entries(ada, "system")).some((t) => t.includes("could not be recovered")), "nothing was lost");
 
     // A third person with ada's name in the same room is refused, as the demo does.
     const eve = await browser.newPage();

@@ -137,7 +137,10 @@ fn broadcasts_private_messages_joins_leaves_and_duplicate_logins() {
         .request("chat.chatHandler.send", json!({"rid": rooms[0], "content": "psst", "from": "u0", "target": "u6"}));
     assert_eq!(r, json!({}));
     let got = users[6].client.next_push(Duration::from_secs(2)).expect("u6 gets it");
-    assert_eq!(got, ("onChat".to_string(), json!({"msg": "psst", "from": "u0", "target": "u6"})));
+    assert_eq!(got.0, "onChat");
+    let body = &got.1;
+    assert_eq!((&body["msg"], &body["from"], &body["target"]), (&json!("psst"), &json!("u0"), &json!("u6")), "{body}");
+    assert!(body["epoch"].is_string() && body["offset"].as_u64() > Some(0), "numbered in the room's history: {body}");
     for (i, u) in users.iter_mut().enumerate().filter(|(i, _)| *i != 6) {
         assert!(u.client.next_push(Duration::from_millis(100)).is_none(), "user {i} got a private message");
     }

@@ -8,6 +8,7 @@ mod fuzz;
 mod fuzz_cluster;
 mod fuzz_frames;
 mod harness;
+mod history;
 mod hostile;
 mod limits;
 mod pomelo_client;

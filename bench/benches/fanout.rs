@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pomelo_proto::cluster::{self, ChatRequest, FromChat, Member, ToChat};
-use pomelo_worker::chat::room_table::RoomTable;
+use pomelo_worker::chat::room_table::{OnChat, RoomTable};
 use pomelo_worker::routes::chat_dictionary;
 
 const MEMBERS: u64 = 200;
@@ -28,12 +28,12 @@ fn fan_out(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     g.throughput(Throughput::Elements(MEMBERS));
     g.bench_function("rooms_send_200_members_2_connectors", |b| {
-        b.iter(|| rooms.send(black_box("big"), "u1", "*", &content).expect("send"))
+        b.iter(|| rooms.send(black_box("big"), chat(&content)).expect("send"))
     });
-    let deliveries = rooms.send("big", "u1", "*", &content).expect("send");
+    let deliveries = rooms.send("big", chat(&content)).expect("send");
     g.bench_function("rooms_send_and_encode_deliver", |b| {
         b.iter(|| {
-            let d = rooms.send(black_box("big"), "u1", "*", &content).expect("send");
+            let d = rooms.send(black_box("big"), chat(&content)).expect("send");
             d.iter().map(|d| cluster::encode_deliver(&d.sessions, &d.payload).len()).sum::<usize>()
         })
     });
@@ -59,3 +59,8 @@ fn fan_out(c: &mut Criterion) {
 
 criterion_group!(benches, fan_out);
 criterion_main!(benches);
+
+/// A broadcast from `u1` at a history position, as the rooms task hands it to the table.
+fn chat(msg: &serde_json::Value) -> OnChat<'_> {
+    OnChat { msg, from: "u1", target: "*", epoch: "0123456789abcdef-0", offset: 12345 }
+}

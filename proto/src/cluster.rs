@@ -46,8 +46,14 @@ pub enum ToChat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ChatRequest {
-    /// A user enters a room: `onAdd` to the others, answered with the room's user names.
-    Join { member: Member },
+    /// A user enters a room: `onAdd` to the others, answered with the room's user names and its
+    /// history position. With `since`, the messages after it are pushed to the member first (answered
+    /// `recovered: true`), or the reply says `recovered: false` when the history no longer covers them.
+    Join {
+        member: Member,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<Since>,
+    },
     /// A user leaves: `onLeave` to the others.
     Leave { member: Member },
     /// `chat.chatHandler.send`: to everyone (`target == "*"`, sender included) or to one user name.
@@ -61,6 +67,25 @@ pub enum ChatRequest {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         more: bool,
     },
+    /// `chat.chatHandler.history`: stored messages of `rid` that `username` may see: after `since`, or
+    /// else the last `limit` before `before` (or the newest).
+    History {
+        rid: String,
+        username: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<Since>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        limit: u32,
+    },
+}
+
+/// A place in a room's history: the room's epoch (a new one means history was lost) and the offset of
+/// a message in it (the first message of an epoch is 1; 0 is "before any").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Since {
+    pub epoch: String,
+    pub offset: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,8 +98,25 @@ pub enum FromChat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "r", rename_all = "snake_case")]
 pub enum ChatReply {
-    Users { users: Vec<String> },
+    Users {
+        users: Vec<String>,
+        /// Where the room's history is now (empty epoch from a chat server that keeps none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        epoch: String,
+        #[serde(default)]
+        offset: u64,
+        /// Whether the join's `since` was recovered; `None` without `since`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
     Done,
+    /// The answer to [`ChatRequest::History`]: `messages` are `onChat` bodies with their offsets, oldest first.
+    History {
+        epoch: String,
+        offset: u64,
+        recovered: bool,
+        messages: Vec<serde_json::Value>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

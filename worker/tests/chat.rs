@@ -61,14 +61,15 @@ async fn gate_then_connector_chat_over_websocket_and_tcp() {
         assert_eq!(entry, json!({"code":200,"host":"127.0.0.1","port":conn.addr.port()}));
         assert_eq!(g.request(2, "gate.gateHandler.queryEntry", &json!({})).await, json!({"code":500}));
 
-        // Connector: heartbeat 3 s, dictionary codes 3, 2, 1.
+        // Connector: heartbeat 3 s, dictionary codes 3, 2, 1 as in the demo, then history (issue 16) as 4.
         let mut a = Client::connect(Kind::Ws, conn.addr).await;
         let reply = a.handshake(true).await;
         assert_eq!(reply["sys"]["heartbeat"], 3);
         assert_eq!(reply["sys"]["useDict"], true);
         assert_eq!(
             reply["sys"]["routeToCode"],
-            json!({"chat.chatHandler.send":1,"connector.entryHandler.enter":2,"gate.gateHandler.queryEntry":3})
+            json!({"chat.chatHandler.send":1,"connector.entryHandler.enter":2,"gate.gateHandler.queryEntry":3,
+                "chat.chatHandler.history":4})
         );
         let users = a.request(1, "connector.entryHandler.enter", &json!({"username":"alice","rid":"r1"})).await;
         assert_eq!(users, json!({"users":["alice"]}));

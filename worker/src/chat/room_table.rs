@@ -13,12 +13,16 @@ use pomelo_proto::cluster::{ChatError, Member};
 use pomelo_proto::wire::{self, Dictionary};
 use serde_json::json;
 
-/// `onChat`'s body, with Pomelo's key order (`msg`, `from`, `target`).
+/// `onChat`'s body, with Pomelo's key order (`msg`, `from`, `target`), then the message's place in the
+/// room's history (`epoch`, `offset`), which Pomelo clients ignore.
 #[derive(serde::Serialize)]
-struct OnChat<'a> {
-    msg: &'a serde_json::Value,
-    from: &'a str,
-    target: &'a str,
+pub struct OnChat<'a> {
+    pub msg: &'a serde_json::Value,
+    pub from: &'a str,
+    pub target: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub epoch: &'a str,
+    pub offset: u64,
 }
 
 /// One push for some sessions of one connector, all members of `room`.
@@ -264,17 +268,45 @@ impl RoomTable {
         deliveries(&room.rid.clone(), room.groups(), payload)
     }
 
-    /// `chat.chatHandler.send`: `onChat {msg, from, target}` to the whole room (sender included) or to the
-    /// member whose user name is `target`.
-    pub fn send(
-        &mut self,
-        rid: &str,
-        from: &str,
-        target: &str,
-        content: &serde_json::Value,
-    ) -> Result<Vec<Delivery>, ChatError> {
+    pub fn has_room(&self, rid: &str) -> bool {
+        self.rooms.contains_key(rid)
+    }
+
+    /// The session of `uid` in `rid` on `connector`, if it is there.
+    pub fn session_of(&self, connector: &Arc<str>, rid: &str, uid: &str) -> Option<(Arc<str>, u64)> {
+        let room = self.rooms.get(rid)?;
+        let e = room.members.get(uid).filter(|e| &e.connector == connector)?;
+        Some((room.rid.clone(), e.session))
+    }
+
+    /// Pushes of stored messages to one session (a recovery), one delivery per message, in order.
+    pub fn replay<'a>(
+        &self,
+        connector: &Arc<str>,
+        room: &Arc<str>,
+        session: u64,
+        messages: impl IntoIterator<Item = OnChat<'a>>,
+    ) -> Vec<Delivery> {
+        let sessions: Arc<[u64]> = Arc::from([session]);
+        messages
+            .into_iter()
+            .filter_map(|m| push(self.dict.as_deref(), "onChat", &m))
+            .map(|payload| Delivery {
+                connector: connector.clone(),
+                room: room.clone(),
+                sessions: sessions.clone(),
+                payload,
+            })
+            .collect()
+    }
+
+    /// `chat.chatHandler.send`: `onChat {msg, from, target, epoch, offset}` to the whole room (sender
+    /// included) or to the member whose user name is `target`; `epoch` and `offset` are where the
+    /// history stored it.
+    pub fn send(&mut self, rid: &str, chat: OnChat<'_>) -> Result<Vec<Delivery>, ChatError> {
+        let target = chat.target;
         let room = self.rooms.get_mut(rid).ok_or_else(|| ChatError::Other { msg: format!("no room `{rid}`") })?;
-        let payload = push(self.dict.as_deref(), "onChat", &OnChat { msg: content, from, target });
+        let payload = push(self.dict.as_deref(), "onChat", &chat);
         if target == "*" {
             return Ok(deliveries(&room.rid.clone(), room.groups(), payload));
         }

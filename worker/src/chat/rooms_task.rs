@@ -11,14 +11,18 @@
 //! for a room this server does not own is answered `NotOwner`, and a connector's members leave
 //! (`onLeave` to the rest) only when [`Presence`] says it is gone (its link and the membership, each
 //! with a grace), never on one membership alone. A connector's `Rejoin` replaces its members in the
-//! rooms this server owns. It ends when the shutdown token is cancelled or every link task is gone.
+//! rooms this server owns.
+//!
+//! It owns the rooms' [`History`] too: a send is stored (numbered with the room's epoch and offset)
+//! before it is answered and pushed, and a join with `since` queues the member's missed messages before
+//! anything live, or answers `recovered: false` when the history does not cover them. It ends when the shutdown token is cancelled or every link task is gone.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pomelo_proto::cluster::{self, ChatReply, ChatRequest, FromChat};
+use pomelo_proto::cluster::{self, ChatReply, ChatRequest, FromChat, Since};
 use pomelo_proto::control::{Membership, ServerType};
 use pomelo_proto::route;
 use pomelo_proto::wire::Dictionary;
@@ -27,13 +31,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Batch, Batches, Pacer};
+use super::history::{History, HistoryLimits, MemoryHistory, Query, Stored};
 use super::outbox::Outbox;
 use super::presence::Presence;
-use super::room_table::{Delivery, Limits, RoomTable};
+use super::room_table::{Delivery, Limits, OnChat, RoomTable};
 use super::server::ChatMetrics;
 
 /// Requests handled at most before their deliveries are sent.
 pub const DRAIN: usize = 256;
+/// Most messages, and bytes of pushes, a join recovers (a connector queues at most 1024 packages and
+/// 1 MiB per session); past either it answers `recovered: false`.
+pub const MAX_REPLAY: usize = 500;
+pub const MAX_REPLAY_BYTES: usize = 512 * 1024;
+/// Most messages one `chat.chatHandler.history` answer carries.
+pub const MAX_PAGE: usize = 200;
 /// Deliveries waiting to be merged are sent at once past this many payload bytes.
 const MAX_PENDING_BYTES: usize = 1 << 20;
 
@@ -77,6 +88,7 @@ pub(super) async fn rooms_task(
     let mut st = State {
         me: id,
         rooms: RoomTable::new(dict).with_limits(limits),
+        history: Box::new(MemoryHistory::new(HistoryLimits::from_env())),
         links: HashMap::new(),
         presence: Presence::default(),
         chats: None,
@@ -137,6 +149,7 @@ type Links = HashMap<Arc<str>, (u64, Outbox)>;
 struct State {
     me: String,
     rooms: RoomTable,
+    history: Box<dyn History>,
     links: Links,
     presence: Presence,
     /// The chat servers of the last membership this server is in (`None` before: it cannot tell which
@@ -189,23 +202,51 @@ impl State {
         req: ChatRequest,
     ) -> (Result<ChatReply, cluster::ChatError>, Vec<Delivery>) {
         match req {
-            ChatRequest::Join { member } if !self.owns(&member.rid) => {
+            ChatRequest::Join { member, .. } if !self.owns(&member.rid) => {
                 (Err(cluster::ChatError::NotOwner { rid: member.rid }), Vec::new())
             }
-            ChatRequest::Join { member } => match self.rooms.join(connector, member) {
-                Ok((users, d)) => (Ok(ChatReply::Users { users }), d),
-                Err(e) => (Err(e), Vec::new()),
-            },
+            ChatRequest::Join { member, since } => self.join(connector, member, since),
             ChatRequest::Leave { member } => (Ok(ChatReply::Done), self.rooms.leave(connector, &member)),
             ChatRequest::Send { rid, .. } if !self.owns(&rid) => {
                 (Err(cluster::ChatError::NotOwner { rid }), Vec::new())
             }
             ChatRequest::Send { rid, from, target, content } => {
                 self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-                match self.rooms.send(&rid, &from, &target, &content) {
+                if !self.rooms.has_room(&rid) {
+                    return (Err(cluster::ChatError::Other { msg: format!("no room `{rid}`") }), Vec::new());
+                }
+                // Stored first: an answered send is in the history.
+                let at = match self.history.append(&rid, &from, &target, &content, Instant::now()) {
+                    Ok(at) => at,
+                    Err(e) => return (Err(cluster::ChatError::Other { msg: e.to_string() }), Vec::new()),
+                };
+                let chat = OnChat { msg: &content, from: &from, target: &target, epoch: &at.epoch, offset: at.offset };
+                match self.rooms.send(&rid, chat) {
                     Ok(d) => (Ok(ChatReply::Done), d),
                     Err(e) => (Err(e), Vec::new()),
                 }
+            }
+            ChatRequest::History { rid, .. } if !self.owns(&rid) => {
+                (Err(cluster::ChatError::NotOwner { rid }), Vec::new())
+            }
+            ChatRequest::History { rid, username, since, before, limit } => {
+                let now = Instant::now();
+                let at = self.history.position(&rid, now);
+                let limit = (limit as usize).clamp(1, MAX_PAGE);
+                let (recovered, got) = match since {
+                    Some(s) => match self.history.read(&rid, &Query::Since(s), now) {
+                        Some(m) => (true, m),
+                        None => (false, Vec::new()),
+                    },
+                    None => (true, self.history.read(&rid, &Query::Before { before, limit }, now).unwrap_or_default()),
+                };
+                let messages = got
+                    .iter()
+                    .filter(|m| m.visible_to(&username))
+                    .take(limit)
+                    .map(|m| serde_json::json!({"msg": m.msg, "from": m.from, "target": m.target, "epoch": at.epoch, "offset": m.offset}))
+                    .collect();
+                (Ok(ChatReply::History { epoch: at.epoch, offset: at.offset, recovered, messages }), Vec::new())
             }
             ChatRequest::Rejoin { members, .. } => {
                 let n = members.len();
@@ -219,6 +260,43 @@ impl State {
         }
     }
 
+    /// A join: the user list, where the room's history is, and with `since` the member's missed
+    /// messages (queued before anything live reaches it) or `recovered: false`.
+    fn join(
+        &mut self,
+        connector: &Arc<str>,
+        member: cluster::Member,
+        since: Option<Since>,
+    ) -> (Result<ChatReply, cluster::ChatError>, Vec<Delivery>) {
+        let (rid, uid, username) = (member.rid.clone(), member.uid.clone(), member.username.clone());
+        let (users, mut out) = match self.rooms.join(connector, member) {
+            Ok(r) => r,
+            Err(e) => return (Err(e), Vec::new()),
+        };
+        let now = Instant::now();
+        let at = self.history.position(&rid, now);
+        let recovered = since.map(|s| {
+            let Some(missed) = self.history.read(&rid, &Query::Since(s), now) else { return false };
+            let Some((room, session)) = self.rooms.session_of(connector, &rid, &uid) else { return false };
+            let chats = missed.iter().filter(|m| m.visible_to(&username)).map(|m: &Stored| OnChat {
+                msg: &m.msg,
+                from: &m.from,
+                target: &m.target,
+                epoch: &at.epoch,
+                offset: m.offset,
+            });
+            let replay = self.rooms.replay(connector, &room, session, chats);
+            // More than its queue holds would get the client kicked, and again on every retry: it is told
+            // `recovered: false` and may page through `history` instead.
+            if replay.len() > MAX_REPLAY || replay.iter().map(|d| d.payload.len()).sum::<usize>() > MAX_REPLAY_BYTES {
+                return false;
+            }
+            out.extend(replay);
+            true
+        });
+        (Ok(ChatReply::Users { users, epoch: at.epoch, offset: at.offset, recovered }), out)
+    }
+
     /// Forgets rooms that moved to another chat server and tells [`Presence`] who is listed.
     fn follow_membership(&mut self, m: &Membership) {
         let chats: Vec<String> = route::chat_servers(m).map(|s| s.id.clone()).collect();
@@ -230,6 +308,7 @@ impl State {
         self.presence.membership(&connectors, &self.rooms.connectors(), Instant::now());
         let me = self.me.clone();
         let moved = self.rooms.retain(|rid| route::owner(rid, &chats) == Some(me.as_str()));
+        self.history.retain(&|rid| route::owner(rid, &chats) == Some(me.as_str()));
         if moved > 0 {
             tracing::info!("{moved} rooms moved to other chat servers");
         }

@@ -1,5 +1,8 @@
-//! The connector: `connector.entryHandler.enter {username, rid}` and `chat.chatHandler.send`, as in
-//! chatofpomelo-websocket, with room membership behind the [`Rooms`] trait.
+//! The connector: `connector.entryHandler.enter {username, rid, since?}`, `chat.chatHandler.send` and
+//! `chat.chatHandler.history {rid, since?, before?, limit?}`, as in chatofpomelo-websocket plus room
+//! history (issue 16), with room membership behind the [`Rooms`] trait. `enter` answers `{users}` plus
+//! where the room's history is (`epoch`, `offset`) and, with `since: {epoch, offset}`, `recovered`: the
+//! missed messages are pushed first, or `false` says they are lost.
 //!
 //! - [`Connector`] (this file) is the handler: it checks what the client sent, binds the session's uid
 //!   and hands joins, sends and leaves to its [`Rooms`];
@@ -24,16 +27,16 @@ pub mod rpc;
 
 use std::sync::Arc;
 
-use pomelo_proto::cluster::Member;
+use pomelo_proto::cluster::{Member, Since};
 use serde_json::{json, Value};
 
-pub use rooms::{ChatSend, ClusterRooms, JoinError, Rooms};
+pub use rooms::{ChatSend, ClusterRooms, HistoryQuery, JoinError, Joined, Rooms};
 pub use rpc::ChatClient;
 
 use metrics::RpcMetrics;
 
 use crate::frontend::{BoxFuture, Handler, HandlerError, Request, Session};
-use crate::routes::{ENTER, SEND};
+use crate::routes::{ENTER, HISTORY, SEND};
 
 /// Longest username or room name accepted by default (`maxNameLength`; the demo client allows 20 characters).
 pub const MAX_NAME_BYTES: usize = pomelo_proto::config::DEFAULT_MAX_NAME_BYTES;
@@ -72,6 +75,24 @@ fn depth(v: &Value) -> usize {
     }
     max
 }
+
+/// An optional `since: {epoch, offset}` in a body; `Err` says what is wrong with it.
+fn since(body: &Value) -> Result<Option<Since>, String> {
+    let s = match body.get("since") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(s) => s,
+    };
+    let epoch = s.get("epoch").and_then(Value::as_str).filter(|e| e.len() <= MAX_NAME_BYTES);
+    match (epoch, s.get("offset").and_then(Value::as_u64)) {
+        (Some(epoch), Some(offset)) => Ok(Some(Since { epoch: epoch.to_string(), offset })),
+        _ => {
+            Err(format!("since must be {{epoch: a string of at most {MAX_NAME_BYTES} bytes, offset: a whole number}}"))
+        }
+    }
+}
+
+/// Messages one `history` request asks for unless it says.
+pub const HISTORY_PAGE: u32 = 50;
 
 /// A refusal the client can show: `{code: 500, message}`.
 fn refused(message: String) -> Value {
@@ -121,14 +142,31 @@ impl Connector {
                 return Ok(json!({"code": 500, "error": true, "message": format!("a {what} cannot contain {bad}")}));
             }
         }
+        let since = match since(&body) {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.refused();
+                return Ok(refused(e));
+            }
+        };
         let uid = format!("{username}*{rid}");
         if !session.registry().get_by_uid(&uid).is_empty() {
             return Ok(duplicate_name());
         }
         session.bind(&uid).map_err(|e| HandlerError::new(e.to_string()))?;
         let member = Member { rid, uid, username, session: session.id() };
-        match self.rooms.join(&session, member).await {
-            Ok(users) => Ok(json!({"users": users})),
+        match self.rooms.join(&session, member, since).await {
+            Ok(j) => {
+                let mut reply = json!({"users": j.users});
+                if let Some(at) = j.at {
+                    reply["epoch"] = json!(at.epoch);
+                    reply["offset"] = json!(at.offset);
+                }
+                if let Some(r) = j.recovered {
+                    reply["recovered"] = json!(r);
+                }
+                Ok(reply)
+            }
             Err(e) => {
                 // Not in a room after all: the client may try `enter` again on this session.
                 session.unbind();
@@ -157,11 +195,29 @@ impl Connector {
         // Pomelo answers `{route: msg.route}`, which serialises as `{}`.
         Ok(json!({}))
     }
+
+    async fn history(&self, session: Session, body: Value) -> Result<Value, HandlerError> {
+        let Some(uid) = session.uid() else { return Err(HandlerError::new("history before enter")) };
+        let own = uid.split_once('*').map_or("", |(_, r)| r);
+        match body.get("rid") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(r)) if r == own => {}
+            Some(_) => return Ok(refused("history is kept for your own room only".into())),
+        }
+        let since = match since(&body) {
+            Ok(s) => s,
+            Err(e) => return Ok(refused(e)),
+        };
+        let before = body.get("before").and_then(Value::as_u64);
+        let limit =
+            body.get("limit").and_then(Value::as_u64).map_or(HISTORY_PAGE, |l| l.min(u64::from(u32::MAX)) as u32);
+        self.rooms.history(&session, HistoryQuery { since, before, limit }).await
+    }
 }
 
 impl Handler for Connector {
     fn routes(&self) -> Vec<String> {
-        [ENTER, SEND].iter().map(|r| r.to_string()).collect()
+        [ENTER, SEND, HISTORY].iter().map(|r| r.to_string()).collect()
     }
 
     fn handle<'a>(&'a self, req: Request) -> BoxFuture<'a, Result<Value, HandlerError>> {
@@ -178,6 +234,7 @@ impl Handler for Connector {
             match req.route.as_str() {
                 ENTER => self.enter(req.session, req.body).await,
                 SEND => self.send(req.session, req.body).await,
+                HISTORY => self.history(req.session, req.body).await,
                 other => Err(HandlerError::new(format!("connector has no route {other}"))),
             }
         })

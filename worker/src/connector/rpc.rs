@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pomelo_proto::cluster::{ChatError, ChatReply, ChatRequest, Member};
+use pomelo_proto::cluster::{ChatError, ChatReply, ChatRequest, Member, Since};
 use pomelo_proto::control::Membership;
 use pomelo_proto::route;
 use tokio::sync::{oneshot, watch};
@@ -29,6 +29,15 @@ use super::placement;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub use super::link::Deliver;
+
+/// What a join answered: the user names, where the room's history is (`None` from a chat server that
+/// keeps none), and whether `since` was recovered (`None` without `since`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Joined {
+    pub users: Vec<String>,
+    pub at: Option<Since>,
+    pub recovered: Option<bool>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
@@ -118,14 +127,17 @@ impl ChatClient {
         }
     }
 
-    /// Enters a room; the user names in it on success.
-    pub async fn join(&self, member: Member) -> Result<Vec<String>, RpcError> {
+    /// Enters a room (recovering what came after `since`, if given); the user names in it on success.
+    pub async fn join(&self, member: Member, since: Option<Since>) -> Result<Joined, RpcError> {
         let rid = member.rid.clone();
         let session = member.session;
         lock(&self.inner.members).insert(session, member.clone());
-        match self.call(&rid, ChatRequest::Join { member }).await {
-            Ok(ChatReply::Users { users }) => Ok(users),
-            Ok(ChatReply::Done) => Ok(Vec::new()),
+        match self.call(&rid, ChatRequest::Join { member, since }).await {
+            Ok(ChatReply::Users { users, epoch, offset, recovered }) => {
+                let at = (!epoch.is_empty()).then_some(Since { epoch, offset });
+                Ok(Joined { users, at, recovered })
+            }
+            Ok(_) => Ok(Joined::default()),
             Err(e) => {
                 if let Some(member) = lock(&self.inner.members).remove(&session) {
                     if matches!(e, RpcError::Timeout(_) | RpcError::Unavailable(_)) {
@@ -142,9 +154,9 @@ impl ChatClient {
     /// Queues a request nobody waits for on the link to the owner of its room, if there is room.
     fn fire(&self, req: ChatRequest) {
         let rid = match &req {
-            ChatRequest::Join { member } | ChatRequest::Leave { member } => member.rid.clone(),
+            ChatRequest::Join { member, .. } | ChatRequest::Leave { member } => member.rid.clone(),
             ChatRequest::Send { rid, .. } => rid.clone(),
-            ChatRequest::Rejoin { .. } => return,
+            ChatRequest::Rejoin { .. } | ChatRequest::History { .. } => return,
         };
         let owner = placement::owner(&rid, lock(&self.inner.chats).iter()).map(String::from);
         let queue = owner.and_then(|o| lock(&self.inner.links).get(&o).map(|l| l.tx.clone()));
@@ -170,6 +182,21 @@ impl ChatClient {
         let member = member.ok_or_else(|| ChatError::Other { msg: "enter a room first".into() })?;
         let req = ChatRequest::Send { rid: member.rid.clone(), from: member.username, target, content };
         self.call(&member.rid, req).await.map(|_| ())
+    }
+
+    /// `chat.chatHandler.history` in the room of `session`: the chat server's answer
+    /// ([`ChatReply::History`]).
+    pub async fn history(
+        &self,
+        session: u64,
+        since: Option<Since>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<ChatReply, RpcError> {
+        let member = lock(&self.inner.members).get(&session).cloned();
+        let member = member.ok_or_else(|| ChatError::Other { msg: "enter a room first".into() })?;
+        let req = ChatRequest::History { rid: member.rid.clone(), username: member.username, since, before, limit };
+        self.call(&member.rid, req).await
     }
 
     /// Applies a membership: links follow the live chat servers; every link that stayed up re-joins

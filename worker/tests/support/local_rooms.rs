@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pomelo_proto::cluster::Member;
-use pomelo_worker::connector::{ChatSend, JoinError, Rooms};
+use pomelo_proto::cluster::{Member, Since};
+use pomelo_worker::connector::{ChatSend, JoinError, Joined, Rooms};
 use pomelo_worker::frontend::{BoxFuture, FrontendConfig, HandlerError, Session};
 use pomelo_worker::routes::chat_dictionary;
 use serde_json::json;
@@ -45,7 +45,12 @@ impl LocalRooms {
 }
 
 impl Rooms for LocalRooms {
-    fn join<'a>(&'a self, session: &'a Session, member: Member) -> BoxFuture<'a, Result<Vec<String>, JoinError>> {
+    fn join<'a>(
+        &'a self,
+        session: &'a Session,
+        member: Member,
+        _since: Option<Since>,
+    ) -> BoxFuture<'a, Result<Joined, JoinError>> {
         let push = session.registry().encode_push("onAdd", &json!({"route": "onAdd", "user": member.username}));
         let mut t = self.lock();
         t.sessions.insert(session.id(), member.clone());
@@ -57,7 +62,7 @@ impl Rooms for LocalRooms {
         }
         members.push((member, session.clone()));
         let users = members.iter().map(|(m, _)| m.username.clone()).collect();
-        Box::pin(std::future::ready(Ok(users)))
+        Box::pin(std::future::ready(Ok(Joined { users, ..Joined::default() })))
     }
 
     fn leave<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, ()> {

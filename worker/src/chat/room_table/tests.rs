@@ -2,6 +2,10 @@
 
 use super::*;
 
+fn chat<'a>(from: &'a str, target: &'a str, msg: &'a serde_json::Value) -> OnChat<'a> {
+    OnChat { msg, from, target, epoch: "e1", offset: 7 }
+}
+
 fn m(name: &str, rid: &str, session: u64) -> Member {
     Member { rid: rid.into(), uid: format!("{name}*{rid}"), username: name.into(), session }
 }
@@ -32,14 +36,14 @@ fn broadcast_includes_the_sender_and_private_reaches_one() {
     r.join(&c1, m("ann", "r", 1)).expect("join");
     r.join(&c2, m("bob", "r", 2)).expect("join");
     r.join(&c2, m("eve", "other", 3)).expect("join");
-    let d = r.send("r", "ann", "*", &json!("hi")).expect("send");
+    let d = r.send("r", chat("ann", "*", &json!("hi"))).expect("send");
     assert_eq!(d.len(), 2);
     assert_eq!(d[0].payload.as_ptr(), d[1].payload.as_ptr(), "encoded once, shared");
-    assert!(d[0].payload.ends_with(br#"{"msg":"hi","from":"ann","target":"*"}"#));
-    let d = r.send("r", "ann", "bob", &json!("psst")).expect("send");
+    assert!(d[0].payload.ends_with(br#"{"msg":"hi","from":"ann","target":"*","epoch":"e1","offset":7}"#));
+    let d = r.send("r", chat("ann", "bob", &json!("psst"))).expect("send");
     assert_eq!(d.len(), 1);
     assert_eq!((&*d[0].connector, &d[0].sessions[..]), ("c2", &[2u64][..]));
-    assert!(r.send("r", "ann", "eve", &json!("x")).expect("send").is_empty(), "eve is in another room");
+    assert!(r.send("r", chat("ann", "eve", &json!("x"))).expect("send").is_empty(), "eve is in another room");
 }
 
 #[test]
@@ -47,12 +51,12 @@ fn broadcasts_follow_joins_and_leaves() {
     let mut r = RoomTable::new(None);
     let c1: Arc<str> = "c1".into();
     r.join(&c1, m("ann", "r", 1)).expect("join");
-    assert_eq!(&r.send("r", "ann", "*", &json!("a")).expect("send")[0].sessions[..], [1]);
+    assert_eq!(&r.send("r", chat("ann", "*", &json!("a"))).expect("send")[0].sessions[..], [1]);
     r.join(&c1, m("bob", "r", 2)).expect("join");
-    let d = r.send("r", "ann", "*", &json!("b")).expect("send");
+    let d = r.send("r", chat("ann", "*", &json!("b"))).expect("send");
     assert_eq!((&d[0].sessions[..], &*d[0].room), (&[1u64, 2][..], "r"));
     r.leave(&c1, &m("ann", "r", 1));
-    assert_eq!(&r.send("r", "bob", "*", &json!("c")).expect("send")[0].sessions[..], [2]);
+    assert_eq!(&r.send("r", chat("bob", "*", &json!("c"))).expect("send")[0].sessions[..], [2]);
 }
 
 #[test]
