@@ -217,4 +217,50 @@ mod tests {
         let masked = Ws::new(1).binary(b"x").to_vec();
         assert!(next_frame(&masked).is_err(), "a masked server frame is an error");
     }
+
+    /// A one-shot server on 127.0.0.1 that reads the upgrade request and answers with `reply(key)`.
+    async fn serve_once(reply: fn(&str) -> String) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut b = [0u8; 256];
+                let n = s.read(&mut b).await.unwrap();
+                head.extend_from_slice(&b[..n]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let key = head.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ")).unwrap().trim().to_owned();
+            s.write_all(reply(&key).as_bytes()).await.unwrap();
+            // Keep the socket open until the client has read the reply.
+            let _ = s.read(&mut [0u8; 1]).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn upgrade_checks_the_status_and_the_accept_key() {
+        let good = |key: &str| {
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {}\r\n\r\n\x02\x01",
+                derive_accept_key(key.as_bytes())
+            )
+        };
+        let addr = serve_once(good).await;
+        let s = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(upgrade(&s, addr).await.unwrap(), vec![0x02, 0x01], "bytes after the head are kept");
+
+        let wrong_key = |_: &str| "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: x\r\n\r\n".to_owned();
+        let addr = serve_once(wrong_key).await;
+        let s = TcpStream::connect(addr).await.unwrap();
+        assert!(upgrade(&s, addr).await.unwrap_err().contains("Sec-WebSocket-Accept"));
+
+        let refused = |_: &str| "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".to_owned();
+        let addr = serve_once(refused).await;
+        let s = TcpStream::connect(addr).await.unwrap();
+        assert!(upgrade(&s, addr).await.unwrap_err().contains("400"));
+    }
 }
