@@ -22,6 +22,7 @@ use crate::shard::{now_us, Phase, Shard};
 use crate::spec::Spec;
 use crate::track::Window;
 use crate::wire::{self, Stamp};
+use crate::ws::Ws;
 
 /// Bytes a client may have waiting to be written before its sends are counted as failed.
 const MAX_OUT: usize = 256 * 1024;
@@ -59,6 +60,9 @@ pub(crate) struct Client {
     pub(crate) rid: String,
     pub(crate) username: String,
     pub(crate) stream: TcpStream,
+    /// The WebSocket framing, for `--transport ws`.
+    pub(crate) ws: Option<Ws>,
+    /// Package bytes of an incomplete package.
     pub(crate) pending: Vec<u8>,
     pub(crate) out: Vec<u8>,
     /// Per sender slot of the room, allocated on the first `onChat`.
@@ -113,17 +117,19 @@ async fn connect(shard: &Shard, g: u32) -> Result<Client, Failure> {
     let spec: &Spec = &shard.spec;
     let stage = Duration::from_secs_f64(spec.stage_timeout);
     let (username, src) = (spec.username(g), spec.source_of(g));
-    let addr = match timeout(stage, connect::query_gate(spec.gate, src, &username)).await {
+    // The masking keys only need to differ between connections.
+    let seed = (u64::from(g) << 32) ^ now_us();
+    let addr = match timeout(stage, connect::query_gate(spec.gate, src, &username, spec.transport, seed)).await {
         Ok(r) => r?,
         Err(_) => return fail(Stage::Gate, "gate timed out"),
     };
-    let stream = match timeout(stage, connect::dial(addr, src)).await {
+    let (stream, mut ws) = match timeout(stage, connect::open(addr, src, spec.transport, seed.rotate_left(17))).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return fail(Stage::Connect, format_args!("connect to {addr}: {e}")),
+        Ok(Err(e)) => return fail(Stage::Connect, e),
         Err(_) => return fail(Stage::Connect, format_args!("connect to {addr} timed out")),
     };
     let mut pending = Vec::new();
-    let hs = match timeout(stage, connect::handshake(&stream, &mut pending)).await {
+    let hs = match timeout(stage, connect::handshake(&stream, ws.as_mut(), &mut pending)).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => return fail(Stage::Handshake, e),
         Err(_) => return fail(Stage::Handshake, "handshake timed out"),
@@ -135,6 +141,7 @@ async fn connect(shard: &Shard, g: u32) -> Result<Client, Failure> {
         rid: format!("r{room}"),
         username,
         stream,
+        ws,
         pending,
         out: Vec::new(),
         windows: Vec::new(),
@@ -281,21 +288,16 @@ impl Client {
         }
     }
 
-    /// Writes now what the socket takes; keeps the rest for when it is writable.
+    /// Writes now what the socket takes; keeps the rest for when it is writable. Over a WebSocket the
+    /// packages go in one masked binary frame.
     pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        if !self.out.is_empty() {
-            self.out.extend_from_slice(bytes);
-            return Ok(());
+        match &mut self.ws {
+            Some(ws) => write_raw(&self.stream, &mut self.out, ws.binary(bytes)),
+            None => write_raw(&self.stream, &mut self.out, bytes),
         }
-        match self.stream.try_write(bytes) {
-            Ok(n) => self.out.extend_from_slice(&bytes[n..]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.out.extend_from_slice(bytes),
-            Err(e) => return Err(e.to_string()),
-        }
-        Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), String> {
+    pub(crate) fn flush(&mut self) -> Result<(), String> {
         match self.stream.try_write(&self.out) {
             Ok(n) => {
                 self.out.drain(..n);
@@ -305,4 +307,18 @@ impl Client {
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// Writes what the socket takes of `bytes` behind `out`; keeps the rest in `out`.
+pub(crate) fn write_raw(stream: &TcpStream, out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), String> {
+    if !out.is_empty() {
+        out.extend_from_slice(bytes);
+        return Ok(());
+    }
+    match stream.try_write(bytes) {
+        Ok(n) => out.extend_from_slice(&bytes[n..]),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => out.extend_from_slice(bytes),
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(())
 }

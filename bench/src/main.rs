@@ -1,4 +1,5 @@
-//! `pomelo-bench`: a load generator for pomelo-rs that speaks Pomelo's client protocol over raw TCP.
+//! `pomelo-bench`: a load generator for pomelo-rs that speaks Pomelo's client protocol over raw TCP
+//! (the default) or WebSocket (`--transport ws`: the same packages in binary messages).
 //!
 //! - `pomelo-bench run -c servers.yaml [scenario flags]`: finds the running cluster through its admin
 //!   API, starts `--procs` generator processes, runs the timeline and prints the report as JSON.
@@ -6,8 +7,8 @@
 //! - `pomelo-bench summary REPORT...`: the reports' figures against the bar.
 //! - `pomelo-bench gen` (internal): one generator process, driven by `run` over stdin/stdout.
 //!
-//! Modules: [`spec`] what a run does; [`connect`], [`client`], [`inbound`] and [`wire`] one simulated user;
-//! [`shard`] a generator process; [`track`] counting; [`orchestrate`] the conductor; [`cluster`] the
+//! Modules: [`spec`] what a run does; [`connect`], [`client`], [`inbound`], [`wire`] and [`ws`] one
+//! simulated user; [`shard`] a generator process; [`track`] counting; [`orchestrate`] the conductor; [`cluster`] the
 //! cluster seen through `pomelo_master::admin_client` and `pomelo_master::procstat`; [`report`] the
 //! figures; [`summary`] the figures against the bar.
 
@@ -22,6 +23,7 @@ mod spec;
 mod summary;
 mod track;
 mod wire;
+mod ws;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -33,7 +35,7 @@ use clap::{Parser, Subcommand};
 use spec::{Spec, Step};
 
 #[derive(Parser)]
-#[command(name = "pomelo-bench", about = "Load generator for pomelo-rs (Pomelo protocol over raw TCP)")]
+#[command(name = "pomelo-bench", about = "Load generator for pomelo-rs (Pomelo protocol over raw TCP or WebSocket)")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -92,6 +94,9 @@ struct Scenario {
     /// Generator processes (each may hold at most 20,000 open files).
     #[arg(long, default_value_t = 1)]
     procs: u32,
+    /// Raw TCP, or the same packages in binary WebSocket messages (same port).
+    #[arg(long, value_enum, default_value_t = ws::Transport::Tcp)]
+    transport: ws::Transport,
     /// Connect and heartbeat without entering a room.
     #[arg(long)]
     no_enter: bool,
@@ -146,6 +151,7 @@ fn spec_of(s: &Scenario) -> Spec {
     steps.extend(s.rate.iter().map(|&rate| Step { rate, secs: s.duration, warmup: false }));
     Spec {
         gate: std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        transport: s.transport,
         clients: s.clients,
         rooms: s.rooms,
         payload: s.payload,

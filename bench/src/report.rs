@@ -211,7 +211,7 @@ pub fn build(i: Inputs<'_>) -> Value {
         "scenario": i.scenario,
         "machine": crate::cluster::machine(),
         "params": {
-            "clients": i.spec.clients, "rooms": i.spec.rooms, "payload_bytes": i.spec.payload,
+            "transport": i.spec.transport, "clients": i.spec.clients, "rooms": i.spec.rooms, "payload_bytes": i.spec.payload,
             "connect_rate": i.spec.connect_rate, "procs": i.spec.procs, "sources": i.spec.sources.len(),
             "enter": i.spec.enter, "grace_secs": i.spec.grace, "steps": i.spec.steps,
         },

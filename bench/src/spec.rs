@@ -11,6 +11,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ws::Transport;
+
 /// One step of the timeline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
@@ -26,8 +28,11 @@ pub struct Step {
 /// Everything a generator process needs; the orchestrator passes it as JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spec {
-    /// The gate's client address (raw TCP).
+    /// The gate's client address (raw TCP or WebSocket, on the same port).
     pub gate: SocketAddr,
+    /// How clients talk to the gate and the connectors.
+    #[serde(default)]
+    pub transport: Transport,
     pub clients: u32,
     pub rooms: u32,
     /// Bytes of each message's `content` (at least the timestamp header, about 30 bytes).
@@ -124,6 +129,7 @@ mod tests {
 
     fn spec() -> Spec {
         Spec {
+            transport: Transport::Tcp,
             gate: "127.0.0.1:1".parse().expect("addr"),
             clients: 10,
             rooms: 3,
