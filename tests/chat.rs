@@ -144,6 +144,12 @@ fn broadcasts_private_messages_joins_leaves_and_duplicate_logins() {
     for (i, u) in users.iter_mut().enumerate().filter(|(i, _)| *i != 6) {
         assert!(u.client.next_push(Duration::from_millis(100)).is_none(), "user {i} got a private message");
     }
+    // A private message to someone not in the room is refused (not answered `{}` as if delivered).
+    let r = users[0].client.request(
+        "chat.chatHandler.send",
+        json!({"rid": rooms[0], "content": "psst", "from": "u0", "target": "nobody"}),
+    );
+    assert_eq!(r, json!({"code": 500}), "a private message to no one");
 
     // The same name in the same room is refused.
     let (_dup, reply) = login(g, "u0", &rooms[0]);

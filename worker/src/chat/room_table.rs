@@ -272,6 +272,11 @@ impl RoomTable {
         self.rooms.contains_key(rid)
     }
 
+    /// Whether `username` is a member of `rid` (the target of a private message).
+    pub fn has_user(&self, rid: &str, username: &str) -> bool {
+        self.rooms.get(rid).is_some_and(|r| r.members.contains_key(&format!("{username}*{rid}")))
+    }
+
     /// The session of `uid` in `rid` on `connector`, if it is there.
     pub fn session_of(&self, connector: &Arc<str>, rid: &str, uid: &str) -> Option<(Arc<str>, u64)> {
         let room = self.rooms.get(rid)?;

@@ -215,6 +215,11 @@ impl State {
                 if !self.rooms.has_room(&rid) {
                     return (Err(cluster::ChatError::Other { msg: format!("no room `{rid}`") }), Vec::new());
                 }
+                // A private message to no one is refused, not stored and answered `{}` as if delivered.
+                if target != "*" && !self.rooms.has_user(&rid, &target) {
+                    let msg = format!("no user {target:?} in room {rid:?}");
+                    return (Err(cluster::ChatError::Other { msg }), Vec::new());
+                }
                 // Stored first: an answered send is in the history.
                 let at = match self.history.append(&rid, &from, &target, &content, Instant::now()) {
                     Ok(at) => at,
