@@ -8,3 +8,4 @@ mod harness;
 mod pomelo_client;
 mod reload;
 mod supervision;
+mod trust;
