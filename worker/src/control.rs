@@ -176,7 +176,6 @@ async fn session(
         acceptor_nonce: &master_nonce,
     };
     if !t.verify(key, Role::Acceptor, &proof) {
-        tracing::warn!("the peer at {addr} failed to prove it is this cluster's master; not registering with it");
         return Err("the peer could not prove it is this cluster's master".into());
     }
     framed.authenticated();

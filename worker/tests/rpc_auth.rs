@@ -1,7 +1,8 @@
 //! A chat server's RPC port against attackers, over real sockets: no one links without the link key the
 //! master issued for the name it claims (a forged connector name, a wrong proof, a replayed transcript and
 //! the old bearer-token hello are all refused, and the real connector's link is untouched); a first frame
-//! over the handshake cap is cut off at once.
+//! over the handshake cap is cut off at once. And the other way round: a connector that meets a squatter
+//! on a chat server's port says hello and nothing else (no proof, no member, no message).
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,8 +14,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use pomelo_proto::auth::{self, LinkKind, Role, Transcript};
 use pomelo_proto::cluster::{self, FromChat, ToChat};
-use support::bounded;
+use serde_json::json;
 use support::cluster::{rpc_handshake, MiniCluster, SECRET};
+use support::{bounded, Client, Kind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -136,6 +138,53 @@ async fn an_oversized_first_frame_is_cut_off_at_once() {
         let n = tokio::time::timeout(Duration::from_secs(2), raw.read(&mut buf)).await;
         assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "closed at once, got {n:?}");
         assert!(started.elapsed() < Duration::from_secs(2));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_connector_tells_a_squatter_on_a_chat_port_nothing() {
+    bounded(LIMIT, async {
+        let c = MiniCluster::start().await;
+        for kind in [Kind::Ws, Kind::Tcp] {
+            let mut cl = Client::connect(kind, c.connector.addr).await;
+            cl.handshake(true).await;
+            let r =
+                cl.request(1, "connector.entryHandler.enter", &json!({"username": "ann", "rid": "secret-room"})).await;
+            assert!(r["users"].is_array(), "{kind:?}: {r}");
+
+            // chat-1 "restarted" at a port a squatter holds.
+            let squatter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            c.publish_chat_at(squatter.local_addr().unwrap(), 2);
+            let (s, _) = tokio::time::timeout(support::WAIT, squatter.accept()).await.unwrap().unwrap();
+            let mut link = Framed::new(s, pomelo_proto::link::cluster_codec());
+            let first = tokio::time::timeout(support::WAIT, link.next()).await.unwrap().unwrap().unwrap();
+            let cluster::Frame::Msg(ToChat::Hello { connector, .. }) =
+                cluster::decode::<ToChat>(first.freeze()).unwrap()
+            else {
+                panic!("{kind:?}: not a hello");
+            };
+            assert_eq!(connector, "connector-1");
+            let forged = FromChat::Challenge { chat: "chat-1".into(), nonce: "ab".repeat(32), proof: "00".repeat(32) };
+            link.send(cluster::encode_msg(&forged)).await.unwrap();
+            link.send(cluster::encode_msg(&FromChat::Welcome { chat: "chat-1".into() })).await.unwrap();
+            // A send would reach it now if the link had come up.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                cl.request(2, "chat.chatHandler.send", &json!({"target": "*", "content": "for chat-1 only"})),
+            )
+            .await;
+            let mut rest = Vec::new();
+            while let Ok(Some(Ok(f))) = tokio::time::timeout(Duration::from_millis(500), link.next()).await {
+                rest.push(String::from_utf8_lossy(&f).to_string());
+            }
+            assert!(rest.is_empty(), "{kind:?}: the connector told a squatter {rest:?}");
+            drop(link);
+            drop(squatter);
+            // Back to the real chat server for the next round.
+            c.publish(true);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     })
     .await;
 }

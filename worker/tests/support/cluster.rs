@@ -224,6 +224,14 @@ impl MiniCluster {
     }
 
     /// Publishes a new membership epoch with `chat-1`, and `connector-1` if `with_connector`.
+    /// Publishes `chat-1` at `addr` with pid `pid` (a squatter's port, say) and `connector-1`.
+    pub fn publish_chat_at(&self, addr: SocketAddr, pid: u32) {
+        let mut chat = server("chat-1", ServerType::Chat, Some(addr));
+        chat.pid = pid;
+        let servers = vec![chat, server("connector-1", ServerType::Connector, None)];
+        self.membership.send_modify(|m| *m = Arc::new(Membership { epoch: m.epoch, version: m.version + 1, servers }));
+    }
+
     pub fn publish(&self, with_connector: bool) {
         self.publish_with(if with_connector { &["connector-1"] } else { &[] });
     }
