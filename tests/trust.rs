@@ -1,7 +1,8 @@
 //! The control port against attackers, with the real binary (issue 14): a squatter on the port of a
 //! killed master gets no secret, no key and no registration, cannot stop a worker, and the workers are
 //! adopted by the next real master; each worker's environment holds its own key only; a 4 MiB first frame
-//! is cut off at once, and an id with a newline cannot forge a master log line.
+//! is cut off at once, and an id with a newline cannot forge a master log line; connections in their
+//! handshake are capped in number and time, and a master under that load still respawns a killed worker.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -175,4 +176,37 @@ fn a_4_mib_first_frame_is_cut_off_and_ids_cannot_forge_log_lines() {
         out.contains("FORGED").then_some(out)
     });
     assert!(!out.lines().any(|l| l.starts_with("FORGED")), "a forged log line:\n{out}");
+}
+
+/// Reads until the peer closes (`true`) or `wait` passes (`false`).
+fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+#[test]
+fn unauthenticated_connections_are_capped_and_the_cluster_recovers() {
+    let c = Cluster::start(&yaml(ONE_EACH, ""));
+    let before = c.wait_running();
+    let control = control_addr(&c);
+    let mut idle: Vec<TcpStream> =
+        (0..auth::MAX_UNAUTHENTICATED).map(|_| TcpStream::connect(control).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = TcpStream::connect(control).expect("connect");
+    assert!(closed_within(&mut extra, Duration::from_secs(1)), "a connection past the cap is closed at once");
+    // The idle ones are cut at the handshake timeout.
+    assert!(closed_within(&mut idle[0], auth::HANDSHAKE_TIMEOUT + Duration::from_secs(2)), "an idle handshake is cut");
+    drop(idle);
+    // The master still supervises: a killed worker is respawned and registers.
+    let (id, pid) = before.iter().find(|(id, _)| id == "chat-1").cloned().expect("chat-1");
+    crate::harness::signal(pid, 9);
+    wait_until(Duration::from_secs(20), "chat-1 back", || {
+        let s = c.server(&id);
+        (s["state"] == "running" && s["pid"].as_u64() != Some(pid as u64)).then_some(())
+    });
 }
