@@ -284,7 +284,7 @@ pub fn worker(id: &str, server_type: &str, log_level: &str, threads: Option<usiz
     if spec.server.id != id || spec.server.server_type.as_str() != server_type {
         bail!("--id/--type do not match the spec from the master");
     }
-    let token = std::env::var(pomelo_master::child::TOKEN_ENV).unwrap_or_default();
+    let token = std::env::var(pomelo_master::child::KEY_ENV).unwrap_or_default();
     let writer = pomelo_worker::logwriter::FallbackWriter::new(spec.log_file.clone(), spec.log_max_bytes);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));

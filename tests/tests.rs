@@ -14,3 +14,4 @@ mod limits;
 mod pomelo_client;
 mod reload;
 mod supervision;
+mod trust;

@@ -21,8 +21,9 @@ use crate::view::ExitStatus;
 
 /// The environment variable a worker reads its spec from.
 pub const SPEC_ENV: &str = "POMELO_WORKER_SPEC";
-/// The environment variable a worker reads the cluster token from.
-pub const TOKEN_ENV: &str = "POMELO_CLUSTER_TOKEN";
+/// The environment variable a worker reads its server key from (`pomelo_proto::auth::server_key`, hex):
+/// never the cluster secret.
+pub const KEY_ENV: &str = "POMELO_SERVER_KEY";
 
 /// Reported when a child exits.
 #[derive(Debug)]
@@ -36,7 +37,7 @@ pub struct Exited {
 pub fn spawn(
     exe: &Path,
     spec: &WorkerSpec,
-    cluster_token: &str,
+    server_key: &str,
     sink: LogSink,
     exits: mpsc::Sender<Exited>,
     tasks: &TaskTracker,
@@ -52,7 +53,7 @@ pub fn spawn(
         .args(&s.args)
         .envs(&s.env)
         .env(SPEC_ENV, json)
-        .env(TOKEN_ENV, cluster_token)
+        .env(KEY_ENV, server_key)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

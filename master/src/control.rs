@@ -1,25 +1,31 @@
 //! The control listener: one task per worker connection.
 //!
-//! A connection must open with [`ToMaster::Register`] within [`REGISTER_TIMEOUT`]; after that the task
-//! forwards heartbeats to the supervisor and writes what the supervisor queues for the worker. The
-//! supervisor decides (welcome or reject) and closes a link by dropping its sender. Connection tasks run on
-//! the master's task tracker and end when the peer goes away or the listener's token is cancelled.
+//! A connection must complete the handshake of [`pomelo_proto::auth`] within
+//! [`auth::HANDSHAKE_TIMEOUT`]: the worker's hello (id, nonce), the master's challenge (nonce, proof made
+//! with the key it derives for that id from the cluster secret), then the worker's `Register` with its
+//! own proof, checked here before anything reaches the supervisor. Until then frames are capped at
+//! [`auth::HANDSHAKE_MAX_FRAME`] and at most [`auth::MAX_UNAUTHENTICATED`] connections are in their
+//! handshake at once (more are closed at once); ids from the peer are logged escaped and truncated.
+//! After that the task forwards heartbeats to the supervisor and writes what the supervisor queues for
+//! the worker. The supervisor decides (welcome or reject) and closes a link by dropping its sender.
+//! Connection tasks run on the master's task tracker and end when the peer goes away or the listener's
+//! token is cancelled.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
+use pomelo_proto::auth::{self, LinkKind, Role, Transcript};
 use pomelo_proto::control::{BoundAddrs, ServerType, Stats, ToMaster, ToWorker};
 use pomelo_proto::link::{self, JsonFramed};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages queued for one worker; a worker that does not read is cut off.
 const OUTBOX: usize = 64;
 
-/// What the control listener tells the supervisor.
+/// What the control listener tells the supervisor (only about workers that proved their id).
 #[derive(Debug)]
 pub enum LinkEvent {
     Registered {
@@ -27,7 +33,6 @@ pub enum LinkEvent {
         id: String,
         server_type: ServerType,
         pid: u32,
-        token: String,
         spec_hash: String,
         addrs: BoundAddrs,
         peer: SocketAddr,
@@ -51,50 +56,103 @@ pub enum LinkEvent {
 
 pub async fn listen(
     listener: TcpListener,
+    secret: Arc<str>,
     events: mpsc::Sender<LinkEvent>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let mut next_conn = 0u64;
     let stop = shutdown.clone();
+    let unauthenticated = Arc::new(Semaphore::new(auth::MAX_UNAUTHENTICATED));
     link::accept_loop(listener, shutdown, "control port", |stream, peer| {
+        let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "control connection from {peer} closed: {} handshakes already open",
+                auth::MAX_UNAUTHENTICATED
+            );
+            return;
+        };
         next_conn += 1;
-        let (conn, events, shutdown) = (next_conn, events.clone(), stop.clone());
+        let (conn, events, shutdown, secret) = (next_conn, events.clone(), stop.clone(), secret.clone());
         tasks.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve(stream, peer, conn, events) => {}
+                _ = serve(stream, peer, conn, &secret, permit, events) => {}
             }
         });
     })
     .await;
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, events: mpsc::Sender<LinkEvent>) {
+/// What a worker that proved its id registered with.
+struct Registered {
+    id: String,
+    server_type: ServerType,
+    pid: u32,
+    spec_hash: String,
+    addrs: BoundAddrs,
+}
+
+/// The master's side of the handshake; `Err` says why the connection is closed (ids escaped).
+async fn handshake(framed: &mut JsonFramed<TcpStream>, secret: &str) -> Result<Registered, String> {
+    let (id, dialler_nonce) = match framed.recv::<ToMaster>().await.map_err(|e| e.to_string())? {
+        ToMaster::Hello { id, nonce } => (id, nonce),
+        _ => return Err("the first frame was not a hello".into()),
+    };
+    if !auth::valid_id(&id) || !auth::valid_nonce(&dialler_nonce) {
+        return Err(format!("malformed hello (id \"{}\")", auth::printable(&id)));
+    }
+    let key = auth::server_key(secret, &id);
+    let nonce = auth::nonce().map_err(|e| e.to_string())?;
+    let t = Transcript {
+        kind: LinkKind::Control,
+        dialler: &id,
+        acceptor: auth::MASTER_ID,
+        dialler_nonce: &dialler_nonce,
+        acceptor_nonce: &nonce,
+    };
+    let proof = t.prove(&key, Role::Acceptor);
+    framed.send(&ToWorker::Challenge { nonce: nonce.clone(), proof }).await.map_err(|e| e.to_string())?;
+    match framed.recv::<ToMaster>().await.map_err(|e| e.to_string())? {
+        ToMaster::Register { id: rid, server_type, pid, proof, spec_hash, addrs } => {
+            if rid != id || !t.verify(&key, Role::Dialler, &proof) {
+                // No `Rejected`: a peer without the key is owed nothing.
+                return Err(format!("\"{}\" failed to prove its server key", auth::printable(&id)));
+            }
+            Ok(Registered { id, server_type, pid, spec_hash, addrs })
+        }
+        _ => Err(format!("\"{}\" sent something other than its registration", auth::printable(&id))),
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn: u64,
+    secret: &str,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    events: mpsc::Sender<LinkEvent>,
+) {
     stream.set_nodelay(true).ok();
-    let mut framed = JsonFramed::new(stream);
-    let first = tokio::time::timeout(REGISTER_TIMEOUT, framed.recv::<ToMaster>()).await;
-    let (id, reg) = match first {
-        Ok(Ok(ToMaster::Register { id, server_type, pid, token, spec_hash, addrs })) => {
-            (id.clone(), (id, server_type, pid, token, spec_hash, addrs))
-        }
-        Ok(Ok(other)) => {
-            tracing::warn!("control connection from {peer} sent {other:?} before registering; closed");
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::warn!("control connection from {peer}: {e}; closed");
+    let mut framed = JsonFramed::handshake(stream);
+    let reg = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, handshake(&mut framed, secret)).await {
+        Ok(Ok(reg)) => reg,
+        Ok(Err(why)) => {
+            tracing::warn!("control connection from {peer} closed: {why}");
             return;
         }
         Err(_) => {
-            tracing::warn!("control connection from {peer} did not register within 5s; closed");
+            let secs = auth::HANDSHAKE_TIMEOUT.as_secs();
+            tracing::warn!("control connection from {peer} did not complete its handshake within {secs}s; closed");
             return;
         }
     };
+    drop(permit);
+    framed.authenticated();
     let (tx, mut rx) = mpsc::channel(OUTBOX);
-    let (rid, server_type, pid, token, spec_hash, addrs) = reg;
+    let Registered { id, server_type, pid, spec_hash, addrs } = reg;
     let registered =
-        LinkEvent::Registered { conn, id: rid, server_type, pid, token, spec_hash, addrs, peer, outbox: tx };
+        LinkEvent::Registered { conn, id: id.clone(), server_type, pid, spec_hash, addrs, peer, outbox: tx };
     if events.send(registered).await.is_err() {
         return;
     }
@@ -118,7 +176,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, events: mpsc::Sen
                 Ok(ToMaster::Leaving { reason }) => {
                     let _ = events.send(LinkEvent::Leaving { conn, id: id.clone(), reason }).await;
                 }
-                Ok(ToMaster::Register { .. }) => {
+                Ok(ToMaster::Register { .. } | ToMaster::Hello { .. }) => {
                     tracing::warn!(server = %id, "registered twice on one link; closing it");
                     break;
                 }

@@ -181,7 +181,13 @@ pub fn start(
     let tasks = TaskTracker::new();
     let listener_stop = shutdown.child_token();
     reload::triggers::spawn(&topology.file, cmd_tx, &tasks, listener_stop.clone());
-    tasks.spawn(control::listen(control, links_tx, tasks.clone(), listener_stop.clone()));
+    tasks.spawn(control::listen(
+        control,
+        prepared.cluster_token.as_str().into(),
+        links_tx,
+        tasks.clone(),
+        listener_stop.clone(),
+    ));
     let setup = supervisor::Setup {
         control_addr: file.control_addr,
         admin_addr,

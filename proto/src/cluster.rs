@@ -1,7 +1,10 @@
 //! Cluster RPC between connectors and chat servers.
 //!
 //! One TCP link per connector–chat pair, opened by the connector, framed by
-//! [`crate::link::cluster_codec`]. A frame's first byte says what follows:
+//! [`crate::link::cluster_codec`]. It opens with the handshake of [`crate::auth`] over the link key of the
+//! pair: [`ToChat::Hello`] (connector id, nonce), [`FromChat::Challenge`] (the chat server's nonce and
+//! proof), [`ToChat::Proof`] only if that proof holds, then [`FromChat::Welcome`]; frames before the welcome
+//! are capped at [`crate::auth::HANDSHAKE_MAX_FRAME`]. A frame's first byte says what follows:
 //!
 //! - `J` + JSON: a [`ToChat`] (connector → chat) or [`FromChat`] (chat → connector) message;
 //! - `D` + binary: a delivery, chat → connector: `u32 n | n × u64 session id | payload`, where the payload
@@ -32,10 +35,14 @@ pub struct Member {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum ToChat {
-    /// First frame on a link: who the connector is.
+    /// First frame on a link: who the connector claims to be, and its nonce.
     Hello {
         connector: String,
-        token: String,
+        nonce: String,
+    },
+    /// The connector's proof, sent once the chat server's challenge checked out.
+    Proof {
+        proof: String,
     },
     Request {
         id: u64,
@@ -91,8 +98,19 @@ pub struct Since {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum FromChat {
-    Welcome { chat: String },
-    Response { id: u64, result: Result<ChatReply, ChatError> },
+    /// The chat server's answer to a hello: its id, its nonce and its proof.
+    Challenge {
+        chat: String,
+        nonce: String,
+        proof: String,
+    },
+    Welcome {
+        chat: String,
+    },
+    Response {
+        id: u64,
+        result: Result<ChatReply, ChatError>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,8 @@
 //! Messages on the control link between the master and each worker.
 //!
-//! One TCP connection per worker, framed by [`crate::link::JsonFramed`]. The worker speaks first with
+//! One TCP connection per worker, framed by [`crate::link::JsonFramed`]. It opens with the handshake of
+//! [`crate::auth`]: the worker sends [`ToMaster::Hello`] (its id and a nonce), the master proves itself in
+//! [`ToWorker::Challenge`], and the worker, only if that proof holds, proves itself in
 //! [`ToMaster::Register`]; the master answers [`ToWorker::Welcome`] or [`ToWorker::Rejected`], then sends the
 //! live [`Membership`] and every change to it. The worker sends [`ToMaster::Heartbeat`] with its stats every
 //! heartbeat interval; a master that hears nothing for the heartbeat timeout treats the worker as hung.
@@ -64,6 +66,10 @@ pub struct ServerInfo {
     pub host: String,
     pub pid: u32,
     pub addrs: BoundAddrs,
+    /// Chat servers only: the link key of each connector with this chat server, wrapped for that connector
+    /// (see [`crate::auth::wrapped_link_keys`]), by connector id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub link_keys: BTreeMap<String, String>,
 }
 
 /// The live servers, in a stable order (the order of `servers.yaml`), only those registered and running.
@@ -92,12 +98,18 @@ pub type Stats = BTreeMap<String, f64>;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum ToMaster {
+    /// The first frame: who the worker claims to be, and its nonce.
+    Hello {
+        id: String,
+        nonce: String,
+    },
+    /// After the master's challenge checked out: the registration and the worker's proof.
     Register {
         id: String,
         server_type: ServerType,
         pid: u32,
-        /// The cluster token the master handed the worker at spawn time.
-        token: String,
+        /// The worker's proof over the handshake transcript, made with its server key.
+        proof: String,
         /// Hash of the spec the worker was started with, so a new master can tell whether it changed.
         spec_hash: String,
         addrs: BoundAddrs,
@@ -114,6 +126,11 @@ pub enum ToMaster {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum ToWorker {
+    /// The master's answer to a hello: its nonce and its proof, made with the worker's server key.
+    Challenge {
+        nonce: String,
+        proof: String,
+    },
     Welcome {
         master_pid: u32,
         heartbeat_interval_ms: u64,

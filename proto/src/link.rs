@@ -82,6 +82,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> JsonFramed<T> {
         JsonFramed { inner: Framed::new(io, control_codec()) }
     }
 
+    /// A link still in its handshake: frames are capped at [`crate::auth::HANDSHAKE_MAX_FRAME`] until
+    /// [`JsonFramed::authenticated`].
+    pub fn handshake(io: T) -> Self {
+        let mut framed = Self::new(io);
+        framed.inner.codec_mut().set_max_frame_length(crate::auth::HANDSHAKE_MAX_FRAME);
+        framed
+    }
+
+    /// The peer proved itself: frames up to [`CONTROL_MAX_FRAME`] from now on.
+    pub fn authenticated(&mut self) {
+        self.inner.codec_mut().set_max_frame_length(CONTROL_MAX_FRAME);
+    }
+
     pub async fn send<M: Serialize>(&mut self, msg: &M) -> Result<(), FrameError> {
         let bytes = serde_json::to_vec(msg)?;
         self.inner.send(Bytes::from(bytes)).await?;

@@ -1,9 +1,15 @@
 //! The worker's end of the control link.
 //!
-//! [`run`] registers with the master, heartbeats with the worker's stats, publishes every membership it
+//! [`run`] authenticates the master and registers with it, heartbeats with the worker's stats, publishes every membership it
 //! receives, and returns why the worker should stop: the master said so, the master refused it, or no
 //! master has answered for `orphan_timeout`. When the link drops it retries with a bounded backoff,
 //! re-reading `master.json` in the run directory, so a master restarted on another port is found.
+//!
+//! Every connection opens with the handshake of [`pomelo_proto::auth`]: the worker sends its id and a
+//! nonce, and proves its server key only after the peer has proved it holds the same key (which only
+//! the master, deriving it from the cluster secret, can). A peer that cannot is a squatter on the control
+//! port: the worker says nothing more to it, obeys nothing it sent, and keeps retrying as if no master
+//! were there. Frames are capped at [`auth::HANDSHAKE_MAX_FRAME`] until the master has proved itself.
 //!
 //! Test hook: `POMELO_TEST_REGISTER_DELAY_MS` in a worker's environment (servers.yaml `env:`) makes it wait
 //! that long between reaching a master and registering, on re-registrations only (never the first), so an
@@ -14,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pomelo_proto::auth::{self, Key, LinkKind, Role, Transcript};
 use pomelo_proto::config::WorkerSpec;
 use pomelo_proto::control::{BoundAddrs, Membership, Stats, ToMaster, ToWorker};
 use pomelo_proto::link::JsonFramed;
@@ -39,6 +46,7 @@ pub type StatsSource = Arc<dyn Fn(&mut Stats) + Send + Sync>;
 
 pub struct Link<'a> {
     pub spec: &'a WorkerSpec,
+    /// This server's key (hex), as the master handed it.
     pub token: &'a str,
     pub addrs: BoundAddrs,
     pub membership: watch::Sender<Arc<Membership>>,
@@ -64,6 +72,9 @@ fn register_delay() -> Duration {
 }
 
 pub async fn run(link: Link<'_>, shutdown: CancellationToken) -> Exit {
+    let Some(key) = Key::from_hex(link.token) else {
+        return Exit::Rejected("the server key in the environment is not 64 hex digits".into());
+    };
     let mut last_contact = Instant::now();
     let mut retry = RETRY_MIN;
     let mut warned = false;
@@ -72,7 +83,8 @@ pub async fn run(link: Link<'_>, shutdown: CancellationToken) -> Exit {
     let mut registered = false;
     loop {
         for addr in candidates(link.spec) {
-            let session = session(&link, addr.clone(), &mut last_contact, &mut registered, delay, started, &shutdown);
+            let session =
+                session(&link, &key, addr.clone(), &mut last_contact, &mut registered, delay, started, &shutdown);
             match session.await {
                 Ok(exit) => return exit,
                 Err(e) => {
@@ -121,8 +133,10 @@ fn master_json_addr(run_dir: &Path) -> Option<String> {
 }
 
 /// One connection to the master. `Err` means try again; `Ok` means stop the worker.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     link: &Link<'_>,
+    key: &Key,
     addr: String,
     last_contact: &mut Instant,
     registered: &mut bool,
@@ -143,13 +157,33 @@ async fn session(
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    let mut framed = JsonFramed::new(stream);
+    let mut framed = JsonFramed::handshake(stream);
     let spec = &link.spec.server;
+    let nonce = auth::nonce().map_err(|e| e.to_string())?;
+    framed.send(&ToMaster::Hello { id: spec.id.clone(), nonce: nonce.clone() }).await.map_err(|e| e.to_string())?;
+    let (master_nonce, proof) = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, framed.recv::<ToWorker>()).await {
+        Ok(Ok(ToWorker::Challenge { nonce, proof })) => (nonce, proof),
+        // Not even a `Rejected` is believed before the peer proves itself.
+        Ok(Ok(_)) => return Err("the peer did not answer with a challenge: not a master of this cluster".into()),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no challenge within 5s".into()),
+    };
+    let t = Transcript {
+        kind: LinkKind::Control,
+        dialler: &spec.id,
+        acceptor: auth::MASTER_ID,
+        dialler_nonce: &nonce,
+        acceptor_nonce: &master_nonce,
+    };
+    if !t.verify(key, Role::Acceptor, &proof) {
+        return Err("the peer could not prove it is this cluster's master".into());
+    }
+    framed.authenticated();
     let register = ToMaster::Register {
         id: spec.id.clone(),
         server_type: spec.server_type,
         pid: std::process::id(),
-        token: link.token.to_string(),
+        proof: t.prove(key, Role::Dialler),
         spec_hash: spec.fingerprint(),
         addrs: link.addrs.clone(),
     };
@@ -188,7 +222,7 @@ async fn session(
                 }
                 Ok(ToWorker::Stop { reason }) => return Ok(Exit::Stop(reason)),
                 Ok(ToWorker::Rejected { reason }) => return Ok(Exit::Rejected(reason)),
-                Ok(ToWorker::Welcome { .. }) => *last_contact = Instant::now(),
+                Ok(ToWorker::Welcome { .. } | ToWorker::Challenge { .. }) => *last_contact = Instant::now(),
                 Err(e) => return Err(format!("lost the master: {e}")),
             },
         }

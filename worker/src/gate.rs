@@ -92,6 +92,7 @@ mod tests {
             host: "127.0.0.1".into(),
             pid: 1,
             addrs: BoundAddrs { rpc: None, client: Some(format!("127.0.0.1:{port}").parse().unwrap()) },
+            link_keys: Default::default(),
         }
     }
 

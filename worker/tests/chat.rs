@@ -35,6 +35,7 @@ fn membership(connector: &Server) -> Membership {
         host: "127.0.0.1".into(),
         pid: 1,
         addrs: BoundAddrs { rpc: None, client },
+        link_keys: Default::default(),
     };
     Membership {
         epoch: 0,

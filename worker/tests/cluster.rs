@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use pomelo_proto::auth;
 use pomelo_proto::cluster::{self, ChatReply, ChatRequest, FromChat, Member, ToChat};
 use serde_json::{json, Value};
-use support::cluster::{MiniCluster, TOKEN};
+use support::cluster::{rpc_handshake, MiniCluster, SECRET};
 use support::{bounded, Client, Kind};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -77,10 +78,8 @@ async fn a_message_too_deep_fails_alone_and_the_link_stays_up() {
 
 /// A raw cluster link to the chat server, as a connector would open it.
 async fn rpc_link(c: &MiniCluster, connector: &str) -> Framed<TcpStream, LengthDelimitedCodec> {
-    let codec = pomelo_proto::link::cluster_codec();
-    let mut link = Framed::new(TcpStream::connect(c.chat_addr).await.unwrap(), codec);
-    link.send(cluster::encode_msg(&ToChat::Hello { connector: connector.into(), token: TOKEN.into() })).await.unwrap();
-    link
+    let link_key = auth::link_key(&auth::server_key(SECRET, "chat-1"), connector);
+    rpc_handshake(c.chat_addr, connector, "chat-1", &link_key).await.unwrap()
 }
 
 async fn response(

@@ -247,7 +247,9 @@ impl Core {
                     if let Some(conn) = slot.link {
                         out.push(Effect::Send { conn, msg: ToWorker::Stop { reason: "stopped by the master".into() } });
                     }
-                    if let Some(pid) = slot.server.pid {
+                    // A remote server's pid names a process on another host: it is stopped only over its
+                    // authenticated link, never by a signal to whatever local group has that number.
+                    if let Some(pid) = slot.server.pid.filter(|_| slot.server.spec.is_local()) {
                         out.push(Effect::Signal { pid, signal: Signal::SIGTERM });
                         // A stopped (SIGSTOP) process must run to handle SIGTERM.
                         out.push(Effect::Signal { pid, signal: Signal::SIGCONT });
@@ -255,7 +257,8 @@ impl Core {
                     self.event(i, "stopping (SIGTERM)".into(), out);
                 }
                 Action::Kill => {
-                    if let Some(pid) = self.slots[i].server.pid {
+                    let slot = &self.slots[i];
+                    if let Some(pid) = slot.server.pid.filter(|_| slot.server.spec.is_local()) {
                         out.push(Effect::Signal { pid, signal: Signal::SIGKILL });
                     }
                 }

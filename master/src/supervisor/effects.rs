@@ -61,7 +61,8 @@ impl Effects {
         let id = spec.worker.server.id.clone();
         let result = LogSink::open(&spec.log_dir, &id, &spec.logs, self.echo)
             .and_then(|sink| {
-                child::spawn(&self.exe, &spec.worker, &self.cluster_token, sink, self.exits.clone(), &self.tasks)
+                let key = pomelo_proto::auth::server_key(&self.cluster_token, &id).to_hex();
+                child::spawn(&self.exe, &spec.worker, &key, sink, self.exits.clone(), &self.tasks)
             })
             .map_err(|e| format!("cannot start {}: {e}", self.exe.display()));
         Event::Spawned { id, result }
@@ -88,6 +89,7 @@ impl Effects {
 
 fn kind(msg: &ToWorker) -> &'static str {
     match msg {
+        ToWorker::Challenge { .. } => "challenge",
         ToWorker::Welcome { .. } => "welcome",
         ToWorker::Rejected { .. } => "rejection",
         ToWorker::Membership(_) => "membership",

@@ -20,7 +20,6 @@ pub struct Registration {
     pub id: String,
     pub server_type: pomelo_proto::control::ServerType,
     pub pid: u32,
-    pub token: String,
     pub spec_hash: String,
     pub addrs: BoundAddrs,
     pub peer: std::net::SocketAddr,

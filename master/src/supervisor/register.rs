@@ -2,7 +2,8 @@
 //! when a membership is announced. Pure, like the rest of the core: the one liveness fact a rule needs
 //! (is the pid we hold for this id still alive?) comes in with the event.
 //!
-//! A registration is refused, in this order, for: a wrong cluster token; a master shutting down; an id not
+//! Only workers that proved their id's key reach the core (`crate::control` checks the handshake).
+//! A registration is refused, in this order, for: a master shutting down; an id not
 //! in servers.yaml; the wrong server type; another live pid already serving the id; a local server this
 //! master holds no process for (it is stopped, failed or backing off here). Otherwise the worker gets a
 //! `Welcome` and the link replaces any earlier one; a worker running an older spec is restarted.
@@ -15,23 +16,21 @@
 
 use std::time::Instant;
 
-use pomelo_proto::control::{ServerInfo, ToWorker};
+use pomelo_proto::auth;
+use pomelo_proto::control::{ServerInfo, ServerType, ToWorker};
 
 use super::core::{Core, Effect, Out, Registration};
 use super::server::Phase;
 
 impl Core {
     pub(super) fn on_registered(&mut self, reg: Registration, holder_alive: bool, now: Instant, out: &mut Out) {
-        let Registration { conn, id, server_type, pid, token, spec_hash, addrs, peer } = reg;
+        let Registration { conn, id, server_type, pid, spec_hash, addrs, peer } = reg;
         let reject = |why: String, out: &mut Out| {
             // Logged before the token is known good: the id is the peer's text.
             tracing::warn!(server = %pomelo_proto::link::printable(&id), "refused registration of pid {pid} from {peer}: {why}");
             out.push(Effect::Send { conn, msg: ToWorker::Rejected { reason: why } });
             out.push(Effect::Close { conn });
         };
-        if token != self.setup.cluster_token {
-            return reject("wrong cluster token".into(), out);
-        }
         if self.shutting_down() {
             return reject("the master is shutting down".into(), out);
         }
@@ -123,6 +122,12 @@ impl Core {
     }
 
     fn live_servers(&self) -> Vec<ServerInfo> {
+        let connectors: Vec<&str> = self
+            .slots
+            .iter()
+            .filter(|s| s.server.spec.server_type == ServerType::Connector)
+            .map(|s| s.server.spec.id.as_str())
+            .collect();
         self.slots
             .iter()
             .filter(|s| s.server.phase() == Phase::Running && s.link.is_some())
@@ -132,6 +137,14 @@ impl Core {
                 host: s.server.spec.host.clone(),
                 pid: s.server.pid.unwrap_or(0),
                 addrs: s.addrs.clone(),
+                link_keys: match s.server.spec.server_type {
+                    ServerType::Chat => auth::wrapped_link_keys(
+                        &self.setup.cluster_token,
+                        &s.server.spec.id,
+                        connectors.iter().copied(),
+                    ),
+                    _ => Default::default(),
+                },
             })
             .collect()
     }

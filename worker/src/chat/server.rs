@@ -1,22 +1,28 @@
 //! The chat server: the cluster RPC listener and one task per connector link, in front of the rooms
 //! task ([`rooms_task`](super::rooms_task)).
 //!
-//! The accept task spawns a link task per connection. A link task checks the hello (connector id and
-//! cluster token), then reads requests and passes them to the rooms task on a bounded channel
-//! ([`INBOX`]), and writes what the rooms task puts in its outbox (answers and deliveries; bounded by frames and bytes, see `outbox.rs`). All
+//! The accept task spawns a link task per connection. A link task runs the handshake of
+//! [`pomelo_proto::auth`]: the connector's hello (its id, a nonce), this server's challenge (its nonce and
+//! a proof with the link key it derives from its own key and that id), the connector's proof; only a
+//! connector holding the link key the master issued it for this server gets past it, so no one can claim
+//! another connector's name. Before that, frames are capped at [`auth::HANDSHAKE_MAX_FRAME`], the whole
+//! handshake at [`auth::HANDSHAKE_TIMEOUT`], and at most [`auth::MAX_UNAUTHENTICATED`] connections are in
+//! it at once (more are closed at once). Then it reads requests and passes them to the rooms task on a bounded channel
+//! ([`INBOX`]), and writes what the rooms task puts in its outbox (answers and deliveries;
+//! bounded by frames and bytes, see `outbox.rs`). All
 //! tasks end when the shutdown token is cancelled; a link's end is reported to the rooms task.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use pomelo_proto::auth::{self, Key, LinkKind, Role, Transcript};
 use pomelo_proto::cluster::{self, ChatError, ChatRequest, FromChat, Member, ToChat};
 use pomelo_proto::control::{Membership, Stats};
 use pomelo_proto::wire::Dictionary;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
-use tokio_util::codec::Framed;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -61,6 +67,7 @@ pub struct ChatServer {
     pub id: String,
     /// `maxRoomMembers` and `maxRooms`.
     pub limits: Limits,
+    /// This server's key (hex).
     pub token: String,
     pub dict: Option<Arc<Dictionary>>,
     pub membership: watch::Receiver<Arc<Membership>>,
@@ -73,7 +80,12 @@ impl ChatServer {
     pub fn start(self, listener: TcpListener) {
         let (tx, rx) = mpsc::channel(INBOX);
         let stop = self.shutdown.clone();
-        let token: Arc<str> = self.token.clone().into();
+        let key = Key::from_hex(&self.token);
+        if key.is_none() {
+            tracing::error!("the server key is not 64 hex digits: every rpc link will be refused");
+        }
+        let me: Arc<(String, Option<Key>)> = Arc::new((self.id.clone(), key));
+        let unauthenticated = Arc::new(Semaphore::new(auth::MAX_UNAUTHENTICATED));
         let metrics = self.metrics.clone();
         let tasks = self.tasks.clone();
         let limits = self.limits;
@@ -82,13 +94,20 @@ impl ChatServer {
             let mut next = 0u64;
             let stopping = stop.clone();
             pomelo_proto::link::accept_loop(listener, stop, "rpc", |stream, peer| {
+                let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
+                    tracing::warn!(
+                        "rpc connection from {peer} closed: {} handshakes already open",
+                        auth::MAX_UNAUTHENTICATED
+                    );
+                    return;
+                };
                 next += 1;
                 let conn = next;
-                let (tx, token, metrics, stop) = (tx.clone(), token.clone(), metrics.clone(), stopping.clone());
+                let (tx, me, metrics, stop) = (tx.clone(), me.clone(), metrics.clone(), stopping.clone());
                 tasks.spawn(async move {
                     tokio::select! {
                         _ = stop.cancelled() => {}
-                        r = link(stream, conn, tx, token, metrics) => if let Err(e) = r {
+                        r = link(stream, conn, tx, &me, permit, metrics) => if let Err(e) = r {
                             tracing::info!("rpc link from {peer} closed: {e}");
                         }
                     }
@@ -103,23 +122,24 @@ async fn link(
     stream: TcpStream,
     conn: u64,
     inbox: mpsc::Sender<Inbox>,
-    token: Arc<str>,
+    me: &(String, Option<Key>),
+    permit: OwnedSemaphorePermit,
     metrics: Arc<ChatMetrics>,
 ) -> anyhow::Result<()> {
     stream.set_nodelay(true).ok();
-    let codec = pomelo_proto::link::cluster_codec();
-    let (mut sink, mut stream) = Framed::new(stream, codec).split();
-    let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await?;
-    let frame = first.ok_or_else(|| anyhow::anyhow!("closed before hello"))??.freeze();
-    let connector: Arc<str> = match cluster::decode::<ToChat>(frame)? {
-        cluster::Frame::Msg(ToChat::Hello { connector, token: t }) if *t == *token => connector.into(),
-        cluster::Frame::Msg(ToChat::Hello { connector, .. }) => {
-            anyhow::bail!("{connector:?} sent a wrong cluster token")
-        }
-        _ => anyhow::bail!("the first frame was not a hello"),
-    };
+    let (chat, key) = me;
+    let key = key.as_ref().ok_or_else(|| anyhow::anyhow!("this chat server has no valid server key"))?;
+    let mut codec = pomelo_proto::link::cluster_codec();
+    codec.set_max_frame_length(auth::HANDSHAKE_MAX_FRAME);
+    let mut framed = Framed::new(stream, codec);
+    let connector: Arc<str> = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, handshake(&mut framed, chat, key))
+        .await
+        .map_err(|_| anyhow::anyhow!("no handshake within {:?}", auth::HANDSHAKE_TIMEOUT))??;
+    drop(permit);
+    framed.codec_mut().set_max_frame_length(pomelo_proto::link::CLUSTER_MAX_FRAME);
+    framed.send(cluster::encode_msg(&FromChat::Welcome { chat: chat.clone() })).await?;
+    let (mut sink, mut stream) = framed.split();
     let (out_tx, mut out_rx) = outbox(OUTBOX, OUTBOX_BYTES);
-    out_tx.try_send(cluster::encode_msg(&FromChat::Welcome { chat: String::new() })).ok();
     // The reader answers requests it cannot decode; it must not keep the outbox open on its own.
     let errors = out_tx.downgrade();
     inbox.send(Inbox::Link { connector: connector.clone(), conn, outbox: out_tx }).await?;
@@ -179,4 +199,38 @@ async fn link(
     metrics.links.fetch_sub(1, Ordering::Relaxed);
     let _ = inbox.send(Inbox::Unlink { connector, conn }).await;
     result
+}
+
+/// This server's side of the handshake: the connector id that proved itself (escaped in every error).
+async fn handshake(
+    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    chat: &str,
+    key: &Key,
+) -> anyhow::Result<Arc<str>> {
+    let frame = framed.next().await.ok_or_else(|| anyhow::anyhow!("closed before hello"))??.freeze();
+    let (connector, dialler_nonce) = match cluster::decode::<ToChat>(frame)? {
+        cluster::Frame::Msg(ToChat::Hello { connector, nonce }) => (connector, nonce),
+        _ => anyhow::bail!("the first frame was not a hello"),
+    };
+    if !auth::valid_id(&connector) || !auth::valid_nonce(&dialler_nonce) {
+        anyhow::bail!("malformed hello (connector \"{}\")", auth::printable(&connector));
+    }
+    let link_key = auth::link_key(key, &connector);
+    let nonce = auth::nonce()?;
+    let t = Transcript {
+        kind: LinkKind::Rpc,
+        dialler: &connector,
+        acceptor: chat,
+        dialler_nonce: &dialler_nonce,
+        acceptor_nonce: &nonce,
+    };
+    let proof = t.prove(&link_key, Role::Acceptor);
+    framed.send(cluster::encode_msg(&FromChat::Challenge { chat: chat.into(), nonce: nonce.clone(), proof })).await?;
+    let frame = framed.next().await.ok_or_else(|| anyhow::anyhow!("closed before its proof"))??.freeze();
+    match cluster::decode::<ToChat>(frame)? {
+        cluster::Frame::Msg(ToChat::Proof { proof }) if t.verify(&link_key, Role::Dialler, &proof) => {
+            Ok(connector.into())
+        }
+        _ => anyhow::bail!("\"{}\" failed to prove its link key", auth::printable(&connector)),
+    }
 }

@@ -1,4 +1,7 @@
-//! One connector→chat-server link: a task that connects (with backoff), says hello, re-joins the members
+//! One connector→chat-server link: a task that connects (with backoff), authenticates both ends (the
+//! handshake of [`pomelo_proto::auth`] over the pair's link key, unwrapped from the membership with this
+//! connector's server key: the connector proves itself only to a chat server that proved itself first,
+//! so a squatter on a dead chat server's port gets no proof, no member and no message), re-joins the members
 //! whose rooms that chat server owns, then writes queued requests and reads answers and deliveries.
 //!
 //! The re-join is authoritative (it replaces this connector's members on that chat server, see
@@ -21,10 +24,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use pomelo_proto::auth::{self, Key, LinkKind, Role, Transcript};
 use pomelo_proto::cluster::{self, ChatError, ChatReply, ChatRequest, FromChat, Member, ToChat};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::RpcMetrics;
@@ -52,6 +56,7 @@ pub type Deliver = Arc<dyn Fn(&[u64], bytes::Bytes) + Send + Sync>;
 /// What every link of one connector shares.
 pub(crate) struct Shared {
     pub(crate) connector: String,
+    /// This connector's server key (hex).
     pub(crate) token: String,
     pub(crate) deliver: Deliver,
     pub(crate) metrics: Arc<RpcMetrics>,
@@ -124,11 +129,20 @@ impl Pending {
     }
 }
 
-pub(crate) fn spawn(client: Arc<Shared>, chat: String, addr: SocketAddr, pid: u32, stop: CancellationToken) -> Link {
+/// `wrapped`: the link key the membership carries for this connector with `chat`.
+pub(crate) fn spawn(
+    client: Arc<Shared>,
+    chat: String,
+    addr: SocketAddr,
+    pid: u32,
+    wrapped: Option<String>,
+    stop: CancellationToken,
+) -> Link {
     let (tx, rx) = mpsc::channel(QUEUE);
     let rejoin = Arc::new(Notify::new());
     let (s, r) = (stop.clone(), rejoin.clone());
-    tokio::spawn(async move { run(client, chat, addr, rx, r, s).await });
+    let key = wrapped.and_then(|w| auth::unwrap_link_key(&Key::from_hex(&client.token)?, &chat, &w));
+    tokio::spawn(async move { run(client, chat, addr, key, rx, r, s).await });
     Link { addr, pid, tx, rejoin, stop }
 }
 
@@ -136,6 +150,7 @@ async fn run(
     client: Arc<Shared>,
     chat: String,
     addr: SocketAddr,
+    key: Option<Key>,
     mut rx: mpsc::Receiver<Queued>,
     rejoin: Arc<Notify>,
     stop: CancellationToken,
@@ -146,7 +161,7 @@ async fn run(
         let started = Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = connect_and_serve(&client, &chat, addr, &mut rx, &rejoin) => r,
+            r = connect_and_serve(&client, &chat, addr, key.as_ref(), &mut rx, &rejoin) => r,
         };
         if started.elapsed() >= HEALTHY {
             backoff = FIRST;
@@ -166,16 +181,23 @@ async fn connect_and_serve(
     client: &Shared,
     chat: &str,
     addr: SocketAddr,
+    key: Option<&Key>,
     rx: &mut mpsc::Receiver<Queued>,
     rejoin: &Notify,
 ) -> anyhow::Result<()> {
     let inner = client;
+    let key =
+        key.ok_or_else(|| anyhow::anyhow!("the membership holds no link key for this connector with `{chat}`"))?;
     let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
     stream.set_nodelay(true).ok();
-    let codec = pomelo_proto::link::cluster_codec();
-    let (mut sink, mut stream) = Framed::new(stream, codec).split();
-    let hello = ToChat::Hello { connector: inner.connector.clone(), token: inner.token.clone() };
-    sink.send(cluster::encode_msg(&hello)).await?;
+    let mut codec = pomelo_proto::link::cluster_codec();
+    codec.set_max_frame_length(auth::HANDSHAKE_MAX_FRAME);
+    let mut framed = Framed::new(stream, codec);
+    tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, handshake(&mut framed, &inner.connector, chat, key))
+        .await
+        .map_err(|_| anyhow::anyhow!("no handshake within {:?}", auth::HANDSHAKE_TIMEOUT))??;
+    framed.codec_mut().set_max_frame_length(pomelo_proto::link::CLUSTER_MAX_FRAME);
+    let (mut sink, mut stream) = framed.split();
     // Everything this chat server owns is re-joined before any new request reaches it.
     let pending = Pending::default();
     let n = send_rejoin(&mut sink, client, chat, &pending).await?;
@@ -195,7 +217,7 @@ async fn connect_and_serve(
                         let _ = w.send(result);
                     }
                 }
-                cluster::Frame::Msg(FromChat::Welcome { .. }) => {}
+                cluster::Frame::Msg(FromChat::Welcome { .. } | FromChat::Challenge { .. }) => {}
             }
         }
         anyhow::bail!("closed by the chat server")
@@ -237,6 +259,40 @@ async fn connect_and_serve(
     let r = tokio::select! { r = reader => r, r = writer => r };
     pending.fail_all();
     r
+}
+
+/// The connector's side of the handshake: hello, check the chat server's proof, then prove, then wait
+/// for the welcome.
+async fn handshake(
+    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    connector: &str,
+    chat: &str,
+    key: &Key,
+) -> anyhow::Result<()> {
+    let nonce = auth::nonce()?;
+    framed.send(cluster::encode_msg(&ToChat::Hello { connector: connector.into(), nonce: nonce.clone() })).await?;
+    let frame = framed.next().await.ok_or_else(|| anyhow::anyhow!("closed before the challenge"))??;
+    let cluster::Frame::Msg(FromChat::Challenge { chat: claimed, nonce: chat_nonce, proof }) =
+        cluster::decode::<FromChat>(frame.freeze())?
+    else {
+        anyhow::bail!("the first frame was not a challenge");
+    };
+    let t = Transcript {
+        kind: LinkKind::Rpc,
+        dialler: connector,
+        acceptor: chat,
+        dialler_nonce: &nonce,
+        acceptor_nonce: &chat_nonce,
+    };
+    if claimed != chat || !t.verify(key, Role::Acceptor, &proof) {
+        anyhow::bail!("the peer could not prove it is `{chat}`; not linking to it");
+    }
+    framed.send(cluster::encode_msg(&ToChat::Proof { proof: t.prove(key, Role::Dialler) })).await?;
+    let frame = framed.next().await.ok_or_else(|| anyhow::anyhow!("closed by `{chat}` after the proof"))??;
+    match cluster::decode::<FromChat>(frame.freeze())? {
+        cluster::Frame::Msg(FromChat::Welcome { .. }) => Ok(()),
+        _ => anyhow::bail!("`{chat}` did not welcome this connector"),
+    }
 }
 
 /// Feeds the authoritative re-join of every member whose room `chat` owns (possibly none), in chunks of

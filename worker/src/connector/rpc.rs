@@ -202,13 +202,15 @@ impl ChatClient {
     /// Applies a membership: links follow the live chat servers; every link that stayed up re-joins
     /// (new and restarted links re-join when they connect).
     fn follow(&self, m: &Membership) {
-        let live: Vec<(String, SocketAddr, u32)> =
-            route::chat_servers(m).filter_map(|s| Some((s.id.clone(), s.addrs.rpc?, s.pid))).collect();
+        let connector = &self.inner.shared.connector;
+        let live: Vec<(String, SocketAddr, u32, Option<String>)> = route::chat_servers(m)
+            .filter_map(|s| Some((s.id.clone(), s.addrs.rpc?, s.pid, s.link_keys.get(connector).cloned())))
+            .collect();
         let new_chats: Vec<String> = live.iter().map(|(id, ..)| id.clone()).collect();
         let old_chats = std::mem::replace(&mut *lock(&self.inner.chats), new_chats.clone());
         let mut links = lock(&self.inner.links);
         links.retain(|id, l| {
-            let keep = live.iter().any(|(i, a, p)| i == id && *a == l.addr && *p == l.pid);
+            let keep = live.iter().any(|(i, a, p, _)| i == id && *a == l.addr && *p == l.pid);
             if !keep {
                 l.stop.cancel();
             }
@@ -217,10 +219,11 @@ impl ChatClient {
         for l in links.values() {
             l.rejoin.notify_one();
         }
-        for (id, addr, pid) in &live {
+        for (id, addr, pid, wrapped) in &live {
             if !links.contains_key(id) {
                 let stop = self.inner.shutdown.child_token();
-                links.insert(id.clone(), link::spawn(self.inner.shared.clone(), id.clone(), *addr, *pid, stop));
+                let shared = self.inner.shared.clone();
+                links.insert(id.clone(), link::spawn(shared, id.clone(), *addr, *pid, wrapped.clone(), stop));
             }
         }
         if old_chats != new_chats {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pomelo_proto::auth;
 use pomelo_proto::control::{BoundAddrs, Membership, ServerInfo, ServerType, Stats};
 use pomelo_worker::chat::server::{ChatMetrics, ChatServer};
 use pomelo_worker::connector::metrics::RpcMetrics;
@@ -16,13 +17,55 @@ use pomelo_worker::routes::chat_dictionary;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::local_rooms::connector_config;
 use super::Server;
 
-pub const TOKEN: &str = "test-token";
+/// The cluster secret the test plays master with: it derives every key from it.
+pub const SECRET: &str = "test-secret";
+
+/// A server's key, as the master would hand it over (hex).
+pub fn key(id: &str) -> String {
+    auth::server_key(SECRET, id).to_hex()
+}
+
+/// Opens a raw cluster link to `chat` at `addr` as the connector `connector` would, proving `link_key`
+/// (the right one is `auth::link_key(&server_key(SECRET, chat), connector)`); the framed link after the
+/// welcome, or the error the chat server's answer (or silence) amounts to.
+pub async fn rpc_handshake(
+    addr: SocketAddr,
+    connector: &str,
+    chat: &str,
+    link_key: &auth::Key,
+) -> anyhow::Result<Framed<TcpStream, LengthDelimitedCodec>> {
+    use futures_util::{SinkExt, StreamExt};
+    use pomelo_proto::cluster::{self, FromChat, ToChat};
+    let mut link = Framed::new(TcpStream::connect(addr).await?, pomelo_proto::link::cluster_codec());
+    let nonce = auth::nonce()?;
+    link.send(cluster::encode_msg(&ToChat::Hello { connector: connector.into(), nonce: nonce.clone() })).await?;
+    let frame = tokio::time::timeout(super::WAIT, link.next()).await?.ok_or_else(|| anyhow::anyhow!("closed"))??;
+    let cluster::Frame::Msg(FromChat::Challenge { nonce: chat_nonce, proof, .. }) = cluster::decode(frame.freeze())?
+    else {
+        anyhow::bail!("no challenge");
+    };
+    let t = auth::Transcript {
+        kind: auth::LinkKind::Rpc,
+        dialler: connector,
+        acceptor: chat,
+        dialler_nonce: &nonce,
+        acceptor_nonce: &chat_nonce,
+    };
+    anyhow::ensure!(t.verify(link_key, auth::Role::Acceptor, &proof), "the chat server's proof is wrong");
+    link.send(cluster::encode_msg(&ToChat::Proof { proof: t.prove(link_key, auth::Role::Dialler) })).await?;
+    let frame = tokio::time::timeout(super::WAIT, link.next()).await?.ok_or_else(|| anyhow::anyhow!("closed"))??;
+    match cluster::decode(frame.freeze())? {
+        cluster::Frame::Msg(FromChat::Welcome { .. }) => Ok(link),
+        other => anyhow::bail!("no welcome: {other:?}"),
+    }
+}
 
 /// A TCP relay to `target`: counts the connections it carried; `freeze` holds what the connector sends
 /// (the chat server looks hung); `cut` closes every connection, dropping what was held.
@@ -126,6 +169,10 @@ fn server(id: &str, t: ServerType, rpc: Option<SocketAddr>) -> ServerInfo {
         host: "127.0.0.1".into(),
         pid: 1,
         addrs: BoundAddrs { rpc, client: None },
+        link_keys: match t {
+            ServerType::Chat => auth::wrapped_link_keys(SECRET, id, ["connector-1"]),
+            _ => Default::default(),
+        },
     }
 }
 
@@ -141,7 +188,7 @@ impl MiniCluster {
         ChatServer {
             limits: Default::default(),
             id: "chat-1".into(),
-            token: TOKEN.into(),
+            token: key("chat-1"),
             dict: Some(Arc::new(chat_dictionary())),
             membership: rx.clone(),
             metrics: chat.clone(),
@@ -157,7 +204,7 @@ impl MiniCluster {
         let target = sessions.clone();
         let client = ChatClient::start(
             "connector-1".into(),
-            TOKEN.into(),
+            key("connector-1"),
             Arc::new(move |ids, payload| {
                 target.push_bytes(ids, &payload);
             }),
@@ -178,6 +225,14 @@ impl MiniCluster {
     }
 
     /// Publishes a new membership epoch with `chat-1`, and `connector-1` if `with_connector`.
+    /// Publishes `chat-1` at `addr` with pid `pid` (a squatter's port, say) and `connector-1`.
+    pub fn publish_chat_at(&self, addr: SocketAddr, pid: u32) {
+        let mut chat = server("chat-1", ServerType::Chat, Some(addr));
+        chat.pid = pid;
+        let servers = vec![chat, server("connector-1", ServerType::Connector, None)];
+        self.membership.send_modify(|m| *m = Arc::new(Membership { epoch: m.epoch, version: m.version + 1, servers }));
+    }
+
     pub fn publish(&self, with_connector: bool) {
         self.publish_with(if with_connector { &["connector-1"] } else { &[] });
     }

@@ -109,7 +109,6 @@ impl Sim {
             id: id.into(),
             server_type: spec.server_type,
             pid,
-            token: TOKEN.into(),
             spec_hash: spec_hash.unwrap_or_else(|| spec.fingerprint()),
             addrs: Default::default(),
             peer: "127.0.0.1:9".parse().expect("addr"),
@@ -321,7 +320,6 @@ fn registrations_are_refused_by_every_rule() {
             id: id.into(),
             server_type: spec.as_ref().map_or(pomelo_proto::control::ServerType::Chat, |s| s.server_type),
             pid: s.core.pid_of(id).unwrap_or(7),
-            token: TOKEN.into(),
             spec_hash: spec.map(|s| s.fingerprint()).unwrap_or_default(),
             addrs: Default::default(),
             peer: "127.0.0.1:9".parse().expect("addr"),
@@ -332,7 +330,6 @@ fn registrations_are_refused_by_every_rule() {
         rejected(&e)
     };
     let r = |s: &mut Sim, id, f: &dyn Fn(&mut Registration), alive| reg(s, id, f, alive).unwrap_or_default();
-    assert_eq!(r(&mut s, "chat-1", &|r| r.token = "x".into(), false), "wrong cluster token");
     assert!(r(&mut s, "chat-9", &|_| {}, false).contains("`chat-9` is not in servers.yaml"));
     let wrong = |r: &mut Registration| r.server_type = pomelo_proto::control::ServerType::Gate;
     assert_eq!(r(&mut s, "chat-1", &wrong, false), "`chat-1` is a chat server in servers.yaml");

@@ -170,3 +170,25 @@ fn a_hung_worker_is_killed_and_leaves_the_membership() {
     assert!(!m.is_empty() && m.iter().all(|(_, m)| !ids(m).contains(&"chat-1")));
     assert_eq!(s.phase("chat-1"), Phase::Backoff);
 }
+
+/// H4: a registered remote server is stopped over its link; its pid is never signalled on this host.
+#[test]
+fn a_remote_server_is_stopped_over_its_link_and_never_signalled() {
+    let mut s = Sim::new(
+        "servers:\n  chat:\n    - {id: chat-1, port: 0}\n    - {id: chat-9, host: 10.255.0.9, port: 6059}\n",
+        &[],
+    );
+    s.register("chat-1");
+    let (conn, _) = s.register_as("chat-9", 4242, None);
+    let mut effects = s.ev(Event::Command(Command::Stop("chat-9".into())));
+    s.now += std::time::Duration::from_secs(30);
+    effects.extend(s.ev(Event::Tick));
+    effects.extend(s.ev(Event::Command(Command::Shutdown)));
+    s.now += std::time::Duration::from_secs(30);
+    effects.extend(s.ev(Event::Tick));
+    assert!(!signals(&effects).iter().any(|(pid, _)| *pid == 4242), "{:?}", signals(&effects));
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Send { conn: c, msg: ToWorker::Stop { .. } } if *c == conn)),
+        "asked over its link: {effects:?}"
+    );
+}

@@ -1,0 +1,212 @@
+//! The control port against attackers, with the real binary (issue 14): a squatter on the port of a
+//! killed master gets no secret, no key and no registration, cannot stop a worker, and the workers are
+//! adopted by the next real master; each worker's environment holds its own key only; a 4 MiB first frame
+//! is cut off at once, and an id with a newline cannot forge a master log line; connections in their
+//! handshake are capped in number and time, and a master under that load still respawns a killed worker.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use pomelo_master::procstat;
+use pomelo_proto::auth;
+use serde_json::{json, Value};
+
+use crate::harness::{alive, wait_until, yaml, Cluster};
+
+const ONE_EACH: &str = "  gate:\n    - {id: gate-1, clientPort: 0}\n  connector:\n    - {id: connector-1, port: 0, clientPort: 0}\n  chat:\n    - {id: chat-1, port: 0}\n";
+
+fn frame(v: &Value) -> Vec<u8> {
+    let body = serde_json::to_vec(v).expect("json");
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+/// Every complete frame in `bytes`, parsed (an unparsable one as a string).
+fn frames(mut bytes: &[u8]) -> Vec<Value> {
+    let mut out = Vec::new();
+    while bytes.len() >= 4 {
+        let n = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        let Some(body) = bytes.get(4..4 + n) else { break };
+        out.push(serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body))));
+        bytes = &bytes[4 + n..];
+    }
+    out
+}
+
+fn secret(c: &Cluster) -> String {
+    std::fs::read_to_string(c.dir.path().join(".pomelo/cluster-token")).expect("cluster secret").trim().to_string()
+}
+
+fn control_addr(c: &Cluster) -> SocketAddr {
+    c.master_json().and_then(|m| m["control_addr"].as_str()?.parse().ok()).expect("control address")
+}
+
+#[test]
+fn squatting_the_control_port_while_the_master_is_down_gets_nothing_reusable() {
+    let mut c = Cluster::start(&yaml(ONE_EACH, ""));
+    let before = c.wait_running();
+    let control = control_addr(&c);
+    let secret = secret(&c);
+    let keys: Vec<String> = before.iter().map(|(id, _)| auth::server_key(&secret, id).to_hex()).collect();
+
+    c.kill_master();
+    let listener =
+        wait_until(Duration::from_secs(5), "the control port to be free", || TcpListener::bind(control).ok());
+    listener.set_nonblocking(true).expect("nonblocking");
+    // What a squatter would try on each connection, in turn: a forged challenge then orders; orders
+    // straight away; a welcome as an old master sent it.
+    let forged_nonce = "ab".repeat(32);
+    let replies = [
+        vec![
+            json!({"t": "challenge", "nonce": forged_nonce, "proof": "00".repeat(32)}),
+            json!({"t": "stop", "reason": "squatter"}),
+        ],
+        vec![json!({"t": "stop", "reason": "squatter"})],
+        vec![json!({"t": "rejected", "reason": "squatter"})],
+        vec![json!({"t": "welcome", "master_pid": 1, "heartbeat_interval_ms": 200})],
+    ];
+    let mut read = Vec::new();
+    let mut conns = 0;
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        let (mut s, _) = match listener.accept() {
+            Ok(a) => a,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        s.set_nonblocking(false).expect("blocking");
+        s.set_read_timeout(Some(Duration::from_millis(700))).expect("timeout");
+        let mut buf = [0u8; 4096];
+        // The worker's first frame, then our lies, then whatever else it says.
+        if let Ok(n) = s.read(&mut buf) {
+            read.extend_from_slice(&buf[..n]);
+        }
+        for msg in &replies[conns % replies.len()] {
+            let _ = s.write_all(&frame(msg));
+        }
+        // Bounded: a worker that took our welcome would heartbeat for ever.
+        let done = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < done {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read.extend_from_slice(&buf[..n]),
+            }
+        }
+        conns += 1;
+    }
+    drop(listener);
+
+    assert!(conns >= 4, "the workers kept dialling the port ({conns} connections)");
+    let text = String::from_utf8_lossy(&read);
+    assert!(!text.contains(&secret), "the squatter read the cluster secret");
+    for key in &keys {
+        assert!(!text.contains(key.as_str()), "the squatter read a server key");
+    }
+    let got = frames(&read);
+    assert!(!got.is_empty());
+    for f in &got {
+        assert_eq!(f["t"], "hello", "a worker said more than hello to a squatter: {f}");
+        assert_eq!(f.as_object().map(|o| o.len()), Some(3), "{f}");
+    }
+    for (id, pid) in &before {
+        assert!(alive(*pid), "{id} obeyed the squatter and stopped");
+    }
+
+    // The next real master adopts every worker: they kept retrying.
+    c.spawn_master();
+    let after = c.wait_running();
+    let mut a = after.clone();
+    let mut b = before.clone();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "the same processes, adopted");
+}
+
+#[test]
+fn each_worker_holds_its_own_key_and_never_the_cluster_secret() {
+    let c = Cluster::start(&yaml(ONE_EACH, ""));
+    let running = c.wait_running();
+    let secret = secret(&c);
+    for (id, pid) in running {
+        let env = procstat::environ(pid).expect("environment");
+        let mine = auth::server_key(&secret, &id).to_hex();
+        assert_eq!(
+            env.get(std::ffi::OsStr::new("POMELO_SERVER_KEY")).map(|v| v.to_string_lossy().to_string()),
+            Some(mine)
+        );
+        for (k, v) in &env {
+            assert!(!v.to_string_lossy().contains(&secret), "{id}'s {k:?} holds the cluster secret");
+        }
+    }
+}
+
+#[test]
+fn a_4_mib_first_frame_is_cut_off_and_ids_cannot_forge_log_lines() {
+    let c = Cluster::start(&yaml(ONE_EACH, ""));
+    c.wait_running();
+    let control = control_addr(&c);
+
+    let mut s = TcpStream::connect(control).expect("connect");
+    s.write_all(&(4u32 << 20).to_be_bytes()).expect("header");
+    let _ = s.write_all(&[b'{'; 2048]);
+    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let r = s.read(&mut buf);
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}, not at once", started.elapsed());
+
+    let forged = "x\nFORGED line from an attacker";
+    let hello = json!({"t": "hello", "id": forged, "nonce": "ab".repeat(32)});
+    let register = json!({"t": "register", "id": forged, "server_type": "chat", "pid": 1, "token": "no",
+        "spec_hash": "", "addrs": {}});
+    for msg in [hello, register] {
+        let mut s = TcpStream::connect(control).expect("connect");
+        s.write_all(&frame(&msg)).expect("write");
+        s.set_read_timeout(Some(Duration::from_secs(6))).expect("timeout");
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    let out = wait_until(Duration::from_secs(5), "the refusals logged", || {
+        let out = c.master_output();
+        out.contains("FORGED").then_some(out)
+    });
+    assert!(!out.lines().any(|l| l.starts_with("FORGED")), "a forged log line:\n{out}");
+}
+
+/// Reads until the peer closes (`true`) or `wait` passes (`false`).
+fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+#[test]
+fn unauthenticated_connections_are_capped_and_the_cluster_recovers() {
+    let c = Cluster::start(&yaml(ONE_EACH, ""));
+    let before = c.wait_running();
+    let control = control_addr(&c);
+    let mut idle: Vec<TcpStream> =
+        (0..auth::MAX_UNAUTHENTICATED).map(|_| TcpStream::connect(control).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = TcpStream::connect(control).expect("connect");
+    assert!(closed_within(&mut extra, Duration::from_secs(1)), "a connection past the cap is closed at once");
+    // The idle ones are cut at the handshake timeout.
+    assert!(closed_within(&mut idle[0], auth::HANDSHAKE_TIMEOUT + Duration::from_secs(2)), "an idle handshake is cut");
+    drop(idle);
+    // The master still supervises: a killed worker is respawned and registers.
+    let (id, pid) = before.iter().find(|(id, _)| id == "chat-1").cloned().expect("chat-1");
+    crate::harness::signal(pid, 9);
+    wait_until(Duration::from_secs(20), "chat-1 back", || {
+        let s = c.server(&id);
+        (s["state"] == "running" && s["pid"].as_u64() != Some(pid as u64)).then_some(())
+    });
+}
