@@ -111,6 +111,11 @@ pub enum FromChat {
         id: u64,
         result: Result<ChatReply, ChatError>,
     },
+    /// Deliveries to these sessions were dropped (this connector's outbox was full): the connector kicks
+    /// them with a reason, and they recover from the room's history when they come back with `since`.
+    Lost {
+        sessions: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

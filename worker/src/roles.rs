@@ -60,6 +60,10 @@ pub fn frontend_config(spec: &ServerSpec) -> FrontendConfig {
     .with_max_message(spec.max_message_bytes)
 }
 
+/// The KICK reason of a session whose messages a chat server had to drop.
+pub const LOST_REASON: &str =
+    "messages to you were lost: the chat server could not keep up with this connector; reconnect to recover them";
+
 pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
     let spec = ctx.spec.server.clone();
     let mut stats: Vec<StatsSource> = Vec::new();
@@ -85,12 +89,18 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
             let metrics = Arc::new(FrontendMetrics::new());
             let sessions = Sessions::new(&config, metrics.clone());
             let rpc_metrics = Arc::new(RpcMetrics::default());
-            let target = sessions.clone();
+            let (target, kicked) = (sessions.clone(), sessions.clone());
             let client = ChatClient::start(
                 spec.id.clone(),
                 ctx.token.clone(),
                 Arc::new(move |ids, payload| {
                     target.push_bytes(ids, &payload);
+                }),
+                // Told, not left to miss messages: they come back with `since` and recover from history.
+                Arc::new(move |ids| {
+                    for id in ids {
+                        kicked.kick_session(*id, LOST_REASON);
+                    }
                 }),
                 rpc_metrics.clone(),
                 ctx.membership.clone(),

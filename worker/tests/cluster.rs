@@ -287,3 +287,39 @@ async fn a_listed_connector_without_a_link_keeps_its_members_for_the_long_grace(
     })
     .await;
 }
+
+#[tokio::test]
+async fn deliveries_dropped_for_a_connector_that_stops_reading_are_reported_not_silent() {
+    bounded(Duration::from_secs(120), async {
+        let c = MiniCluster::start().await;
+        c.publish_with(&["connector-1", "connector-x"]);
+        // connector-x holds xavier in room r and then stops reading its link.
+        let mut link = xavier(&c).await;
+        let mut alice = entered(Kind::Tcp, &c, "alice", "r").await;
+        let content = "x".repeat(60_000);
+        // 1,400 pushes of 60 KB (84 MB) for connector-x: past its socket buffers and the outbox's 64 MiB.
+        for i in 0..1400u32 {
+            let r = alice
+                .request(2 + i % 100, SEND, &json!({"rid": "r", "from": "alice", "target": "*", "content": content}))
+                .await;
+            assert_eq!(r, json!({}), "send {i}");
+            alice.pushes.clear();
+        }
+        // Now connector-x reads again: after what fitted comes a `Lost` frame naming xavier's session.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut deliveries = 0u64;
+        let lost = loop {
+            let frame =
+                tokio::time::timeout_at(deadline, link.next()).await.expect("no Lost frame").expect("link open");
+            match cluster::decode::<FromChat>(frame.unwrap().freeze()).unwrap() {
+                cluster::Frame::Deliver { .. } => deliveries += 1,
+                cluster::Frame::Msg(FromChat::Lost { sessions }) => break sessions,
+                _ => {}
+            }
+        };
+        assert_eq!(lost, [1], "xavier's session is reported");
+        assert!(deliveries > 0 && deliveries < 1400, "some deliveries fitted, not all: {deliveries}");
+        assert!(c.chat.frames_dropped.load(std::sync::atomic::Ordering::Relaxed) > 0, "the drop is counted");
+    })
+    .await;
+}

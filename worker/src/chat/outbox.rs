@@ -4,9 +4,14 @@
 //! hold gigabytes; the byte budget caps that. A frame that does not fit is refused (the caller counts it
 //! as dropped); one frame is always accepted into an empty outbox, so no single frame can be refused for
 //! ever. No task of its own: the writer's `recv` gives the bytes back to the budget.
+//!
+//! A delivery that does not fit is not lost silently: its sessions are remembered ([`Outbox::lost`],
+//! at most [`MAX_LOST`]) and the writer tells the connector ([`OutboxRx::take_lost`], a `Lost` frame),
+//! which kicks them with a reason; they come back with `since` and recover from the room's history.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -14,29 +19,42 @@ use tokio::sync::mpsc;
 /// Bytes one connector's outbox may hold (frames queued, not yet written to the socket).
 pub const OUTBOX_BYTES: usize = 64 << 20;
 
+/// Sessions with dropped deliveries remembered per link until the connector is told.
+pub const MAX_LOST: usize = 100_000;
+
+type LostSet = Arc<Mutex<HashSet<u64>>>;
+
+fn lock(l: &LostSet) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Bytes>,
     queued: Arc<AtomicUsize>,
     cap: usize,
+    lost: LostSet,
 }
 
 pub struct WeakOutbox {
     tx: mpsc::WeakSender<Bytes>,
     queued: Arc<AtomicUsize>,
     cap: usize,
+    lost: LostSet,
 }
 
 pub struct OutboxRx {
     rx: mpsc::Receiver<Bytes>,
     queued: Arc<AtomicUsize>,
+    lost: LostSet,
 }
 
 /// An outbox of at most `frames` frames and about `bytes` bytes, and its receiving end.
 pub fn outbox(frames: usize, bytes: usize) -> (Outbox, OutboxRx) {
     let (tx, rx) = mpsc::channel(frames);
     let queued = Arc::new(AtomicUsize::new(0));
-    (Outbox { tx, queued: queued.clone(), cap: bytes }, OutboxRx { rx, queued })
+    let lost = LostSet::default();
+    (Outbox { tx, queued: queued.clone(), cap: bytes, lost: lost.clone() }, OutboxRx { rx, queued, lost })
 }
 
 impl Outbox {
@@ -56,19 +74,30 @@ impl Outbox {
         })
     }
 
+    /// Deliveries to `sessions` were dropped: remember them for the writer to report.
+    pub fn lost(&self, sessions: &[u64]) {
+        let mut l = lock(&self.lost);
+        for id in sessions {
+            if l.len() >= MAX_LOST {
+                break;
+            }
+            l.insert(*id);
+        }
+    }
+
     /// Bytes queued now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }
 
     pub fn downgrade(&self) -> WeakOutbox {
-        WeakOutbox { tx: self.tx.downgrade(), queued: self.queued.clone(), cap: self.cap }
+        WeakOutbox { tx: self.tx.downgrade(), queued: self.queued.clone(), cap: self.cap, lost: self.lost.clone() }
     }
 }
 
 impl WeakOutbox {
     pub fn upgrade(&self) -> Option<Outbox> {
-        Some(Outbox { tx: self.tx.upgrade()?, queued: self.queued.clone(), cap: self.cap })
+        Some(Outbox { tx: self.tx.upgrade()?, queued: self.queued.clone(), cap: self.cap, lost: self.lost.clone() })
     }
 }
 
@@ -77,6 +106,13 @@ impl OutboxRx {
         let frame = self.rx.recv().await?;
         self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
         Some(frame)
+    }
+
+    /// The sessions whose deliveries were dropped since the last call (sorted), to tell the connector.
+    pub fn take_lost(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = std::mem::take(&mut *lock(&self.lost)).into_iter().collect();
+        v.sort_unstable();
+        v
     }
 
     pub fn try_recv(&mut self) -> Option<Bytes> {
@@ -111,6 +147,13 @@ mod tests {
             got += 1;
         }
         assert_eq!((got, tx.queued()), (4, 0));
+        tx.lost(&[7, 3, 7]);
+        tx.lost(&[9]);
+        assert_eq!(rx.take_lost(), [3, 7, 9], "each session once");
+        assert!(rx.take_lost().is_empty(), "told once");
+        let many: Vec<u64> = (0..MAX_LOST as u64 + 10).collect();
+        tx.lost(&many);
+        assert_eq!(rx.take_lost().len(), MAX_LOST, "bounded");
         let weak = tx.downgrade();
         drop(tx);
         assert!(weak.upgrade().is_none(), "a weak outbox does not keep the link open");

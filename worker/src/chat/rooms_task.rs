@@ -352,6 +352,7 @@ fn send_batches(links: &Links, batches: Vec<Batch>, metrics: &ChatMetrics) {
             metrics.deliveries_out.fetch_add(n, Ordering::Relaxed);
         } else {
             metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            out.lost(&b.sessions);
             tracing::warn!("connector {:?} is not keeping up: {n} deliveries were dropped", b.connector);
         }
     }

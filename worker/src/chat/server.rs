@@ -151,6 +151,11 @@ async fn link(
             while let Some(more) = out_rx.try_recv() {
                 sink.feed(more).await?;
             }
+            // Sessions whose deliveries did not fit are told, after what was queued before them.
+            let lost = out_rx.take_lost();
+            if !lost.is_empty() {
+                sink.feed(cluster::encode_msg(&FromChat::Lost { sessions: lost })).await?;
+            }
             sink.flush().await?;
         }
         anyhow::Ok(())

@@ -52,6 +52,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Hands a pre-encoded package to sessions of this connector.
 pub type Deliver = Arc<dyn Fn(&[u64], bytes::Bytes) + Send + Sync>;
+/// Called with the sessions a chat server could not deliver to (its outbox to this connector was full).
+pub type Lost = Arc<dyn Fn(&[u64]) + Send + Sync>;
 
 /// What every link of one connector shares.
 pub(crate) struct Shared {
@@ -59,6 +61,7 @@ pub(crate) struct Shared {
     /// This connector's server key (hex).
     pub(crate) token: String,
     pub(crate) deliver: Deliver,
+    pub(crate) lost: Lost,
     pub(crate) metrics: Arc<RpcMetrics>,
     /// The members whose rooms a chat server owns now, read when a re-join is written.
     pub(crate) owned: Owned,
@@ -203,7 +206,7 @@ async fn connect_and_serve(
     let n = send_rejoin(&mut sink, client, chat, &pending).await?;
     sink.flush().await?;
     tracing::info!("rpc link to `{chat}` at {addr} up; {n} members re-joined");
-    let deliver = inner.deliver.clone();
+    let (deliver, lost) = (inner.deliver.clone(), inner.lost.clone());
     let metrics = inner.metrics.clone();
     let reader = async {
         while let Some(frame) = stream.next().await {
@@ -216,6 +219,10 @@ async fn connect_and_serve(
                     if let Some(w) = pending.take(id) {
                         let _ = w.send(result);
                     }
+                }
+                cluster::Frame::Msg(FromChat::Lost { sessions }) => {
+                    tracing::warn!("`{chat}` dropped deliveries to {} sessions: kicking them", sessions.len());
+                    lost(&sessions);
                 }
                 cluster::Frame::Msg(FromChat::Welcome { .. } | FromChat::Challenge { .. }) => {}
             }

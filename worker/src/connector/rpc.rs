@@ -28,7 +28,7 @@ use super::placement;
 
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub use super::link::Deliver;
+pub use super::link::{Deliver, Lost};
 
 /// What a join answered: the user names, where the room's history is (`None` from a chat server that
 /// keeps none), and whether `since` was recovered (`None` without `since`).
@@ -71,6 +71,7 @@ impl ChatClient {
         connector: String,
         token: String,
         deliver: Deliver,
+        lost: Lost,
         metrics: Arc<RpcMetrics>,
         mut membership: watch::Receiver<Arc<Membership>>,
         shutdown: CancellationToken,
@@ -82,7 +83,7 @@ impl ChatClient {
             let chats = lock(&c).clone();
             placement::owned_by(chat, lock(&m).values(), &chats)
         });
-        let shared = Arc::new(Shared { connector, token, deliver, metrics, owned });
+        let shared = Arc::new(Shared { connector, token, deliver, lost, metrics, owned });
         let inner =
             Arc::new(Inner { shared, links: Mutex::new(HashMap::new()), members, chats, shutdown: shutdown.clone() });
         let client = ChatClient { inner };

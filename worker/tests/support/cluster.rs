@@ -201,12 +201,17 @@ impl MiniCluster {
         let metrics = Arc::new(FrontendMetrics::new());
         let sessions = Sessions::new(&config, metrics.clone());
         let rpc = Arc::new(RpcMetrics::default());
-        let target = sessions.clone();
+        let (target, kicked) = (sessions.clone(), sessions.clone());
         let client = ChatClient::start(
             "connector-1".into(),
             key("connector-1"),
             Arc::new(move |ids, payload| {
                 target.push_bytes(ids, &payload);
+            }),
+            Arc::new(move |ids| {
+                for id in ids {
+                    kicked.kick_session(*id, "lost");
+                }
             }),
             rpc.clone(),
             rx,
