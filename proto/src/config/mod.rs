@@ -15,6 +15,7 @@ mod locate;
 mod parse;
 mod rules;
 mod schema;
+mod ssh;
 mod walk;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::control::ServerType;
 
 pub use locate::Seg;
+pub use ssh::{SshConfig, SshTarget};
 
 /// Default `maxMessageSize`: the largest package body a client may send.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -170,6 +172,9 @@ pub struct MasterConfig {
     pub logs: LogConfig,
     /// Runtime state (pid files, tokens); relative to the directory of servers.yaml.
     pub run_dir: PathBuf,
+    /// How servers on other hosts are started (`master.ssh`).
+    #[serde(default)]
+    pub ssh: SshConfig,
 }
 
 /// One server entry.
@@ -213,6 +218,9 @@ pub struct ServerSpec {
     pub max_rooms: usize,
     /// Runtime threads of the worker; `None` shares the machine's cores among its servers.
     pub threads: Option<usize>,
+    /// `supervise: external`: a platform (systemd, Kubernetes) starts it; the master never spawns or signals it.
+    #[serde(default)]
+    pub external: bool,
 }
 
 impl ServerSpec {
@@ -225,6 +233,38 @@ impl ServerSpec {
     /// Whether this server runs on this machine (spawned by the master) or elsewhere.
     pub fn is_local(&self) -> bool {
         is_local_host(&self.host)
+    }
+
+    /// Who starts it: the master as a child, the master over ssh, or a platform.
+    pub fn launch(&self) -> Launch {
+        if self.external {
+            Launch::External
+        } else if self.is_local() {
+            Launch::Local
+        } else {
+            Launch::Ssh
+        }
+    }
+}
+
+/// Who starts a server and may signal it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// A child of the master (signalled as a local process group).
+    Local,
+    /// Started by the master over ssh; stopped over its control link, or by a verified `kill` over ssh.
+    Ssh,
+    /// Started by a platform; the master only asks it to exit over its control link.
+    External,
+}
+
+impl Launch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Launch::Local => "local",
+            Launch::Ssh => "ssh",
+            Launch::External => "external",
+        }
     }
 }
 

@@ -59,6 +59,7 @@ const MASTER: &[Row<MasterConfig>] = &[
     Row("orphanTimeout", |c, m, v, p| set(&mut m.orphan_timeout, c.duration(v, p))),
     Row("logs", |c, m, v, p| apply(c, &mut m.logs, v, p, LOGS)),
     Row("runDir", |c, m, v, p| set(&mut m.run_dir, c.string(v, p).map(PathBuf::from))),
+    Row("ssh", |c, m, v, p| super::ssh::apply_ssh(c, &mut m.ssh, v, p)),
 ];
 
 const RESTART: &[Row<RestartPolicy>] = &[
@@ -97,6 +98,7 @@ pub(super) fn default_master() -> MasterConfig {
         orphan_timeout: Duration::from_secs(60),
         logs: LogConfig { dir: PathBuf::from("logs"), max_bytes: 10 << 20, keep: 3 },
         run_dir: PathBuf::from(".pomelo"),
+        ssh: Default::default(),
     }
 }
 
@@ -179,6 +181,12 @@ const SERVER: &[Row<Draft>] = &[
                 d.spec.env.insert(name, val);
             }
         }
+    }),
+    Row("supervise", |c, d, v, p| match c.string(v, p).as_deref() {
+        Some("master") => d.spec.external = false,
+        Some("external") => d.spec.external = true,
+        Some(other) => c.err(p, format!("`{other}` is not a supervisor: use `master` (the default) or `external`")),
+        None => {}
     }),
     Row("autoRestart", |c, d, v, p| set(&mut d.spec.auto_restart, c.boolean(v, p))),
     Row("maxConnections", |c, d, v, p| {
@@ -288,6 +296,7 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         max_room_members: super::DEFAULT_MAX_ROOM_MEMBERS,
         max_rooms: super::DEFAULT_MAX_ROOMS,
         threads: None,
+        external: false,
     }
 }
 

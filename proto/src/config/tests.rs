@@ -145,3 +145,46 @@ fn room_and_name_limits_have_defaults_bounds_and_a_server_type() {
     assert!(text.contains("`maxNameLength` applies to connector servers, not to chat servers"), "{text}");
     assert!(text.contains("must be at least 1"), "{text}");
 }
+
+#[test]
+fn ssh_settings_are_read_per_host_and_checked_with_lines() {
+    let text = "\
+master:
+  ssh:
+    user: pomelo
+    identity: /etc/pomelo/id
+    options: [ConnectTimeout=5]
+    bin: /usr/local/bin/pomelo-rs
+    hosts:
+      10.0.0.2: { user: chat, dir: /srv/chat, options: [Port=2222] }
+servers:
+  chat:
+    - { id: chat-1, host: 10.0.0.2, port: 6050, supervise: external }
+";
+    let t = parse(text).expect("valid");
+    let h = t.master.ssh.for_host("10.0.0.2");
+    assert_eq!(h.user.as_deref(), Some("chat"));
+    assert_eq!(h.dir.as_deref(), Some("/srv/chat"));
+    assert_eq!(h.bin.as_deref(), Some("/usr/local/bin/pomelo-rs"));
+    assert_eq!(h.options, ["ConnectTimeout=5", "Port=2222"]);
+    assert_eq!(t.master.ssh.for_host("10.0.0.3").user.as_deref(), Some("pomelo"));
+    assert_eq!(t.servers[0].launch(), Launch::External);
+
+    let bad = "\
+master:
+  ssh:
+    user: -oProxyCommand=x
+    options: [\"ProxyCommand=sh -c x\"]
+    bin: \"a;b\"
+    hots: {}
+servers:
+  chat:
+    - { id: chat-1, host: 10.0.0.2, port: 6050, supervise: platform }
+";
+    let e = parse(bad).expect_err("invalid").to_string();
+    for (line, what) in
+        [(3, "not a user name"), (4, "not an ssh option"), (5, "not a path"), (6, "hosts"), (9, "supervisor")]
+    {
+        assert!(e.contains(&format!("servers.yaml:{line}:")) && e.contains(what), "{what} at {line} in {e}");
+    }
+}
