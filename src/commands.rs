@@ -239,8 +239,8 @@ pub fn list(cfg: &ConfigArgs, json: bool) -> anyhow::Result<ExitCode> {
         println!("servers.yaml was NOT applied: {err}");
     }
     println!(
-        "{:<22} {:<10} {:>8} {:<9} {:>9} {:>8} {:>9} {:>6}  PORTS",
-        "ID", "TYPE", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "CPU%"
+        "{:<22} {:<10} {:<24} {:>8} {:<9} {:>9} {:>8} {:>9} {:>6}  PORTS",
+        "ID", "TYPE", "HOST", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "CPU%"
     );
     for s in v["servers"].as_array().into_iter().flatten() {
         let pid = s["pid"].as_u64().map(|p| p.to_string()).unwrap_or_else(|| "-".into());
@@ -253,9 +253,10 @@ pub fn list(cfg: &ConfigArgs, json: bool) -> anyhow::Result<ExitCode> {
             ports.push(format!("clients {a}"));
         }
         println!(
-            "{:<22} {:<10} {:>8} {:<9} {:>9} {:>8} {:>9} {:>6.1}  {}",
+            "{:<22} {:<10} {:<24} {:>8} {:<9} {:>9} {:>8} {:>9} {:>6.1}  {}",
             s["id"].as_str().unwrap_or(""),
             s["type"].as_str().unwrap_or(""),
+            host_column(s),
             pid,
             s["state"].as_str().unwrap_or(""),
             human_secs(s["uptime_secs"].as_f64()),
@@ -277,14 +278,26 @@ fn human_secs(s: Option<f64>) -> String {
     }
 }
 
-pub fn worker(id: &str, server_type: &str, log_level: &str, threads: Option<usize>) -> anyhow::Result<ExitCode> {
-    let json = std::env::var(pomelo_master::child::SPEC_ENV)
-        .with_context(|| format!("`worker` is started by the master (no {} set)", pomelo_master::child::SPEC_ENV))?;
-    let spec: WorkerSpec = serde_json::from_str(&json).context("the worker spec from the master is malformed")?;
+pub fn worker(
+    id: &str,
+    server_type: &str,
+    log_level: &str,
+    threads: Option<usize>,
+    spec_stdin: bool,
+) -> anyhow::Result<ExitCode> {
+    let (spec, token) = if spec_stdin {
+        let given = read_stdin_spec()?;
+        (given.spec, given.key)
+    } else {
+        let json = std::env::var(pomelo_master::child::SPEC_ENV).with_context(|| {
+            format!("`worker` is started by the master (no {} set)", pomelo_master::child::SPEC_ENV)
+        })?;
+        let spec: WorkerSpec = serde_json::from_str(&json).context("the worker spec from the master is malformed")?;
+        (spec, std::env::var(pomelo_master::child::KEY_ENV).unwrap_or_default())
+    };
     if spec.server.id != id || spec.server.server_type.as_str() != server_type {
         bail!("--id/--type do not match the spec from the master");
     }
-    let token = std::env::var(pomelo_master::child::KEY_ENV).unwrap_or_default();
     let writer = pomelo_worker::logwriter::FallbackWriter::new(spec.log_file.clone(), spec.log_max_bytes);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
@@ -324,4 +337,25 @@ fn cancel_on_signals(token: CancellationToken, doing: &'static str) {
         }
         token.cancel();
     });
+}
+
+/// The one line the master writes on ssh's stdin (spec and key), read with a cap.
+fn read_stdin_spec() -> anyhow::Result<pomelo_master::ssh::StdinSpec> {
+    use std::io::{BufRead, Read};
+    const MAX: u64 = 1 << 20;
+    let mut line = String::new();
+    std::io::stdin().lock().take(MAX).read_line(&mut line).context("cannot read the spec on stdin")?;
+    if !line.ends_with('\n') {
+        bail!("no spec on stdin (one JSON line of at most 1 MiB, as the master writes it over ssh)");
+    }
+    serde_json::from_str(&line).context("the spec on stdin is malformed")
+}
+
+/// `HOST` in `list`: the host, and who starts it when that is not the master itself.
+fn host_column(s: &serde_json::Value) -> String {
+    let host = s["host"].as_str().unwrap_or("");
+    match s["supervisor"].as_str() {
+        Some(how @ ("ssh" | "external")) => format!("{host} ({how})"),
+        _ => host.to_string(),
+    }
 }

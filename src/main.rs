@@ -87,6 +87,9 @@ enum Cmd {
         /// Runtime threads (default: the `threads` the master chose for this server).
         #[arg(long)]
         threads: Option<usize>,
+        /// Read the spec and key as one JSON line on stdin (how the master starts servers over ssh).
+        #[arg(long)]
+        spec_stdin: bool,
     },
 }
 
@@ -100,7 +103,9 @@ fn main() -> ExitCode {
         Cmd::Restart { cfg, ids, server_type } => commands::restart(&cfg, &ids, server_type.as_deref()),
         Cmd::Check { cfg } => commands::check(&cfg),
         Cmd::Reload { cfg } => commands::reload(&cfg),
-        Cmd::Worker { id, server_type, log_level, threads } => commands::worker(&id, &server_type, &log_level, threads),
+        Cmd::Worker { id, server_type, log_level, threads, spec_stdin } => {
+            commands::worker(&id, &server_type, &log_level, threads, spec_stdin)
+        }
     };
     match result {
         Ok(code) => code,

@@ -174,7 +174,7 @@
       tr.dataset.state = s.state;
       c.state.replaceChildren(h("span", { class: `pill st-${s.state}`, text: s.state }));
     }
-    setText(c.adopted, s.adopted ? "adopted" : "");
+    setText(c.adopted, [s.adopted ? "adopted" : "", s.supervisor && s.supervisor !== "local" ? `${s.supervisor} @ ${s.host}` : ""].filter(Boolean).join(" "));
     const alive = s.pid != null && s.state !== "stopped" && s.state !== "failed";
     setText(c.pid, s.pid != null ? String(s.pid) : "–");
     setText(c.uptime, alive ? dur(s.uptime_secs) : "–");

@@ -28,6 +28,7 @@ pub mod logs;
 pub mod procstat;
 pub mod reload;
 pub mod runstate;
+pub mod ssh;
 pub mod supervisor;
 pub mod view;
 

@@ -80,12 +80,18 @@ pub struct ServerView {
     #[serde(rename = "type")]
     pub server_type: ServerType,
     pub host: String,
+    /// Who starts it: `local` (a child of the master), `ssh` (the master over ssh), `external` (a platform).
+    pub supervisor: String,
     pub port: Option<u16>,
     pub client_port: Option<u16>,
     /// What it actually bound.
     pub addrs: BoundAddrs,
     pub state: Phase,
+    /// The process id on the server's own host (for `ssh` and `external`, as the worker reported it).
     pub pid: Option<u32>,
+    /// `ssh`: the master's local ssh process for the session, while there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_pid: Option<u32>,
     /// Started by an earlier master and adopted by this one.
     pub adopted: bool,
     pub uptime_secs: Option<f64>,

@@ -210,6 +210,7 @@ async fn session(
             _ = tick.tick() => {
                 let mut stats = Stats::new();
                 stats.insert("uptime_seconds".into(), started.elapsed().as_secs_f64());
+                own_process(&mut stats);
                 for source in &link.stats {
                     source(&mut stats);
                 }
@@ -227,5 +228,18 @@ async fn session(
             },
         }
         *last_contact = Instant::now();
+    }
+}
+
+/// This process's own figures from `/proc/self`, so a master on another host can show them.
+fn own_process(stats: &mut Stats) {
+    let Ok(me) = procfs::process::Process::myself() else { return };
+    if let Ok(st) = me.stat() {
+        let tps = procfs::ticks_per_second().max(1) as f64;
+        stats.insert("process_cpu_seconds_total".into(), (st.utime + st.stime) as f64 / tps);
+        stats.insert("process_resident_memory_bytes".into(), (st.rss * procfs::page_size()) as f64);
+    }
+    if let Ok(n) = me.fd_count() {
+        stats.insert("process_open_fds".into(), n as f64);
     }
 }

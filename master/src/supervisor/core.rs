@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use pomelo_proto::config::{ServerSpec, Topology, WorkerSpec};
+use pomelo_proto::config::{Launch, ServerSpec, Topology, WorkerSpec};
 use pomelo_proto::control::{BoundAddrs, Membership, Stats, ToWorker};
 
 pub use super::event::{Effect, Event, Registration, Setup, SpawnSpec};
@@ -45,6 +45,10 @@ pub(super) struct Slot {
     pub spec_hash: Option<String>,
     /// Removed from servers.yaml and stopped: dropped at the end of the event.
     pub forget: bool,
+    /// Another host: the local ssh process of its session, while there is one (`server.pid` then).
+    pub ssh_pid: Option<u32>,
+    /// Another host: the pid the worker registered with (a number on that host, never signalled here).
+    pub remote_pid: Option<u32>,
 }
 
 impl Slot {
@@ -60,6 +64,8 @@ impl Slot {
             proc: ProcSample::default(),
             spec_hash: None,
             forget: false,
+            ssh_pid: None,
+            remote_pid: None,
         }
     }
 }
@@ -83,6 +89,8 @@ pub struct Core {
     pub reloads: u64,
     /// Source of jitter for restart backoff, in [0, 1); a fixed value in tests.
     pub(super) jitter: fn() -> f64,
+    /// The time of the event being handled (for rules reached through `apply`).
+    pub(super) now: Instant,
 }
 
 /// Effects gathered while handling one event.
@@ -108,6 +116,7 @@ impl Core {
             last_text,
             reloads: 0,
             jitter,
+            now,
         };
         let mut out = Vec::new();
         core.start_all(now, &mut out);
@@ -117,12 +126,16 @@ impl Core {
 
     pub fn on_event(&mut self, event: Event, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
+        self.now = now;
         match event {
             Event::Registered { reg, holder_alive } => self.on_registered(reg, holder_alive, now, &mut out),
             Event::Heartbeat { conn, id, stats } => {
                 if let Some(slot) = self.linked(&id, conn) {
                     slot.server.on_heartbeat(now);
                     slot.rates.update(&stats, now);
+                    if !slot.server.spec.is_local() || slot.server.spec.external {
+                        slot.proc = super::remote::reported_proc(&stats, &slot.rates);
+                    }
                     slot.stats = stats;
                 }
             }
@@ -135,6 +148,7 @@ impl Core {
                 if let Some(slot) = self.linked(&id, conn) {
                     slot.link = None;
                     slot.server.on_unregistered();
+                    self.remote_closed(&id, now, &mut out);
                 }
             }
             Event::Exited { id, pid, status } => self.on_exited(&id, pid, status, now, &mut out),
@@ -159,7 +173,7 @@ impl Core {
                 }
             }
             Event::Sampled { servers, master } => {
-                for slot in &mut self.slots {
+                for slot in self.slots.iter_mut().filter(|s| s.server.spec.launch() == Launch::Local) {
                     slot.proc =
                         servers.iter().find(|(id, _)| *id == slot.server.spec.id).map(|(_, p)| *p).unwrap_or_default();
                 }
@@ -180,6 +194,13 @@ impl Core {
         self.index(id).and_then(|i| self.slots[i].server.pid)
     }
 
+    /// The local child this master holds for `id` (none for servers on other hosts or external ones).
+    pub fn local_pid_of(&self, id: &str) -> Option<u32> {
+        self.index(id)
+            .filter(|i| self.slots[*i].server.spec.launch() == Launch::Local)
+            .and_then(|i| self.slots[i].server.pid)
+    }
+
     /// Adopted processes (not our children: the shell polls whether they are still alive).
     pub fn adopted_pids(&self) -> Vec<(String, u32)> {
         self.slots
@@ -192,6 +213,15 @@ impl Core {
     /// Every process this master watches.
     pub fn pids(&self) -> Vec<(String, u32)> {
         self.slots.iter().filter_map(|s| Some((s.server.spec.id.clone(), s.server.pid?))).collect()
+    }
+
+    /// The local processes of local servers (whose `/proc` figures the shell reads).
+    pub fn local_pids(&self) -> Vec<(String, u32)> {
+        self.slots
+            .iter()
+            .filter(|s| s.server.spec.launch() == Launch::Local)
+            .filter_map(|s| Some((s.server.spec.id.clone(), s.server.pid?)))
+            .collect()
     }
 
     pub fn membership(&self) -> &Membership {
@@ -222,12 +252,12 @@ impl Core {
             } else {
                 self.slots.push(slot);
                 let i = self.slots.len() - 1;
-                if self.slots[i].server.spec.is_local() {
+                if self.slots[i].server.spec.external {
+                    tracing::info!(server = %id, host = %self.slots[i].server.spec.host,
+                        "supervised externally: waiting for it to join (`pomelo-rs worker --join`)");
+                } else {
                     let actions = self.slots[i].server.start(now, &self.topo.master);
                     self.apply(i, actions, out);
-                } else {
-                    tracing::info!(server = %id, host = %self.slots[i].server.spec.host,
-                        "runs on another host: waiting for it to register (start it there with `pomelo-rs worker`)");
                 }
             }
         }
@@ -240,6 +270,9 @@ impl Core {
                 Action::Log(msg) => {
                     tracing::info!(server = %self.slots[i].server.spec.id, "{msg}");
                     self.event(i, msg, out);
+                }
+                Action::Spawn if self.slots[i].server.spec.external => {
+                    self.event(i, "waiting for its platform to start it".into(), out);
                 }
                 Action::Spawn => out.push(Effect::Spawn(Box::new(self.spawn_spec(i)))),
                 Action::Terminate => {
@@ -256,6 +289,7 @@ impl Core {
                     }
                     self.event(i, "stopping (SIGTERM)".into(), out);
                 }
+                Action::Kill if self.slots[i].server.spec.launch() != Launch::Local => self.remote_kill(i, out),
                 Action::Kill => {
                     let slot = &self.slots[i];
                     if let Some(pid) = slot.server.pid.filter(|_| slot.server.spec.is_local()) {
@@ -284,7 +318,8 @@ impl Core {
             threads: spec.threads.unwrap_or_else(|| pomelo_proto::config::auto_threads(self.setup.cores, local)),
             server: spec,
         };
-        SpawnSpec { worker, log_dir: self.setup.log_dir.clone(), logs: m.logs.clone() }
+        let ssh = (!worker.server.is_local()).then(|| m.ssh.for_host(&worker.server.host));
+        SpawnSpec { worker, log_dir: self.setup.log_dir.clone(), logs: m.logs.clone(), ssh }
     }
 
     fn on_spawned(&mut self, id: &str, result: Result<u32, String>, now: Instant, out: &mut Out) {
@@ -293,6 +328,10 @@ impl Core {
             Ok(pid) => {
                 let slot = &mut self.slots[i];
                 slot.server.on_spawned(pid, now);
+                if !slot.server.spec.is_local() {
+                    slot.ssh_pid = Some(pid);
+                    slot.remote_pid = None;
+                }
                 slot.adopted = false;
                 slot.awaiting = false;
                 slot.stats.clear();
@@ -310,8 +349,11 @@ impl Core {
         }
     }
 
-    fn on_exited(&mut self, id: &str, pid: u32, status: ExitStatus, now: Instant, out: &mut Out) {
+    pub(super) fn on_exited(&mut self, id: &str, pid: u32, status: ExitStatus, now: Instant, out: &mut Out) {
         let Some(i) = self.index(id) else { return };
+        if self.ssh_session_ended(i, pid, out) {
+            return;
+        }
         // A late exit of an earlier process must not touch its replacement.
         if self.slots[i].server.pid != Some(pid) {
             return;
@@ -322,6 +364,8 @@ impl Core {
         }
         slot.server.on_unregistered();
         slot.awaiting = false;
+        slot.ssh_pid = None;
+        slot.remote_pid = None;
         let actions = slot.server.on_exit(status, now, &self.topo.master, (self.jitter)());
         self.apply(i, actions, out);
         out.push(self.workers());

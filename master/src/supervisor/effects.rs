@@ -42,6 +42,7 @@ impl Effects {
             Effect::Spawn(spec) => return Some(self.spawn(*spec)),
             Effect::Signal { pid, signal } => child::signal_group(pid, signal),
             Effect::Send { conn, msg } => self.send(conn, msg),
+            Effect::RemoteKill { host, ssh, id, pid } => crate::ssh::kill(&ssh, &host, &id, pid, &self.tasks),
             Effect::Close { conn } => {
                 self.outboxes.remove(&conn);
             }
@@ -62,7 +63,13 @@ impl Effects {
         let result = LogSink::open(&spec.log_dir, &id, &spec.logs, self.echo)
             .and_then(|sink| {
                 let key = pomelo_proto::auth::server_key(&self.cluster_token, &id).to_hex();
-                child::spawn(&self.exe, &spec.worker, &key, sink, self.exits.clone(), &self.tasks)
+                match &spec.ssh {
+                    Some(ssh) => {
+                        let host = &spec.worker.server.host;
+                        crate::ssh::spawn(ssh, host, &spec.worker, &key, sink, self.exits.clone(), &self.tasks)
+                    }
+                    None => child::spawn(&self.exe, &spec.worker, &key, sink, self.exits.clone(), &self.tasks),
+                }
             })
             .map_err(|e| format!("cannot start {}: {e}", self.exe.display()));
         Event::Spawned { id, result }

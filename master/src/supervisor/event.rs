@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use nix::sys::signal::Signal;
-use pomelo_proto::config::{LogConfig, Topology, WorkerSpec};
+use pomelo_proto::config::{LogConfig, SshTarget, Topology, WorkerSpec};
 use pomelo_proto::control::{BoundAddrs, Stats, ToWorker};
 
 use super::server::{ExitStatus, Phase};
@@ -89,6 +89,13 @@ pub enum Effect {
         conn: u64,
         msg: ToWorker,
     },
+    /// Over ssh, SIGKILL the remote `pid` of server `id` on `host` if it is still that worker.
+    RemoteKill {
+        host: String,
+        ssh: SshTarget,
+        id: String,
+        pid: u32,
+    },
     /// Drop the control link (the worker sees it close).
     Close {
         conn: u64,
@@ -113,6 +120,8 @@ pub struct SpawnSpec {
     pub worker: WorkerSpec,
     pub log_dir: PathBuf,
     pub logs: LogConfig,
+    /// Another host: start it over ssh with these settings.
+    pub ssh: Option<SshTarget>,
 }
 
 /// What the core is started with; every value the shell would otherwise read from the world.

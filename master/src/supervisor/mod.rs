@@ -13,6 +13,7 @@ pub mod core;
 mod effects;
 pub mod event;
 mod register;
+mod remote;
 pub mod restart;
 pub mod server;
 
@@ -157,7 +158,7 @@ impl Shell {
         match ev {
             LinkEvent::Registered { conn, id, server_type, pid, spec_hash, addrs, peer, outbox } => {
                 self.effects.outboxes.insert(conn, outbox);
-                let holder_alive = core.pid_of(&id).is_some_and(|p| p != pid && child::alive(p));
+                let holder_alive = core.local_pid_of(&id).is_some_and(|p| p != pid && child::alive(p));
                 let reg = Registration { conn, id, server_type, pid, spec_hash, addrs, peer };
                 Event::Registered { reg, holder_alive }
             }
@@ -183,7 +184,7 @@ impl Shell {
     fn sample(&mut self, core: &Core) -> Event {
         let now = Instant::now();
         let me = std::process::id();
-        let pids = core.pids();
+        let pids = core.local_pids();
         let servers = pids.iter().filter_map(|(id, pid)| Some((id.clone(), self.sampler.sample(*pid, now)?))).collect();
         let master = self.sampler.sample(me, now).unwrap_or_default();
         let mut live: Vec<u32> = pids.iter().map(|(_, p)| *p).collect();

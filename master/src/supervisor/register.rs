@@ -17,6 +17,7 @@
 use std::time::Instant;
 
 use pomelo_proto::auth;
+use pomelo_proto::config::Launch;
 use pomelo_proto::control::{ServerInfo, ServerType, ToWorker};
 
 use super::core::{Core, Effect, Out, Registration};
@@ -41,15 +42,37 @@ impl Core {
         if slot.server.spec.server_type != server_type {
             return reject(format!("`{id}` is a {} server in servers.yaml", slot.server.spec.server_type), out);
         }
-        match slot.server.pid {
-            Some(p) if p != pid && holder_alive => return reject(format!("pid {p} already serves `{id}`"), out),
-            None if slot.server.spec.is_local() => {
-                return reject(format!("`{id}` is {} here", slot.server.phase().as_str()), out);
+        let local = slot.server.spec.launch() == Launch::Local;
+        if !local {
+            // Another host: the first worker linked keeps the id; a worker we lost may come back.
+            let host = slot.server.spec.host.clone();
+            if let Some(p) = slot.remote_pid.filter(|p| *p != pid && slot.link.is_some()) {
+                return reject(format!("pid {p} on {host} already serves `{id}`"), out);
             }
-            _ => {}
-        }
-        if slot.server.pid != Some(pid) {
-            slot.server.on_spawned(pid, now);
+            let phase = slot.server.phase();
+            let ours = slot.remote_pid == Some(pid);
+            if slot.server.pid.is_none() {
+                match phase {
+                    Phase::Backoff | Phase::Starting => {}
+                    Phase::Failed if ours => {}
+                    _ => return reject(format!("`{id}` is {} here", phase.as_str()), out),
+                }
+                let deadline = now + self.topo.master.start_timeout;
+                slot.server.adopt(pid, now, deadline);
+                if phase == Phase::Failed {
+                    tracing::info!(server = %id, "pid {pid} on {host} came back: it serves again");
+                }
+            }
+            slot.remote_pid = Some(pid);
+        } else {
+            match slot.server.pid {
+                Some(p) if p != pid && holder_alive => return reject(format!("pid {p} already serves `{id}`"), out),
+                None => return reject(format!("`{id}` is {} here", slot.server.phase().as_str()), out),
+                _ => {}
+            }
+            if slot.server.pid != Some(pid) {
+                slot.server.on_spawned(pid, now);
+            }
         }
         let welcome = ToWorker::Welcome {
             master_pid: self.setup.master_pid,
