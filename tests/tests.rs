@@ -11,6 +11,7 @@ mod harness;
 mod history;
 mod hostile;
 mod limits;
+mod multihost;
 mod pomelo_client;
 mod reload;
 mod supervision;

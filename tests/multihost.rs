@@ -1,0 +1,175 @@
+//! One servers.yaml across three hosts made of network namespaces (see `multihost/net.rs`): master and
+//! gate on A, a connector and a chat server on each of B and C, the remote ones started by the master
+//! over ssh. Skipped with a reason without root or `ip netns`; under CI it must run.
+
+mod net;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{self, wait_until, Cluster};
+use crate::pomelo_client::Client;
+
+fn yaml(h: &net::Hosts, dir: &std::path::Path) -> String {
+    let ssh = format!(
+        "  ssh:\n    identity: {}\n    options: [StrictHostKeyChecking=no, UserKnownHostsFile=/dev/null, ConnectTimeout=2, LogLevel=ERROR]\n    bin: {}\n    dir: {}\n",
+        h.identity.display(),
+        harness::bin().display(),
+        dir.display()
+    );
+    let servers = format!(
+        "  gate:\n    - {{id: gate-1, clientPort: 0}}\n  connector:\n    - {{id: connector-b, host: {b}, port: 0, clientPort: 0}}\n    - {{id: connector-c, host: {c}, port: 0, clientPort: 0}}\n  chat:\n    - {{id: chat-b, host: {b}, port: 0}}\n    - {{id: chat-c, host: {c}, port: 0}}\n",
+        b = h.ip[1],
+        c = h.ip[2]
+    );
+    harness::yaml(&servers, &ssh)
+        .replace("host: 127.0.0.1\n  controlPort", &format!("host: {}\n  controlPort", h.ip[0]))
+}
+
+/// Asks the gate for `name`'s connector: its address.
+fn entry(gate: SocketAddr, name: &str) -> SocketAddr {
+    let mut g = Client::connect(gate);
+    let e = g.request("gate.gateHandler.queryEntry", json!({"uid": name}));
+    assert_eq!(e["code"], 200, "{e}");
+    g.close();
+    format!("{}:{}", e["host"].as_str().expect("host"), e["port"]).parse().expect("address")
+}
+
+/// A user whose gate answer is the connector at `host`, logged in to `rid`.
+fn user_on(gate: SocketAddr, host: &str, tag: &str, rid: &str) -> (String, Client) {
+    for i in 0..200 {
+        let name = format!("{tag}{i}");
+        let addr = entry(gate, &name);
+        if addr.ip().to_string() == host {
+            let mut c = Client::connect(addr);
+            let r = c.request("connector.entryHandler.enter", json!({"username": name, "rid": rid}));
+            assert!(r["users"].is_array(), "enter answered {r}");
+            return (name, c);
+        }
+    }
+    panic!("the gate never sent a user to {host}");
+}
+
+/// Every user sends one message; every user must get all of them, once.
+fn chat_round(users: &mut [(String, Client)], rid: &str, tag: &str) {
+    for (_, c) in users.iter_mut() {
+        c.drain_pushes(Duration::from_millis(20));
+    }
+    for (name, c) in users.iter_mut() {
+        let r = c.request("chat.chatHandler.send", json!({"rid": rid, "content": tag, "from": name, "target": "*"}));
+        assert_eq!(r, json!({}), "send answered {r}");
+    }
+    let n = users.len();
+    let mut want: Vec<String> = users.iter().map(|(name, _)| name.clone()).collect();
+    want.sort();
+    for (name, c) in users.iter_mut() {
+        let got = c.collect("onChat", n, Duration::from_secs(5), Duration::from_millis(50));
+        let mut from: Vec<String> = got.iter().map(|b| b["from"].as_str().unwrap_or("").to_string()).collect();
+        from.sort();
+        assert_eq!(from, want, "{name}, round {tag}: every message once");
+        assert!(got.iter().all(|b| b["msg"] == tag), "{name}: {got:?}");
+    }
+}
+
+fn state(c: &Cluster, id: &str) -> serde_json::Value {
+    c.server(id)
+}
+
+#[test]
+fn one_cluster_across_three_hosts_over_ssh() {
+    if let Some(why) = net::unavailable() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "multihost test cannot run under CI: {why}");
+        eprintln!("SKIPPED one_cluster_across_three_hosts_over_ssh: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = net::Hosts::new(dir.path());
+    hosts.enter_a();
+    // A process group on A that the master did not start: `stop` must leave it alone.
+    let mut bystander = Command::new("setsid").args(["sleep", "600"]).spawn().expect("bystander");
+    let c = Cluster::start(&yaml(&hosts, dir.path()));
+
+    // Every server runs, each on its own host.
+    let running = c.wait_running();
+    let home = |id: &str| {
+        if id.ends_with("-b") {
+            1
+        } else if id.ends_with("-c") {
+            2
+        } else {
+            0
+        }
+    };
+    for (id, pid) in &running {
+        assert!(hosts.pid_in(*pid, home(id)), "{id} (pid {pid}) is not in host {}'s namespace", home(id));
+    }
+    assert_eq!(state(&c, "chat-c")["supervisor"], "ssh");
+    assert_eq!(state(&c, "gate-1")["supervisor"], "local");
+    let gate: SocketAddr = state(&c, "gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("gate addr");
+    let log = std::fs::read_to_string(c.dir.path().join("logs/chat-c.log")).unwrap_or_default();
+    assert!(log.contains("registered with the master"), "chat-c's remote output is in logs/chat-c.log: {log}");
+    wait_until(Duration::from_secs(5), "remote process figures", || {
+        (state(&c, "chat-c")["rss_bytes"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+
+    // Clients on B's and on C's connector chat in one room.
+    let rid = "lobby";
+    let mut users = vec![
+        user_on(gate, &hosts.ip[1], "b", rid),
+        user_on(gate, &hosts.ip[2], "c", rid),
+        user_on(gate, &hosts.ip[1], "bb", rid),
+    ];
+    chat_round(&mut users, rid, "one");
+
+    // kill -9 of C's chat server: restarted there.
+    let old = state(&c, "chat-c")["pid"].as_u64().expect("pid") as u32;
+    harness::signal(old, 9);
+    let new = wait_until(Duration::from_secs(20), "chat-c restarted", || {
+        let s = state(&c, "chat-c");
+        let pid = s["pid"].as_u64()? as u32;
+        (s["state"] == "running" && pid != old).then_some(pid)
+    });
+    assert!(hosts.pid_in(new, 2), "the new chat-c (pid {new}) runs on C");
+    wait_until(Duration::from_secs(10), "the room to work again", || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "two"))).ok()
+    });
+
+    // C drops off: its servers leave within the heartbeat timeout; B's users keep chatting.
+    let mut b_only: Vec<(String, Client)> = users.drain(..).filter(|(n, _)| n.starts_with('b')).collect();
+    hosts.link(2, false);
+    wait_until(Duration::from_secs(8), "C's servers out of the membership", || {
+        let (ch, co) = (state(&c, "chat-c"), state(&c, "connector-c"));
+        (ch["state"] != "running" && co["state"] != "running").then_some(())
+    });
+    wait_until(Duration::from_secs(10), "rooms moved to B", || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut b_only, rid, "three"))).ok()
+    });
+    // Back up: C's workers rejoin, with no duplicates.
+    hosts.link(2, true);
+    wait_until(Duration::from_secs(40), "C restored", || {
+        (state(&c, "chat-c")["state"] == "running" && state(&c, "connector-c")["state"] == "running").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let on_c = hosts.workers(2);
+    assert_eq!(on_c.len(), 2, "exactly chat-c and connector-c run on C: {on_c:?}");
+    let mut users = b_only;
+    users.push(user_on(gate, &hosts.ip[2], "cc", rid));
+    wait_until(Duration::from_secs(10), "one room across B and C again", || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "four"))).ok()
+    });
+
+    // `stop` stops everything on every host, and nothing else on A.
+    let out = c.run(&["stop"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until(Duration::from_secs(20), "every worker gone", || {
+        (hosts.workers(1).is_empty() && hosts.workers(2).is_empty() && hosts.workers(0).is_empty()).then_some(())
+    });
+    assert!(harness::alive(bystander.id()), "stop signalled a process on A that the master did not start");
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    drop(c);
+    drop(hosts);
+}
