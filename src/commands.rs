@@ -39,30 +39,49 @@ fn ports(port: Option<u16>, client: Option<u16>) -> String {
     out.join(", ")
 }
 
-fn init_logging(level: &str) {
+/// Set by `start -d` for the master it starts in the background: the master then logs into this file,
+/// capped and rotated as `master.logs` says, and does not echo its workers' output (they have their own).
+const MASTER_LOG_ENV: &str = "POMELO_MASTER_LOG";
+
+fn init_logging(level: &str, file: Option<pomelo_master::logs::RotatingFile>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match file {
+        Some(f) => fmt.with_writer(std::sync::Mutex::new(f)).with_ansi(false).init(),
+        None => fmt.with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 pub fn start(cfg: &ConfigArgs, daemon: bool) -> anyhow::Result<ExitCode> {
     let topology = load(cfg)?;
+    let log_file = match std::env::var_os(MASTER_LOG_ENV) {
+        Some(path) if !daemon => {
+            let logs = &topology.master.logs;
+            Some(pomelo_master::logs::RotatingFile::open(path.into(), logs.max_bytes, logs.keep)?)
+        }
+        _ => None,
+    };
+    let echo = log_file.is_none();
+    if !daemon {
+        // Before `prepare`, so what it says about workers it will not adopt is logged.
+        init_logging("info", log_file);
+    }
     let prepared = pomelo_master::prepare(topology)?;
     if daemon {
         return daemonize(cfg, &prepared.run_dir);
     }
-    init_logging("info");
+    match pomelo_master::procstat::raise_open_files() {
+        Ok((before, after)) if after > before => tracing::info!("open-file limit raised from {before} to {after}"),
+        Ok((_, after)) => tracing::info!("open-file limit {after}"),
+        Err(e) => tracing::warn!("cannot read or raise the open-file limit: {e}"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(run_master(prepared))
+    rt.block_on(run_master(prepared, echo))
 }
 
-async fn run_master(prepared: pomelo_master::Prepared) -> anyhow::Result<ExitCode> {
+async fn run_master(prepared: pomelo_master::Prepared, echo: bool) -> anyhow::Result<ExitCode> {
     let t = &prepared.topology;
     let token: Arc<str> = pomelo_master::runstate::admin_token(Some(t), &prepared.run_dir, true)?.into();
     let control_addr = SocketAddr::new(bind_ip(&t.master.host), t.master.control_port);
@@ -80,15 +99,16 @@ async fn run_master(prepared: pomelo_master::Prepared) -> anyhow::Result<ExitCod
     } else {
         format!("in {}", prepared.run_dir.join("admin-token").display())
     };
+    let hosts = t.master.admin_hosts.clone();
     let shutdown = CancellationToken::new();
-    let running = pomelo_master::start(prepared, control, admin_addr, true, shutdown.clone())?;
+    let running = pomelo_master::start(prepared, control, admin_addr, echo, shutdown.clone())?;
     tracing::info!(
         "master pid {} running; dashboard http://{admin_addr}/ (admin token {token_source}); Ctrl-C stops the cluster",
         std::process::id()
     );
     // The dashboard is one of the master's tasks: it stops with the control listener once every server has
     // stopped, and its drain is bounded (and warned about) with the rest.
-    running.tasks.spawn(pomelo_dashboard::serve(admin, running.handle.clone(), token, running.services.clone()));
+    running.tasks.spawn(pomelo_dashboard::serve(admin, running.handle.clone(), token, hosts, running.services.clone()));
     cancel_on_signals(shutdown.clone(), "stopping the cluster");
     running.task.await.context("the supervisor task failed")?;
     tracing::info!("every server has stopped; master exiting");
@@ -108,9 +128,11 @@ fn daemonize(cfg: &ConfigArgs, run_dir: &Path) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let topology = load(cfg)?;
     let log_dir = topology.log_dir();
-    std::fs::create_dir_all(&log_dir)?;
+    pomelo_proto::files::create_dir(&log_dir)?;
     let log_path = log_dir.join("master.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    // Until its logger is up (and for a panic), the master's stderr goes here too.
+    let log = pomelo_proto::files::open(&log_path, pomelo_proto::files::Mode::Append)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
     let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(exe)
         .arg("start")
@@ -118,6 +140,7 @@ fn daemonize(cfg: &ConfigArgs, run_dir: &Path) -> anyhow::Result<ExitCode> {
         .arg(&cfg.config)
         .arg("-e")
         .arg(&cfg.env)
+        .env(MASTER_LOG_ENV, &log_path)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -7,6 +7,7 @@ mod failover;
 mod fuzz;
 mod fuzz_cluster;
 mod fuzz_frames;
+mod hardening;
 mod harness;
 mod history;
 mod hostile;

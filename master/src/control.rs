@@ -36,6 +36,8 @@ pub enum LinkEvent {
         spec_hash: String,
         addrs: BoundAddrs,
         peer: SocketAddr,
+        /// The peer is on this machine (loopback, or from the address it connected to).
+        peer_local: bool,
         outbox: mpsc::Sender<ToWorker>,
     },
     Heartbeat {
@@ -134,6 +136,7 @@ async fn serve(
     events: mpsc::Sender<LinkEvent>,
 ) {
     stream.set_nodelay(true).ok();
+    let peer_local = peer.ip().is_loopback() || stream.local_addr().is_ok_and(|l| l.ip() == peer.ip());
     let mut framed = JsonFramed::handshake(stream);
     let reg = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, handshake(&mut framed, secret)).await {
         Ok(Ok(reg)) => reg,
@@ -151,8 +154,17 @@ async fn serve(
     framed.authenticated();
     let (tx, mut rx) = mpsc::channel(OUTBOX);
     let Registered { id, server_type, pid, spec_hash, addrs } = reg;
-    let registered =
-        LinkEvent::Registered { conn, id: id.clone(), server_type, pid, spec_hash, addrs, peer, outbox: tx };
+    let registered = LinkEvent::Registered {
+        conn,
+        id: id.clone(),
+        server_type,
+        pid,
+        spec_hash,
+        addrs,
+        peer,
+        peer_local,
+        outbox: tx,
+    };
     if events.send(registered).await.is_err() {
         return;
     }

@@ -65,7 +65,8 @@ pub struct Prepared {
 /// Refuses to run beside a live master of the same file; finds workers to adopt.
 pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
     let run_dir = topology.run_dir();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    pomelo_proto::files::private_dir(&run_dir)
+        .with_context(|| format!("the run directory {} cannot be made private", run_dir.display()))?;
     if let Some(m) = runstate::read_master(&run_dir) {
         let args = child::cmdline(m.pid);
         if m.pid != std::process::id() && child::alive(m.pid) && args.get(1).is_some_and(|a| a == "start") {
@@ -78,9 +79,18 @@ pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
         }
     }
     let cluster_token = runstate::secret(&run_dir, "cluster-token").context("cannot create the cluster token")?;
+    let exe = std::env::current_exe().context("cannot find this program's own path")?;
+    let abs_run_dir = std::path::absolute(&run_dir).unwrap_or_else(|_| run_dir.clone());
     let adopt = runstate::read_workers(&run_dir)
         .into_iter()
-        .filter(|(id, pid)| topology.server(id).is_some() && child::is_worker(*pid, id))
+        .filter(|(id, w)| topology.server(id).is_some_and(|s| s.is_local()) && child::alive(w.pid()))
+        .filter_map(|(id, w)| match child::is_our_worker(w.pid(), &id, w.start(), &exe, &abs_run_dir) {
+            Ok(()) => Some((id, w.pid())),
+            Err(why) => {
+                tracing::warn!(server = %id, "not adopting pid {} from workers.json: {why}", w.pid());
+                None
+            }
+        })
         .collect();
     Ok(Prepared { topology, run_dir, cluster_token, adopt })
 }
@@ -149,6 +159,7 @@ pub fn start(
         control_addr: advertised(control_addr, &topology.master.host),
         admin_addr,
         config: std::path::absolute(&topology.file).unwrap_or_else(|_| topology.file.clone()),
+        start: procstat::start_ticks(std::process::id()),
     };
     runstate::write_json(&runstate::master_file(&prepared.run_dir), &file).context("cannot write master.json")?;
 
@@ -167,6 +178,8 @@ pub fn start(
             config_error: None,
             cpu_seconds: 0.0,
             rss_bytes: 0,
+            open_fds: 0,
+            max_fds: procstat::open_files_limit(),
         },
         servers: vec![],
     });

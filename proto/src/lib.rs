@@ -14,6 +14,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod files;
 pub mod link;
 pub mod route;
 pub mod wire;

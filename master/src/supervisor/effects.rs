@@ -81,7 +81,11 @@ impl Effects {
     }
 
     fn write_workers(&self, map: &BTreeMap<String, u32>) {
-        if let Err(e) = runstate::write_json(&self.workers_file, map) {
+        let entries: BTreeMap<&String, runstate::WorkerEntry> = map
+            .iter()
+            .map(|(id, &pid)| (id, runstate::WorkerEntry::Started { pid, start: crate::procstat::start_ticks(pid) }))
+            .collect();
+        if let Err(e) = runstate::write_json(&self.workers_file, &entries) {
             tracing::warn!("cannot write {}: {e}", self.workers_file.display());
         }
     }

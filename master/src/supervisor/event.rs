@@ -23,6 +23,8 @@ pub struct Registration {
     pub spec_hash: String,
     pub addrs: BoundAddrs,
     pub peer: std::net::SocketAddr,
+    /// The peer is on this machine: loopback, or connected from the address it connected to.
+    pub peer_local: bool,
 }
 
 /// Something that happened.

@@ -156,6 +156,9 @@ pub struct MasterConfig {
     pub admin: SocketAddr,
     /// Admin token from the file; `POMELO_ADMIN_TOKEN` or a generated token otherwise.
     pub admin_token: Option<String>,
+    /// Host names (besides IP literals and `localhost`) the admin server answers to in `Host`.
+    #[serde(default)]
+    pub admin_hosts: Vec<String>,
     pub restart: RestartPolicy,
     /// SIGTERM, then this long, then SIGKILL.
     pub stop_grace: Duration,

@@ -51,6 +51,20 @@ const MASTER: &[Row<MasterConfig>] = &[
             }
         }
     }),
+    Row("adminHosts", |c, m, v, p| match v {
+        Value::Sequence(items) => {
+            m.admin_hosts.clear();
+            for (i, h) in items.iter().enumerate() {
+                let at = item(p, i);
+                match c.string(h, &at) {
+                    Some(h) if valid_host_name(&h) => m.admin_hosts.push(h),
+                    Some(h) => c.err(&at, format!("`{h}` is not a host name (letters, digits, `-` and `.`)")),
+                    None => {}
+                }
+            }
+        }
+        other => c.err(p, format!("expected a list of host names, found {}", describe(other))),
+    }),
     Row("restart", |c, m, v, p| apply(c, &mut m.restart, v, p, RESTART)),
     Row("stopGrace", |c, m, v, p| set(&mut m.stop_grace, c.duration(v, p))),
     Row("heartbeatInterval", |c, m, v, p| set(&mut m.heartbeat_interval, c.duration(v, p))),
@@ -83,12 +97,18 @@ const LOGS: &[Row<LogConfig>] = &[
     Row("keep", |c, l, v, p| set(&mut l.keep, c.uint(v, p, 100).map(|n| n as u32))),
 ];
 
+/// A DNS name the admin server may be reached by (no port, no scheme).
+fn valid_host_name(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 253 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 pub(super) fn default_master() -> MasterConfig {
     MasterConfig {
         host: "127.0.0.1".into(),
         control_port: 3005,
         admin: SocketAddr::from(([127, 0, 0, 1], 7001)),
         admin_token: None,
+        admin_hosts: Vec::new(),
         restart: RestartPolicy::default(),
         stop_grace: Duration::from_secs(10),
         heartbeat_interval: Duration::from_secs(1),
