@@ -38,6 +38,7 @@ pub fn spawn(
     exe: &Path,
     spec: &WorkerSpec,
     server_key: &str,
+    tls: Option<&str>,
     sink: LogSink,
     exits: mpsc::Sender<Exited>,
     tasks: &TaskTracker,
@@ -56,11 +57,15 @@ pub fn spawn(
         .env_remove("POMELO_ADMIN_TOKEN")
         .env(SPEC_ENV, json)
         .env(KEY_ENV, server_key)
+        .env_remove(pomelo_proto::tls::TLS_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
+    if let Some(material) = tls {
+        cmd.env(pomelo_proto::tls::TLS_ENV, material);
+    }
     let mut child = cmd.spawn()?;
     let pid = child.id().ok_or_else(|| std::io::Error::other("the child exited before its pid was read"))?;
     if let Some(out) = child.stdout.take() {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use pomelo_proto::auth::{self, LinkKind, Role, Transcript};
 use pomelo_proto::control::{BoundAddrs, ServerType, Stats, ToMaster, ToWorker};
 use pomelo_proto::link::{self, JsonFramed};
+use pomelo_proto::tls;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +60,7 @@ pub enum LinkEvent {
 pub async fn listen(
     listener: TcpListener,
     secret: Arc<str>,
+    tls: Option<tls::TlsAcceptor>,
     events: mpsc::Sender<LinkEvent>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -76,10 +78,11 @@ pub async fn listen(
         };
         next_conn += 1;
         let (conn, events, shutdown, secret) = (next_conn, events.clone(), stop.clone(), secret.clone());
+        let tls = tls.clone();
         tasks.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve(stream, peer, conn, &secret, permit, events) => {}
+                _ = serve(stream, peer, conn, &secret, tls, permit, events) => {}
             }
         });
     })
@@ -96,7 +99,7 @@ struct Registered {
 }
 
 /// The master's side of the handshake; `Err` says why the connection is closed (ids escaped).
-async fn handshake(framed: &mut JsonFramed<TcpStream>, secret: &str) -> Result<Registered, String> {
+async fn handshake(framed: &mut JsonFramed<tls::Stream>, secret: &str) -> Result<Registered, String> {
     let (id, dialler_nonce) = match framed.recv::<ToMaster>().await.map_err(|e| e.to_string())? {
         ToMaster::Hello { id, nonce } => (id, nonce),
         _ => return Err("the first frame was not a hello".into()),
@@ -132,13 +135,20 @@ async fn serve(
     peer: SocketAddr,
     conn: u64,
     secret: &str,
+    tls: Option<tls::TlsAcceptor>,
     permit: tokio::sync::OwnedSemaphorePermit,
     events: mpsc::Sender<LinkEvent>,
 ) {
     stream.set_nodelay(true).ok();
     let peer_local = peer.ip().is_loopback() || stream.local_addr().is_ok_and(|l| l.ip() == peer.ip());
-    let mut framed = JsonFramed::handshake(stream);
-    let reg = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, handshake(&mut framed, secret)).await {
+    // The TLS handshake and ours share one deadline.
+    let opened = async {
+        let stream = tls::accept(tls.as_ref(), stream).await.map_err(|e| format!("TLS: {e}"))?;
+        let mut framed = JsonFramed::handshake(stream);
+        let reg = handshake(&mut framed, secret).await?;
+        Ok::<_, String>((framed, reg))
+    };
+    let (mut framed, reg) = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, opened).await {
         Ok(Ok(reg)) => reg,
         Ok(Err(why)) => {
             tracing::warn!("control connection from {peer} closed: {why}");

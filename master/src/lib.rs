@@ -58,6 +58,8 @@ pub struct Prepared {
     pub topology: Topology,
     pub run_dir: PathBuf,
     pub cluster_token: String,
+    /// The cluster CA when links run over TLS (`Topology::cluster_tls`).
+    pub tls: Option<Arc<pomelo_proto::tls::Authority>>,
     /// Live workers of an earlier master: id → pid.
     pub adopt: HashMap<String, u32>,
 }
@@ -92,7 +94,15 @@ pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
             }
         })
         .collect();
-    Ok(Prepared { topology, run_dir, cluster_token, adopt })
+    let tls = if topology.cluster_tls() {
+        let dir = run_dir.join("tls");
+        let ca = pomelo_proto::tls::Authority::load_or_create(&dir)
+            .with_context(|| format!("cannot load or create the cluster CA in {}", dir.display()))?;
+        Some(Arc::new(ca))
+    } else {
+        None
+    };
+    Ok(Prepared { topology, run_dir, cluster_token, tls, adopt })
 }
 
 /// How the dashboard and CLI reach the supervisor.
@@ -194,9 +204,18 @@ pub fn start(
     let tasks = TaskTracker::new();
     let listener_stop = shutdown.child_token();
     reload::triggers::spawn(&topology.file, cmd_tx, &tasks, listener_stop.clone());
+    let acceptor = match &prepared.tls {
+        Some(ca) => Some(
+            ca.issue(pomelo_proto::auth::MASTER_ID, &topology.master.host)
+                .and_then(|m| m.acceptor())
+                .context("cannot make the master's TLS certificate")?,
+        ),
+        None => None,
+    };
     tasks.spawn(control::listen(
         control,
         prepared.cluster_token.as_str().into(),
+        acceptor,
         links_tx,
         tasks.clone(),
         listener_stop.clone(),
@@ -207,6 +226,7 @@ pub fn start(
         topology,
         exe,
         cluster_token: prepared.cluster_token,
+        tls: prepared.tls,
         echo,
         adopt: prepared.adopt,
     };

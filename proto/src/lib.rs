@@ -17,4 +17,5 @@ pub mod control;
 pub mod files;
 pub mod link;
 pub mod route;
+pub mod tls;
 pub mod wire;

@@ -25,6 +25,8 @@ use crate::view::ServerEvent;
 pub(super) struct Effects {
     pub exe: PathBuf,
     pub cluster_token: String,
+    /// The cluster CA when links run over TLS.
+    pub tls: Option<std::sync::Arc<pomelo_proto::tls::Authority>>,
     /// Print worker output to the terminal too.
     pub echo: bool,
     pub exits: mpsc::Sender<Exited>,
@@ -62,7 +64,14 @@ impl Effects {
         let result = LogSink::open(&spec.log_dir, &id, &spec.logs, self.echo)
             .and_then(|sink| {
                 let key = pomelo_proto::auth::server_key(&self.cluster_token, &id).to_hex();
-                child::spawn(&self.exe, &spec.worker, &key, sink, self.exits.clone(), &self.tasks)
+                let tls = match &self.tls {
+                    Some(ca) => {
+                        let m = ca.issue(&id, &spec.worker.server.host)?;
+                        Some(serde_json::to_string(&m).map_err(std::io::Error::other)?)
+                    }
+                    None => None,
+                };
+                child::spawn(&self.exe, &spec.worker, &key, tls.as_deref(), sink, self.exits.clone(), &self.tasks)
             })
             .map_err(|e| format!("cannot start {}: {e}", self.exe.display()));
         Event::Spawned { id, result }

@@ -38,6 +38,8 @@ pub struct Setup {
     pub topology: pomelo_proto::config::Topology,
     pub exe: PathBuf,
     pub cluster_token: String,
+    /// The cluster CA: each spawned worker gets a certificate from it.
+    pub tls: Option<Arc<pomelo_proto::tls::Authority>>,
     pub control_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
     /// Print worker output to the terminal too.
@@ -77,6 +79,7 @@ pub async fn run(setup: Setup, mut ch: Channels, tasks: TaskTracker, shutdown: C
             workers_file: runstate::workers_file(&topo.run_dir()),
             exe: setup.exe,
             cluster_token: setup.cluster_token,
+            tls: setup.tls,
             echo: setup.echo,
             exits: exits_tx,
             tasks,

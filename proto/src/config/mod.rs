@@ -159,6 +159,9 @@ pub struct MasterConfig {
     /// Host names (besides IP literals and `localhost`) the admin server answers to in `Host`.
     #[serde(default)]
     pub admin_hosts: Vec<String>,
+    /// TLS on control and RPC links: on, off, or (unset) on exactly when some host is not loopback.
+    #[serde(default)]
+    pub cluster_tls: Option<bool>,
     pub restart: RestartPolicy,
     /// SIGTERM, then this long, then SIGKILL.
     pub stop_grace: Duration,
@@ -275,6 +278,14 @@ impl Topology {
 
     pub fn run_dir(&self) -> PathBuf {
         self.base_dir().join(&self.master.run_dir)
+    }
+
+    /// Whether control and RPC links run over TLS: `clusterTls`, or by default whenever the master or any
+    /// server is on a host that is not loopback.
+    pub fn cluster_tls(&self) -> bool {
+        self.master
+            .cluster_tls
+            .unwrap_or_else(|| !is_local_host(&self.master.host) || self.servers.iter().any(|s| !s.is_local()))
     }
 
     pub fn log_dir(&self) -> PathBuf {

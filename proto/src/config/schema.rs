@@ -65,6 +65,10 @@ const MASTER: &[Row<MasterConfig>] = &[
         }
         other => c.err(p, format!("expected a list of host names, found {}", describe(other))),
     }),
+    Row("clusterTls", |c, m, v, p| match v {
+        Value::Bool(b) => m.cluster_tls = Some(*b),
+        other => c.err(p, format!("expected true or false, found {}", describe(other))),
+    }),
     Row("restart", |c, m, v, p| apply(c, &mut m.restart, v, p, RESTART)),
     Row("stopGrace", |c, m, v, p| set(&mut m.stop_grace, c.duration(v, p))),
     Row("heartbeatInterval", |c, m, v, p| set(&mut m.heartbeat_interval, c.duration(v, p))),
@@ -109,6 +113,7 @@ pub(super) fn default_master() -> MasterConfig {
         admin: SocketAddr::from(([127, 0, 0, 1], 7001)),
         admin_token: None,
         admin_hosts: Vec::new(),
+        cluster_tls: None,
         restart: RestartPolicy::default(),
         stop_grace: Duration::from_secs(10),
         heartbeat_interval: Duration::from_secs(1),

@@ -131,8 +131,14 @@ async fn link(
     let key = key.as_ref().ok_or_else(|| anyhow::anyhow!("this chat server has no valid server key"))?;
     let mut codec = pomelo_proto::link::cluster_codec();
     codec.set_max_frame_length(auth::HANDSHAKE_MAX_FRAME);
-    let mut framed = Framed::new(stream, codec);
-    let connector: Arc<str> = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, handshake(&mut framed, chat, key))
+    // The TLS handshake and ours share one deadline.
+    let opened = async {
+        let stream = pomelo_proto::tls::worker_accept(stream).await.map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let mut framed = Framed::new(stream, codec);
+        let connector = handshake(&mut framed, chat, key).await?;
+        anyhow::Ok((framed, connector))
+    };
+    let (mut framed, connector): (_, Arc<str>) = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, opened)
         .await
         .map_err(|_| anyhow::anyhow!("no handshake within {:?}", auth::HANDSHAKE_TIMEOUT))??;
     drop(permit);
@@ -208,7 +214,7 @@ async fn link(
 
 /// This server's side of the handshake: the connector id that proved itself (escaped in every error).
 async fn handshake(
-    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    framed: &mut Framed<pomelo_proto::tls::Stream, LengthDelimitedCodec>,
     chat: &str,
     key: &Key,
 ) -> anyhow::Result<Arc<str>> {
