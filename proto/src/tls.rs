@@ -128,6 +128,26 @@ pub async fn worker_connect(tcp: TcpStream, ip: IpAddr) -> io::Result<Stream> {
     connect(worker_ends()?.map(|e| &e.1), tcp, ip).await
 }
 
+/// For a client port (`ssl` in servers.yaml): the operator's certificate chain and key (PEM files), no
+/// client certificates, TLS 1.2 and 1.3 (as browsers and game clients speak).
+pub fn client_port_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())));
+    let certs = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(bad(format!("{}: no certificate in it", cert.display())));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| bad(format!("{}: {e}", key.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(bad)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| bad(format!("{} and {}: {e}", cert.display(), key.display())))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 /// A cluster link's byte stream: plain, or either side of TLS.
 pub enum Stream {
     Plain(TcpStream),

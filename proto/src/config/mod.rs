@@ -181,6 +181,10 @@ pub struct MasterConfig {
 /// One server entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerSpec {
+    /// TLS on the client port (`wss://` and TLS over TCP beside the plain ones): PEM files, resolved
+    /// against the directory of servers.yaml.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl: Option<SslFiles>,
     pub id: String,
     pub server_type: ServerType,
     pub host: String,
@@ -223,6 +227,7 @@ pub struct ServerSpec {
 
 impl ServerSpec {
     /// A stable fingerprint: a changed spec means the running worker must be restarted.
+    /// (The `ssl` files' contents are not in it: restart the server after replacing them.)
     pub fn fingerprint(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();
         format!("{:08x}", crc32fast::hash(&json))
@@ -238,6 +243,13 @@ impl ServerSpec {
 pub fn is_local_host(host: &str) -> bool {
     matches!(host, "localhost" | "0.0.0.0" | "::" | "::1")
         || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A client port's certificate chain and private key (PEM files).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SslFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A validated `servers.yaml` for one environment.
@@ -264,7 +276,15 @@ impl Topology {
     /// Parses and validates `text` (named `file` in messages) for `env`.
     pub fn parse(file: &Path, text: &str, env: &str) -> Result<Topology, ConfigErrors> {
         parse::parse(text, env)
-            .map(|(master, servers)| Topology { file: file.to_path_buf(), env: env.to_string(), master, servers })
+            .map(|(master, servers)| {
+                let mut t = Topology { file: file.to_path_buf(), env: env.to_string(), master, servers };
+                let base = std::path::absolute(t.base_dir()).unwrap_or_else(|_| t.base_dir());
+                for ssl in t.servers.iter_mut().filter_map(|s| s.ssl.as_mut()) {
+                    ssl.cert = base.join(&ssl.cert);
+                    ssl.key = base.join(&ssl.key);
+                }
+                t
+            })
             .map_err(|errors| ConfigErrors { file: file.to_path_buf(), errors })
     }
 

@@ -12,7 +12,7 @@ use serde_yaml::Value;
 
 use super::locate::Seg;
 use super::walk::{child, describe, item, set, Ctx};
-use super::{LogConfig, MasterConfig, RestartPolicy, ServerSpec};
+use super::{LogConfig, MasterConfig, RestartPolicy, ServerSpec, SslFiles};
 use crate::control::ServerType;
 
 pub(super) const ROOT_KEYS: &[&str] = &["master", "servers", "environments"];
@@ -154,7 +154,25 @@ fn typed_key(c: &mut Ctx, d: &Draft, only: ServerType, key: &str, p: &[Seg]) -> 
     t == only
 }
 
+const SSL: &[Row<SslFiles>] = &[
+    Row("cert", |c, s, v, p| set(&mut s.cert, c.string(v, p).map(PathBuf::from))),
+    Row("key", |c, s, v, p| set(&mut s.key, c.string(v, p).map(PathBuf::from))),
+];
+
 const SERVER: &[Row<Draft>] = &[
+    Row("ssl", |c, d, v, p| {
+        if d.spec.server_type == ServerType::Chat {
+            c.err(p, "`ssl` applies to gate and connector servers (their client ports), not to chat servers");
+            return;
+        }
+        let mut ssl = SslFiles::default();
+        apply(c, &mut ssl, v, p, SSL);
+        if ssl.cert.as_os_str().is_empty() || ssl.key.as_os_str().is_empty() {
+            c.err(p, "`ssl` needs both `cert` and `key` (PEM files)");
+        } else {
+            d.spec.ssl = Some(ssl);
+        }
+    }),
     Row("id", |c, d, v, p| {
         if let Some(id) = c.string(v, p) {
             d.has_id = true;
@@ -313,6 +331,7 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         max_room_members: super::DEFAULT_MAX_ROOM_MEMBERS,
         max_rooms: super::DEFAULT_MAX_ROOMS,
         threads: None,
+        ssl: None,
     }
 }
 

@@ -58,7 +58,12 @@ pub(crate) async fn run(
     let started = Instant::now();
     // Boxed: the HTTP/WebSocket upgrade state is large and only needed until the protocol starts, so a
     // long-lived connection task does not carry it.
-    let accept = Box::pin(transport::accept(stream, &*shared.handler, shared.ws_config));
+    let accept = Box::pin(transport::accept(
+        stream,
+        &*shared.handler,
+        shared.ws_config,
+        shared.config.tls.as_ref().map(|t| &t.0),
+    ));
     let accepted = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = timeout(cfg.handshake_timeout, accept) => r,
