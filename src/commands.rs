@@ -84,7 +84,7 @@ pub fn start(cfg: &ConfigArgs, daemon: bool) -> anyhow::Result<ExitCode> {
 async fn run_master(prepared: pomelo_master::Prepared, echo: bool) -> anyhow::Result<ExitCode> {
     let t = &prepared.topology;
     let token: Arc<str> = pomelo_master::runstate::admin_token(Some(t), &prepared.run_dir, true)?.into();
-    let control_addr = SocketAddr::new(bind_ip(&t.master.host), t.master.control_port);
+    let control_addr = SocketAddr::new(bind_ip(&t.master.host)?, t.master.control_port);
     let control = tokio::net::TcpListener::bind(control_addr)
         .await
         .with_context(|| format!("cannot listen on the control port {control_addr}; is another master running?"))?;
@@ -92,6 +92,12 @@ async fn run_master(prepared: pomelo_master::Prepared, echo: bool) -> anyhow::Re
         .await
         .with_context(|| format!("cannot listen on the admin address {}", t.master.admin))?;
     let admin_addr = admin.local_addr()?;
+    if !admin_addr.ip().is_loopback() {
+        tracing::warn!(
+            "the admin server listens on {admin_addr}, beyond this machine, over plain HTTP: the token and session \
+             cookie cross the network in clear; prefer a loopback address behind an SSH tunnel or a TLS proxy"
+        );
+    }
     let token_source = if t.master.admin_token.is_some() {
         "from servers.yaml".to_string()
     } else if std::env::var("POMELO_ADMIN_TOKEN").is_ok_and(|v| !v.trim().is_empty()) {
@@ -115,12 +121,8 @@ async fn run_master(prepared: pomelo_master::Prepared, echo: bool) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
-fn bind_ip(host: &str) -> std::net::IpAddr {
-    match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip,
-        Err(_) if host == "localhost" => std::net::IpAddr::from([127, 0, 0, 1]),
-        Err(_) => std::net::IpAddr::from([0, 0, 0, 0]),
-    }
+fn bind_ip(host: &str) -> anyhow::Result<std::net::IpAddr> {
+    pomelo_proto::config::bind_ip(host).with_context(|| format!("cannot find an address to listen on for `{host}`"))
 }
 
 /// Starts `pomelo-rs start` again in the background and waits until its master is up.

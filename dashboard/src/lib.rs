@@ -138,6 +138,7 @@ async fn recover(r: Rejection) -> Result<Response, Infallible> {
     } else if r.find::<UnsupportedMediaType>().is_some() {
         api::error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type", "send a form")
     } else {
-        api::error(StatusCode::BAD_REQUEST, "bad request", format!("{r:?}"))
+        tracing::debug!("admin request rejected: {r:?}");
+        api::error(StatusCode::BAD_REQUEST, "bad request", "the request could not be understood")
     })
 }

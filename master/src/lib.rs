@@ -70,8 +70,9 @@ pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
     pomelo_proto::files::private_dir(&run_dir)
         .with_context(|| format!("the run directory {} cannot be made private", run_dir.display()))?;
     if let Some(m) = runstate::read_master(&run_dir) {
-        let args = child::cmdline(m.pid);
-        if m.pid != std::process::id() && child::alive(m.pid) && args.get(1).is_some_and(|a| a == "start") {
+        // A live master of this file: this program run as `start`, started when it wrote the file, listening
+        // where the file says. A reused pid (`systemctl start`, another `start` of something) is not one.
+        if m.pid != std::process::id() && child::alive(m.pid) && admin_client::verify(&m).is_ok() {
             anyhow::bail!(
                 "a master is already running for {} (pid {}, admin http://{}); stop it with `pomelo-rs stop` first",
                 topology.file.display(),

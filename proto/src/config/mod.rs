@@ -239,6 +239,23 @@ impl ServerSpec {
     }
 }
 
+/// The address to listen on for `host`: an IP address as written, `localhost` as 127.0.0.1, and a DNS name as
+/// what it resolves to (never every interface, which a name that does not parse used to mean).
+pub fn bind_ip(host: &str) -> std::io::Result<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(ip);
+    }
+    if host == "localhost" {
+        return Ok(std::net::IpAddr::from([127, 0, 0, 1]));
+    }
+    let mut addrs: Vec<_> = (host, 0).to_socket_addrs()?.map(|a| a.ip()).collect();
+    addrs.sort_by_key(|ip| ip.is_ipv6());
+    addrs.first().copied().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("`{host}` resolves to no address"))
+    })
+}
+
 /// True for loopback and unspecified hosts; other hosts are started on their own machines.
 pub fn is_local_host(host: &str) -> bool {
     matches!(host, "localhost" | "0.0.0.0" | "::" | "::1")

@@ -188,3 +188,12 @@ servers:
     let remote = parse("servers:\n  chat:\n    - {id: chat-1, port: 6050, host: 10.0.0.2}\n").expect("valid");
     assert!(remote.cluster_tls(), "on by default across hosts");
 }
+
+#[test]
+fn a_host_name_binds_its_address_never_every_interface() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    assert_eq!(bind_ip("localhost").expect("localhost"), ip("127.0.0.1"));
+    assert_eq!(bind_ip("10.1.2.3").expect("literal"), ip("10.1.2.3"));
+    assert_eq!(bind_ip("0.0.0.0").expect("explicit"), ip("0.0.0.0"), "every interface only when asked for");
+    assert!(bind_ip("no-such-host.invalid").is_err(), "a name that does not resolve is an error");
+}

@@ -165,7 +165,8 @@ fn parse_head(head: &str) -> Option<Head<'_>> {
 
 async fn respond(stream: &mut (impl AsyncWrite + Unpin), status: &str, ctype: &str, body: &[u8]) {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nX-Content-Type-Options: nosniff\r\n\
+         X-Frame-Options: DENY\r\nReferrer-Policy: same-origin\r\nConnection: close\r\n\r\n",
         body.len()
     );
     // The client may already be gone; there is nobody to report a failure to.
