@@ -113,7 +113,8 @@ impl Client {
         match wire::classify(body) {
             Data::Response { id: ENTER_ID, body } if self.entered.is_none() => {
                 // `{users, epoch, offset, ...}` in whatever key order: parsed once per client.
-                let users = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| v.get("users").cloned());
+                let users =
+                    serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| v.get("users").cloned());
                 self.entered = Some(users.is_some_and(|u| u.is_array()));
             }
             Data::Response { body, .. } => {

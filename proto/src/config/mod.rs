@@ -251,9 +251,10 @@ pub fn bind_ip(host: &str) -> std::io::Result<std::net::IpAddr> {
     }
     let mut addrs: Vec<_> = (host, 0).to_socket_addrs()?.map(|a| a.ip()).collect();
     addrs.sort_by_key(|ip| ip.is_ipv6());
-    addrs.first().copied().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, format!("`{host}` resolves to no address"))
-    })
+    addrs
+        .first()
+        .copied()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("`{host}` resolves to no address")))
 }
 
 /// True for loopback and unspecified hosts; other hosts are started on their own machines.
