@@ -376,7 +376,9 @@ impl<'a> Conn<'a> {
         };
         let body = match res {
             Ok(Value::Null) => b"{}".to_vec(),
-            Ok(v) => serde_json::to_vec(&v).unwrap_or_else(|_| br#"{"code":500}"#.to_vec()),
+            Ok(v) => pomelo_proto::wire::text::escape_non_bmp(
+                serde_json::to_vec(&v).unwrap_or_else(|_| br#"{"code":500}"#.to_vec()),
+            ),
             Err(e) => {
                 // Handler errors may quote what the client sent: Debug-quoted, so it cannot forge lines.
                 tracing::warn!(session = self.inner.id, "request {id} failed: {:?}", e.to_string());

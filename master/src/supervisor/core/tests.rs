@@ -111,8 +111,9 @@ impl Sim {
             pid,
             spec_hash: spec_hash.unwrap_or_else(|| spec.fingerprint()),
             addrs: Default::default(),
-            peer: "127.0.0.1:9".parse().expect("addr"),
-            peer_local: true,
+            // From the server's own host, as a real worker connects.
+            peer: std::net::SocketAddr::new(spec.host.parse().unwrap_or([127, 0, 0, 1].into()), 9),
+            peer_local: spec.is_local(),
         };
         (conn, self.ev(Event::Registered { reg, holder_alive: false }))
     }
