@@ -2,6 +2,7 @@
 
 mod adoption;
 mod chat;
+mod check_client;
 mod client_tls;
 mod cluster_tls;
 mod dashboard;

@@ -31,7 +31,7 @@ use warp::{Filter, Rejection};
 pub const COOKIE: &str = "pomelo_admin";
 /// How long a login session lasts.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Sessions kept at once; a new login past it ends the oldest.
+/// Bounds the logged-out sessions remembered (× 16).
 pub const MAX_SESSIONS: usize = 64;
 /// How long each wrong credential waits for its answer (one at a time).
 pub const FAILURE_DELAY: Duration = Duration::from_millis(100);
@@ -95,34 +95,44 @@ impl Keys {
         same(given, &self.token)
     }
 
-    /// A new session after a good login: its id goes in the cookie.
+    /// A new session after a good login: `id.expiry.mac`, signed with the token (HMAC-SHA256), so it is not
+    /// the token, tells nothing about it, ends after [`SESSION_TTL`], and a new master with the same token
+    /// (one that adopted the cluster) still accepts it: the page reconnects without a new login.
     pub fn open_session(&self) -> Option<String> {
         let id = random_id()?;
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        sessions.retain(|_, at| now.duration_since(*at) < SESSION_TTL);
-        if sessions.len() >= MAX_SESSIONS {
-            if let Some(oldest) = sessions.iter().min_by_key(|(_, at)| **at).map(|(k, _)| k.clone()) {
-                sessions.remove(&oldest);
-            }
+        let expiry = unix_now() + SESSION_TTL.as_secs();
+        Some(format!("{id}.{expiry}.{}", self.mac(&id, expiry)))
+    }
+
+    fn mac(&self, id: &str, expiry: u64) -> String {
+        use hmac::Mac;
+        let Ok(mut m) = hmac::Hmac::<sha2::Sha256>::new_from_slice(self.token.as_bytes()) else { return String::new() };
+        m.update(format!("pomelo-rs admin session\0{id}\0{expiry}").as_bytes());
+        m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether `cookie` is a session this token signed, not expired and not logged out.
+    pub fn is_session(&self, cookie: &str) -> bool {
+        let mut parts = cookie.splitn(3, '.');
+        let (Some(id), Some(expiry), Some(mac)) = (parts.next(), parts.next(), parts.next()) else { return false };
+        let Ok(expiry) = expiry.parse::<u64>() else { return false };
+        if expiry <= unix_now() || id.len() != 32 || !same(mac, &self.mac(id, expiry)) {
+            return false;
         }
-        sessions.insert(id.clone(), now);
-        Some(id)
+        !self.sessions.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id)
     }
 
-    /// Whether `id` is a live session (compared in constant time against each).
-    pub fn is_session(&self, id: &str) -> bool {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        sessions.iter().fold(false, |hit, (k, at)| hit | (same(k, id) && now.duration_since(*at) < SESSION_TTL))
-    }
-
-    /// Ends the sessions named by the request's cookies.
+    /// Ends the sessions named by the request's cookies (remembered until they would expire, at most
+    /// [`MAX_SESSIONS`] × 16 of them; a master restart forgets them, the expiry still holds).
     pub fn close_sessions(&self, headers: &HeaderMap) {
-        let ids: Vec<String> = cookies(headers, COOKIE).collect();
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<String> = cookies(headers, COOKIE).filter_map(|c| c.split('.').next().map(String::from)).collect();
+        let mut ended = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        ended.retain(|_, at| now.duration_since(*at) < SESSION_TTL);
         for id in ids {
-            sessions.remove(&id);
+            if ended.len() < MAX_SESSIONS * 16 {
+                ended.insert(id, now);
+            }
         }
     }
 
@@ -139,6 +149,10 @@ impl Keys {
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         true
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// 32 hex characters from the OS's random source.
@@ -355,8 +369,7 @@ mod tests {
         let token_as_cookie = headers(&[("cookie", "pomelo_admin=abcdef0123456789")]);
         assert_eq!(check(&k, &Method::GET, &token_as_cookie), Err(Denied::Unauthorized), "the token is no cookie");
         let id = k.open_session().expect("session");
-        assert_ne!(id, T);
-        assert_eq!(id.len(), 32);
+        assert!(!id.contains(T));
         let cookie = headers(&[("cookie", &format!("theme=dark; pomelo_admin={id}; x=y"))]);
         assert_eq!(check(&k, &Method::GET, &cookie), Ok(Via::Cookie));
         k.close_sessions(&cookie);
@@ -365,14 +378,16 @@ mod tests {
     }
 
     #[test]
-    fn sessions_are_bounded() {
+    fn sessions_are_signed_by_the_token_and_expire() {
         let k = keys();
-        let first = k.open_session().expect("session");
-        for _ in 0..MAX_SESSIONS {
-            k.open_session().expect("session");
-        }
-        assert!(!k.is_session(&first), "the oldest session ended");
-        assert_eq!(k.sessions.lock().expect("lock").len(), MAX_SESSIONS);
+        let s = k.open_session().expect("session");
+        assert!(Keys::new(Arc::from(T)).is_session(&s), "a new master with the same token accepts it");
+        assert!(!Keys::new(Arc::from("another-token-0123456789")).is_session(&s), "another token does not");
+        let (id, _) = s.split_once('.').expect("id");
+        let forged = format!("{id}.{}.{}", unix_now() + 10_000_000, "00".repeat(32));
+        assert!(!k.is_session(&forged), "a longer expiry needs a new signature");
+        let past = format!("{id}.1.{}", k.mac(id, 1));
+        assert!(!k.is_session(&past), "expired");
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub fn frontend_config(spec: &ServerSpec) -> FrontendConfig {
         max_connections: spec.max_connections,
         idle_timeout: spec.idle_timeout,
         max_requests_per_second: spec.max_requests_per_second,
+        check_client: spec.check_client.clone(),
         ..base
     }
     .with_max_message(spec.max_message_bytes)

@@ -212,6 +212,10 @@ pub struct ServerSpec {
     /// Frontends: requests per second one session may send before it is kicked (`maxRequestsPerSecond`).
     #[serde(default = "default_requests_per_second")]
     pub max_requests_per_second: u32,
+    /// Frontends: the oldest client version accepted per client type (`sys.type`; `*` for any other
+    /// type); an older or missing version gets handshake code 501 (`checkClient`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub check_client: BTreeMap<String, String>,
     /// Connectors: longest username or room id, in bytes (`maxNameLength`).
     #[serde(default = "default_max_name")]
     pub max_name_bytes: usize,

@@ -276,6 +276,24 @@ const SERVER: &[Row<Draft>] = &[
             }
         }
     }),
+    Row("checkClient", |c, d, v, p| {
+        if !frontend_key(c, d, "checkClient", p) {
+            return;
+        }
+        let Some(map) = c.mapping(v, p) else { return };
+        for (k, val) in map {
+            let at = child(p, &k.as_str().map(String::from).unwrap_or_default());
+            let (Some(ty), Some(min)) = (k.as_str(), c.string(val, &at)) else {
+                c.err(&at, "expected `client type: minimum version`, e.g. `js-websocket: 0.0.1`");
+                continue;
+            };
+            if crate::wire::handshake::parse_version(&min).is_none() {
+                c.err(&at, format!("`{min}` is not a version: use numbers and dots, e.g. 1.2.0"));
+            } else {
+                d.spec.check_client.insert(ty.to_string(), min);
+            }
+        }
+    }),
     Row("maxNameLength", |c, d, v, p| {
         if typed_key(c, d, ServerType::Connector, "maxNameLength", p) {
             match c.uint(v, p, super::MAX_MAX_NAME_BYTES as u64) {
@@ -327,6 +345,7 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         idle_timeout: Duration::from_secs(90),
         max_message_bytes: super::DEFAULT_MAX_MESSAGE_BYTES,
         max_requests_per_second: super::DEFAULT_REQUESTS_PER_SECOND,
+        check_client: BTreeMap::new(),
         max_name_bytes: super::DEFAULT_MAX_NAME_BYTES,
         max_room_members: super::DEFAULT_MAX_ROOM_MEMBERS,
         max_rooms: super::DEFAULT_MAX_ROOMS,

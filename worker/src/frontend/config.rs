@@ -46,6 +46,8 @@ pub struct FrontendConfig {
     pub shutdown_grace: Duration,
     /// Bound on `Handler::on_close`.
     pub close_hook_timeout: Duration,
+    /// servers.yaml `checkClient`: the oldest version accepted per client type (`*` for the others).
+    pub check_client: std::collections::BTreeMap<String, String>,
     /// TLS for `wss://` and TLS over TCP on the same port (servers.yaml `ssl`); plain clients still work.
     pub tls: Option<ClientTls>,
 }
@@ -91,6 +93,7 @@ impl FrontendConfig {
             shutdown_grace: Duration::from_secs(2),
             close_hook_timeout: Duration::from_secs(5),
             tls: None,
+            check_client: Default::default(),
         }
     }
 

@@ -340,7 +340,12 @@ impl<'a> Conn<'a> {
         let cfg = &self.shared.config;
         let reply = if !req.has_sys {
             Err(handshake::CODE_USE_ERROR)
-        } else if !handler.check_client(req.client_type.as_deref(), req.client_version.as_deref()) {
+        } else if !handshake::client_allowed(
+            &cfg.check_client,
+            req.client_type.as_deref(),
+            req.client_version.as_deref(),
+        ) || !handler.check_client(req.client_type.as_deref(), req.client_version.as_deref())
+        {
             Err(handshake::CODE_OLD_CLIENT)
         } else {
             match handler.handshake_user(req.user.as_ref()) {
