@@ -1,8 +1,9 @@
 //! The admin token: every route but `/healthz` (and the login form itself) needs it, as
 //! `Authorization: Bearer <token>` or the `pomelo_admin` session cookie that `POST /login` sets (HttpOnly,
-//! SameSite=Strict). The cookie is a random session id, never the token: a stolen cookie dies with its
-//! session (logout, 12 h, or a master restart) and tells nothing about the token. Tokens and session ids
-//! are compared in constant time.
+//! SameSite=Strict). The cookie is never the token: it is `id.expiry.tag`, a random id and its expiry
+//! signed with the token (HMAC-SHA256), so it tells nothing about the token, ends after [`SESSION_TTL`] or
+//! at logout, and a new master with the same token (one that adopted the cluster) still accepts it.
+//! Tokens and tags are compared in constant time.
 //!
 //! Wrong credentials are throttled: each one is answered only after [`FAILURE_DELAY`], one at a time
 //! across the whole server, so guessing runs at most ~10 tries a second however many sockets an attacker
@@ -31,8 +32,9 @@ use warp::{Filter, Rejection};
 pub const COOKIE: &str = "pomelo_admin";
 /// How long a login session lasts.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Bounds the logged-out sessions remembered (× 16).
-pub const MAX_SESSIONS: usize = 64;
+/// Logged-out sessions remembered at once (until they would have expired); past it a logout only clears
+/// the browser's cookie.
+pub const MAX_LOGGED_OUT: usize = 1024;
 /// How long each wrong credential waits for its answer (one at a time).
 pub const FAILURE_DELAY: Duration = Duration::from_millis(100);
 /// Wrong credentials waiting for their answer at once; more are refused with 429 straight away.
@@ -72,10 +74,11 @@ pub enum Denied {
     CrossOrigin,
 }
 
-/// The token, the live sessions and the failure throttle: one per admin server.
+/// The token, the logged-out sessions and the failure throttle: one per admin server.
 pub struct Keys {
     token: Arc<str>,
-    sessions: Mutex<HashMap<String, Instant>>,
+    /// Session id → when it was logged out.
+    logged_out: Mutex<HashMap<String, Instant>>,
     failing: tokio::sync::Mutex<()>,
     waiting: AtomicUsize,
 }
@@ -84,7 +87,7 @@ impl Keys {
     pub fn new(token: Arc<str>) -> Arc<Keys> {
         Arc::new(Keys {
             token,
-            sessions: Mutex::new(HashMap::new()),
+            logged_out: Mutex::new(HashMap::new()),
             failing: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
         })
@@ -99,16 +102,15 @@ impl Keys {
     /// the token, tells nothing about it, ends after [`SESSION_TTL`], and a new master with the same token
     /// (one that adopted the cluster) still accepts it: the page reconnects without a new login.
     pub fn open_session(&self) -> Option<String> {
-        let id = random_id()?;
+        let id = pomelo_proto::auth::nonce().ok()?;
         let expiry = unix_now() + SESSION_TTL.as_secs();
         Some(format!("{id}.{expiry}.{}", self.mac(&id, expiry)))
     }
 
     fn mac(&self, id: &str, expiry: u64) -> String {
-        use hmac::Mac;
-        let Ok(mut m) = hmac::Hmac::<sha2::Sha256>::new_from_slice(self.token.as_bytes()) else { return String::new() };
-        m.update(format!("pomelo-rs admin session\0{id}\0{expiry}").as_bytes());
-        m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+        let expiry = expiry.to_string();
+        let parts: [&[u8]; 4] = [b"pomelo-rs admin session v1\0", id.as_bytes(), b"\0", expiry.as_bytes()];
+        pomelo_proto::auth::tag_hex(self.token.as_bytes(), &parts)
     }
 
     /// Whether `cookie` is a session this token signed, not expired and not logged out.
@@ -116,21 +118,21 @@ impl Keys {
         let mut parts = cookie.splitn(3, '.');
         let (Some(id), Some(expiry), Some(mac)) = (parts.next(), parts.next(), parts.next()) else { return false };
         let Ok(expiry) = expiry.parse::<u64>() else { return false };
-        if expiry <= unix_now() || id.len() != 32 || !same(mac, &self.mac(id, expiry)) {
+        if expiry <= unix_now() || !pomelo_proto::auth::valid_nonce(id) || !same(mac, &self.mac(id, expiry)) {
             return false;
         }
-        !self.sessions.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id)
+        !self.logged_out.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id)
     }
 
-    /// Ends the sessions named by the request's cookies (remembered until they would expire, at most
-    /// [`MAX_SESSIONS`] × 16 of them; a master restart forgets them, the expiry still holds).
+    /// Ends the sessions named by the request's cookies (remembered until they would have expired, at most
+    /// [`MAX_LOGGED_OUT`] of them; a master restart forgets them, the expiry still holds).
     pub fn close_sessions(&self, headers: &HeaderMap) {
         let ids: Vec<String> = cookies(headers, COOKIE).filter_map(|c| c.split('.').next().map(String::from)).collect();
-        let mut ended = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ended = self.logged_out.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         ended.retain(|_, at| now.duration_since(*at) < SESSION_TTL);
         for id in ids {
-            if ended.len() < MAX_SESSIONS * 16 {
+            if ended.len() < MAX_LOGGED_OUT {
                 ended.insert(id, now);
             }
         }
@@ -153,13 +155,6 @@ impl Keys {
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// 32 hex characters from the OS's random source.
-fn random_id() -> Option<String> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).ok()?;
-    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The `Host` values this server answers to.

@@ -74,23 +74,10 @@ pub async fn serve(
 
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of files or similar: wait instead of spinning; the connections in hand go on.
-                    tracing::warn!("admin server: cannot accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
+    pomelo_proto::link::accept_loop(listener, shutdown, "admin server", |stream, peer| {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!("admin server: {MAX_CONNECTIONS} connections open; closing one from {peer}");
-            drop(stream);
-            continue;
+            return;
         };
         let svc = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
         let conn = hyper::server::conn::http1::Builder::new()
@@ -104,8 +91,9 @@ pub async fn serve(
             }
             drop(slot);
         });
-    }
-    drop(listener);
+    })
+    .await;
+    // The listener is closed; the connections in hand finish (live feeds end with `shutdown`).
     graceful.shutdown().await;
 }
 
