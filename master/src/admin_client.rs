@@ -64,12 +64,7 @@ pub fn verify(file: &runstate::MasterFile) -> Result<(), String> {
         return Err("that process is not a `pomelo-rs start`".into());
     }
     let me = std::env::current_exe().map_err(|e| format!("this program's path cannot be read: {e}"))?;
-    let same = |a: &Path| a == me || a.canonicalize().ok() == me.canonicalize().ok();
-    match procstat::exe(pid) {
-        Some(exe) if same(&exe) => {}
-        Some(exe) => return Err(format!("it runs {}, not this program", exe.display())),
-        None => return Err("its executable cannot be read".into()),
-    }
+    procstat::runs(pid, &me)?;
     if file.start.is_none() || procstat::start_ticks(pid) != file.start {
         return Err("it is not the process that wrote the file (another start time)".into());
     }

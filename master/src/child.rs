@@ -131,14 +131,7 @@ pub fn is_our_worker(pid: u32, id: &str, start: Option<u64>, exe: &Path, run_dir
     if !is_worker(pid, id) {
         return Err("it is not a pomelo-rs worker for this id".into());
     }
-    let same = |a: &Path, b: &Path| {
-        a == b || (a.canonicalize().ok().is_some() && a.canonicalize().ok() == b.canonicalize().ok())
-    };
-    match crate::procstat::exe(pid) {
-        Some(e) if same(&e, exe) => {}
-        Some(e) => return Err(format!("it runs {}, not {}", e.display(), exe.display())),
-        None => return Err("its executable cannot be read".into()),
-    }
+    crate::procstat::runs(pid, exe)?;
     match (start, crate::procstat::start_ticks(pid)) {
         (Some(want), Some(got)) if want != got => {
             return Err("it started at another time than the worker recorded".into())
@@ -150,7 +143,7 @@ pub fn is_our_worker(pid: u32, id: &str, start: Option<u64>, exe: &Path, run_dir
         .and_then(|env| env.get(std::ffi::OsStr::new(SPEC_ENV)).cloned())
         .and_then(|json| serde_json::from_str::<WorkerSpec>(&json.to_string_lossy()).ok());
     match spec {
-        Some(s) if same(&s.run_dir, run_dir) => Ok(()),
+        Some(s) if crate::procstat::same_path(&s.run_dir, run_dir) => Ok(()),
         Some(s) => Err(format!("it belongs to the cluster in {}", s.run_dir.display())),
         None => Err("its spec cannot be read".into()),
     }

@@ -91,6 +91,21 @@ pub fn exe(pid: u32) -> Option<std::path::PathBuf> {
     Some(text.strip_suffix(" (deleted)").map(std::path::PathBuf::from).unwrap_or(p))
 }
 
+/// Whether two paths name the same file: equal as written, or once both are resolved.
+pub fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
+    a == b || a.canonicalize().is_ok_and(|a| b.canonicalize().is_ok_and(|b| a == b))
+}
+
+/// Whether `pid` runs the executable `exe` (the same path, or the same file once both are resolved);
+/// `Err` says what it runs instead.
+pub fn runs(pid: u32, exe: &std::path::Path) -> Result<(), String> {
+    match self::exe(pid) {
+        Some(e) if same_path(&e, exe) => Ok(()),
+        Some(e) => Err(format!("it runs {}, not {}", e.display(), exe.display())),
+        None => Err("its executable cannot be read".into()),
+    }
+}
+
 /// Whether `pid` holds a socket listening on `addr` (its own fds against the TCP tables of its network
 /// namespace).
 pub fn listens_on(pid: u32, addr: std::net::SocketAddr) -> bool {

@@ -76,8 +76,7 @@ impl WorkerEntry {
 
 /// id → the workers the last master knew.
 pub fn read_workers(run_dir: &Path) -> BTreeMap<String, WorkerEntry> {
-    let Ok(f) = files::open(&workers_file(run_dir), Mode::Read) else { return BTreeMap::new() };
-    std::io::read_to_string(std::io::Read::take(f, 1 << 20))
+    files::read_to_string(&workers_file(run_dir), 1 << 20)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default()
@@ -85,12 +84,9 @@ pub fn read_workers(run_dir: &Path) -> BTreeMap<String, WorkerEntry> {
 
 /// Reads the secret in `name`, creating it (0600) with a random value if it does not exist.
 pub fn secret(run_dir: &Path, name: &str) -> std::io::Result<String> {
-    use std::io::Read;
     let path = run_dir.join(name);
-    match files::open(&path, Mode::Read) {
-        Ok(f) => {
-            let mut text = String::new();
-            f.take(4096).read_to_string(&mut text)?;
+    match files::read_to_string(&path, 4096) {
+        Ok(text) => {
             let t = text.trim();
             if t.len() >= MIN_TOKEN {
                 return Ok(t.to_string());
@@ -139,8 +135,7 @@ pub fn admin_token(topology: Option<&Topology>, run_dir: &Path, create: bool) ->
     if create {
         return secret(run_dir, "admin-token").with_context(|| format!("cannot create {}", path.display()));
     }
-    let t = files::open(&path, Mode::Read)
-        .and_then(|f| std::io::read_to_string(std::io::Read::take(f, 4096)))
+    let t = files::read_to_string(&path, 4096)
         .map(|s| s.trim().to_string())
         .with_context(|| format!("cannot read the admin token from {}; set POMELO_ADMIN_TOKEN", path.display()))?;
     long_enough(t, &path.display().to_string())

@@ -79,6 +79,11 @@ pub fn open(path: &Path, mode: Mode) -> io::Result<File> {
     Ok(f)
 }
 
+/// The text of `path` (opened as [`open`] does for reading), at most `max` bytes of it.
+pub fn read_to_string(path: &Path, max: u64) -> io::Result<String> {
+    io::read_to_string(io::Read::take(open(path, Mode::Read)?, max))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -249,10 +249,6 @@ fn ca_params() -> rcgen::CertificateParams {
     p
 }
 
-fn read_private(path: &Path) -> io::Result<String> {
-    io::read_to_string(io::Read::take(files::open(path, Mode::Read)?, 1 << 20))
-}
-
 fn write_private(path: &Path, text: &str) -> io::Result<()> {
     io::Write::write_all(&mut files::open(path, Mode::Truncate)?, text.as_bytes())
 }
@@ -264,8 +260,8 @@ impl Authority {
         files::private_dir(dir)?;
         let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
         if key_path.exists() && cert_path.exists() {
-            let key = rcgen::KeyPair::from_pem(&read_private(&key_path)?).map_err(bad)?;
-            let pem = read_private(&cert_path)?;
+            let key = rcgen::KeyPair::from_pem(&files::read_to_string(&key_path, 1 << 20)?).map_err(bad)?;
+            let pem = files::read_to_string(&cert_path, 1 << 20)?;
             return Ok(Authority { issuer: rcgen::Issuer::new(ca_params(), key), pem });
         }
         let key = rcgen::KeyPair::generate().map_err(bad)?;
