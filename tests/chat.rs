@@ -310,7 +310,7 @@ fn the_chat_page_works_in_a_browser() {
 }
 
 /// Emoji as Pomelo's browser client sends them (each UTF-16 unit as UTF-8: CESU-8 surrogate pairs) arrive
-/// as the real characters at a TCP client and a WebSocket-page client alike; Pomelo turned them into `{}`
+/// as the real characters at the sender and another member (both raw TCP clients here); Pomelo turned them into `{}`
 /// (an unparsable body) and so a message without content. The bytes are what pomelo-protocol's browser
 /// `strencode` writes (checked against it in proto/tests/oracle.rs).
 #[test]

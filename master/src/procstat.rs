@@ -46,13 +46,18 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
-/// Raises this process's open-file limit (soft) to its hard limit, so idle sockets or many workers' pipes
-/// do not run the master out of files at the default 1024; children inherit it. Returns (before, after).
+/// The most the open-file limit is raised to, whatever the hard limit (which may be "unlimited").
+pub const MAX_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises this process's open-file limit (soft) to its hard limit, at most [`MAX_OPEN_FILES`], so idle
+/// sockets or many workers' pipes do not run the master out of files at the default 1024; children inherit
+/// it. Returns (before, after).
 pub fn raise_open_files() -> std::io::Result<(u64, u64)> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    let target = hard.min(MAX_OPEN_FILES);
+    if soft < target {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard).map_err(std::io::Error::from)?;
     }
     Ok((soft, getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?.0))
 }
