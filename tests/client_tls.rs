@@ -18,10 +18,17 @@ use tokio_tungstenite::WebSocketStream;
 use crate::harness::{wait_until, yaml, Cluster};
 use crate::pomelo_client::login;
 
-/// A Pomelo client over TLS: raw TCP or WebSocket inside.
-enum Conn {
-    Tcp(Box<Stream>, BytesMut),
-    Ws(Box<WebSocketStream<Stream>>, BytesMut),
+/// A Pomelo client over TLS: raw TCP or WebSocket inside, the bytes read and not yet decoded, and the
+/// chat pushes that arrived while it waited for a response.
+struct Conn {
+    io: Io,
+    buf: BytesMut,
+    chats: std::collections::VecDeque<Value>,
+}
+
+enum Io {
+    Tcp(Box<Stream>),
+    Ws(Box<WebSocketStream<Stream>>),
 }
 
 async fn tls_to(addr: SocketAddr, ca: &Material) -> Stream {
@@ -32,13 +39,14 @@ async fn tls_to(addr: SocketAddr, ca: &Material) -> Stream {
 impl Conn {
     async fn open(addr: SocketAddr, ca: &Material, ws: bool) -> Conn {
         let s = tls_to(addr, ca).await;
-        let mut c = if ws {
+        let io = if ws {
             let url = format!("wss://{addr}/");
             let (ws, _) = tokio_tungstenite::client_async(url, s).await.expect("websocket upgrade over TLS");
-            Conn::Ws(Box::new(ws), BytesMut::new())
+            Io::Ws(Box::new(ws))
         } else {
-            Conn::Tcp(Box::new(s), BytesMut::new())
+            Io::Tcp(Box::new(s))
         };
+        let mut c = Conn { io, buf: BytesMut::new(), chats: Default::default() };
         let hs = json!({"sys": {"type": "rust-tls-test", "version": "0.0.1"}, "user": {}});
         c.send(package::encode(PackageType::Handshake, hs.to_string().as_bytes()).expect("encode")).await;
         let reply = c.next(PackageType::Handshake).await;
@@ -49,12 +57,12 @@ impl Conn {
     }
 
     async fn send(&mut self, bytes: Bytes) {
-        match self {
-            Conn::Tcp(s, _) => {
+        match &mut self.io {
+            Io::Tcp(s) => {
                 s.write_all(&bytes).await.expect("write");
                 s.flush().await.expect("flush");
             }
-            Conn::Ws(s, _) => s.send(WsMessage::Binary(bytes)).await.expect("ws send"),
+            Io::Ws(s) => s.send(WsMessage::Binary(bytes)).await.expect("ws send"),
         }
     }
 
@@ -62,23 +70,20 @@ impl Conn {
     async fn next(&mut self, kind: PackageType) -> Bytes {
         let decoder = PackageDecoder::new(1 << 20);
         loop {
-            let buf = match self {
-                Conn::Tcp(_, b) | Conn::Ws(_, b) => b,
-            };
-            if let Ok(Decoded::Package(p)) = decoder.decode(buf) {
+            if let Ok(Decoded::Package(p)) = decoder.decode(&mut self.buf) {
                 if p.kind == kind {
                     return p.body;
                 }
                 continue;
             }
             let read = async {
-                match self {
-                    Conn::Tcp(s, b) => {
-                        let n = s.read_buf(b).await.expect("read");
+                match &mut self.io {
+                    Io::Tcp(s) => {
+                        let n = s.read_buf(&mut self.buf).await.expect("read");
                         assert!(n > 0, "closed");
                     }
-                    Conn::Ws(s, b) => match s.next().await {
-                        Some(Ok(WsMessage::Binary(m))) => b.extend_from_slice(&m),
+                    Io::Ws(s) => match s.next().await {
+                        Some(Ok(WsMessage::Binary(m))) => self.buf.extend_from_slice(&m),
                         Some(Ok(_)) => {}
                         other => panic!("websocket ended: {other:?}"),
                     },
@@ -88,20 +93,27 @@ impl Conn {
         }
     }
 
-    /// Sends a request and returns its response (pushes meanwhile are dropped).
+    /// Sends a request and returns its response; chat pushes meanwhile are kept for [`Conn::chat`] (a
+    /// broadcast can reach its sender before the sender's `{}`).
     async fn request(&mut self, id: u32, route: &str, body: Value) -> Value {
         let msg = Message::request(id, Route::Plain(route.into()), body.to_string().into_bytes());
         self.send(msg.encode_package().expect("encode")).await;
         loop {
             let m = Message::decode(&self.next(PackageType::Data).await).expect("message");
-            if m.kind == MessageType::Response && m.id == id {
-                return serde_json::from_slice(&m.body).expect("json");
+            let body: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
+            match m.kind {
+                MessageType::Response if m.id == id => return body,
+                MessageType::Push if body.get("msg").is_some() => self.chats.push_back(body),
+                _ => {}
             }
         }
     }
 
     /// The next push whose body has a `msg` (an onChat).
     async fn chat(&mut self) -> Value {
+        if let Some(body) = self.chats.pop_front() {
+            return body;
+        }
         loop {
             let m = Message::decode(&self.next(PackageType::Data).await).expect("message");
             let body: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
@@ -120,8 +132,10 @@ fn wss_and_tls_over_tcp_chat_beside_plain_clients_on_the_same_ports() {
     std::fs::write(dir.path().join("cert.pem"), &issued.cert).expect("cert");
     std::fs::write(dir.path().join("key.pem"), &issued.key).expect("key");
     let ssl = "ssl: {cert: ../cert.pem, key: ../key.pem}";
+    // A long heartbeat: these clients send none, and on a loaded CI machine the test outlasted the
+    // connector's default heartbeat timeout (6 s) and alice was closed.
     let servers = format!(
-        "  gate:\n    - {{id: gate-1, clientPort: 0, {ssl}}}\n  connector:\n    - {{id: connector-1, port: 0, clientPort: 0, {ssl}}}\n  chat:\n    - {{id: chat-1, port: 0}}\n"
+        "  gate:\n    - {{id: gate-1, clientPort: 0, {ssl}}}\n  connector:\n    - {{id: connector-1, port: 0, clientPort: 0, heartbeat: 30s, {ssl}}}\n  chat:\n    - {{id: chat-1, port: 0}}\n"
     );
     let c = Cluster::start(&yaml(&servers, "").replace("../", &format!("{}/", dir.path().display())));
     c.wait_running();
