@@ -210,3 +210,75 @@ fn unauthenticated_connections_are_capped_and_the_cluster_recovers() {
         (s["state"] == "running" && s["pid"].as_u64() != Some(pid as u64)).then_some(())
     });
 }
+
+/// Registers as `id` with its real key, claiming `pid`; every frame the master sends until it closes
+/// (or 5 s pass).
+fn register_with_key(control: SocketAddr, secret: &str, id: &str, server_type: &str, pid: u32) -> Vec<Value> {
+    let mut s = TcpStream::connect(control).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let nonce = "cd".repeat(32);
+    s.write_all(&frame(&json!({"t": "hello", "id": id, "nonce": nonce}))).expect("hello");
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("challenge length");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).expect("challenge");
+    let challenge: Value = serde_json::from_slice(&body).expect("challenge json");
+    assert_eq!(challenge["t"], "challenge", "{challenge}");
+    let theirs = challenge["nonce"].as_str().expect("nonce");
+    let t = auth::Transcript {
+        kind: auth::LinkKind::Control,
+        dialler: id,
+        acceptor: auth::MASTER_ID,
+        dialler_nonce: &nonce,
+        acceptor_nonce: theirs,
+    };
+    let proof = t.prove(&auth::server_key(secret, id), auth::Role::Dialler);
+    let register = json!({"t": "register", "id": id, "server_type": server_type, "pid": pid, "proof": proof,
+        "spec_hash": "forged", "addrs": {"rpc": null, "client": null}});
+    s.write_all(&frame(&register)).expect("register");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    frames(&got)
+}
+
+/// H4 (a registration names the pid the master signals) and the peer-address part of issue 14: even
+/// with a server's real key, a registration cannot make the master adopt (and later signal) another
+/// local process, nor claim a server whose `host` is another machine from this one. Fails on f001884
+/// (no handshake; the claimed pid was stored and signalled at stop) and on main before the peer check.
+#[test]
+fn a_registration_with_the_right_key_gets_no_other_process_signalled_and_must_come_from_its_host() {
+    let servers = format!("{ONE_EACH}    - {{id: chat-far, port: 4999, host: 192.0.2.7}}\n");
+    let mut c = Cluster::start(&yaml(&servers, ""));
+    wait_until(Duration::from_secs(30), "the local servers running", || {
+        let s = c.servers();
+        (s.iter().filter(|s| s["state"] == "running").count() == 3).then_some(())
+    });
+    let control = control_addr(&c);
+    let secret = secret(&c);
+    let mut sleeper = std::process::Command::new("sleep").arg("120").spawn().expect("sleep");
+    let victim = sleeper.id();
+
+    // A local id whose worker runs: the claim of another pid is refused.
+    let got = register_with_key(control, &secret, "chat-1", "chat", victim);
+    assert!(got.iter().any(|f| f["t"] == "rejected"), "chat-1 claiming pid {victim}: {got:?}");
+    // Its worker killed, the claim races the respawn and is refused either way.
+    let chat = c.server("chat-1")["pid"].as_u64().expect("pid") as u32;
+    crate::harness::signal(chat, 9);
+    wait_until(Duration::from_secs(5), "chat-1 gone", || (!alive(chat)).then_some(()));
+    let got = register_with_key(control, &secret, "chat-1", "chat", victim);
+    assert!(got.iter().any(|f| f["t"] == "rejected"), "chat-1 (killed) claiming pid {victim}: {got:?}");
+    // A remote id from 127.0.0.1: its host is 192.0.2.7, so the peer must be that address.
+    let got = register_with_key(control, &secret, "chat-far", "chat", victim);
+    let why = got.iter().find(|f| f["t"] == "rejected").map(|f| f["reason"].to_string()).unwrap_or_default();
+    assert!(why.contains("must connect from it"), "chat-far from 127.0.0.1: {got:?}");
+    assert_ne!(c.server("chat-far")["pid"].as_u64(), Some(u64::from(victim)));
+
+    let stop = c.run(&["stop"]);
+    assert!(stop.status.success(), "{stop:?}");
+    c.wait_master_exit(Duration::from_secs(20));
+    assert!(alive(victim), "the master signalled pid {victim}, which it never started");
+    let out = c.master_output();
+    assert!(out.contains(&format!("refused registration of pid {victim}")), "{out}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
