@@ -214,7 +214,18 @@ fn unauthenticated_connections_are_capped_and_the_cluster_recovers() {
 /// Registers as `id` with its real key, claiming `pid`; every frame the master sends until it closes
 /// (or 5 s pass).
 fn register_with_key(control: SocketAddr, secret: &str, id: &str, server_type: &str, pid: u32) -> Vec<Value> {
-    let mut s = TcpStream::connect(control).expect("connect");
+    register_from("127.0.0.1", control, secret, id, server_type, pid)
+}
+
+/// [`register_with_key`] from the local address `from` (in 127.0.0.0/8).
+fn register_from(from: &str, control: SocketAddr, secret: &str, id: &str, server_type: &str, pid: u32) -> Vec<Value> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    let _guard = rt.enter();
+    socket.bind(SocketAddr::new(from.parse().expect("ip"), 0)).expect("bind");
+    let s = rt.block_on(socket.connect(control)).expect("connect");
+    let mut s = s.into_std().expect("std");
+    s.set_nonblocking(false).expect("blocking");
     s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     let nonce = "cd".repeat(32);
     s.write_all(&frame(&json!({"t": "hello", "id": id, "nonce": nonce}))).expect("hello");
@@ -281,4 +292,41 @@ fn a_registration_with_the_right_key_gets_no_other_process_signalled_and_must_co
     assert!(out.contains(&format!("refused registration of pid {victim}")), "{out}");
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+}
+
+/// Issue 14's peer check for a `host` given as a DNS name (the finding: "any holder can claim any
+/// identity" from anywhere): the peer must come from one of the name's addresses, and a name that does not
+/// resolve admits nobody. Fails on main before this check (names were not resolved; the key alone passed).
+#[test]
+fn a_server_named_by_dns_must_connect_from_one_of_its_addresses() {
+    let me = std::process::Command::new("hostname").output().expect("hostname");
+    let me = String::from_utf8_lossy(&me.stdout).trim().to_string();
+    let mine: Vec<std::net::IpAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(me.as_str(), 0))
+        .map(|a| a.map(|a| a.ip()).collect())
+        .unwrap_or_default();
+    let servers = format!(
+        "{ONE_EACH}    - {{id: chat-nowhere, port: 4999, host: chat-nowhere.invalid}}\n    - {{id: chat-me, port: 4998, host: {me}}}\n"
+    );
+    let c = Cluster::start(&yaml(&servers, ""));
+    wait_until(Duration::from_secs(30), "the local servers running", || {
+        let s = c.servers();
+        (s.iter().filter(|s| s["state"] == "running").count() == 3).then_some(())
+    });
+    let control = control_addr(&c);
+    let secret = secret(&c);
+    let reason = |got: &[Value]| got.iter().find(|f| f["t"] == "rejected").map(|f| f["reason"].to_string());
+
+    let got = register_with_key(control, &secret, "chat-nowhere", "chat", 4242);
+    assert!(reason(&got).is_some_and(|r| r.contains("did not resolve")), "{got:?}");
+
+    let loopback: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+    if mine != [loopback] {
+        eprintln!("skipping the half with `{me}`: it resolves to {mine:?}, not only 127.0.0.1");
+        return;
+    }
+    // `{me}` resolves to 127.0.0.1: 127.0.0.2 is this machine too, but not that address.
+    let got = register_from("127.0.0.2", control, &secret, "chat-me", "chat", 4242);
+    assert!(reason(&got).is_some_and(|r| r.contains("must connect from one of its addresses")), "{got:?}");
+    let got = register_from("127.0.0.1", control, &secret, "chat-me", "chat", 4242);
+    assert!(got.iter().any(|f| f["t"] == "welcome"), "from 127.0.0.1, its address: {got:?}");
 }

@@ -6,19 +6,23 @@
 //! own proof, checked here before anything reaches the supervisor. Until then frames are capped at
 //! [`auth::HANDSHAKE_MAX_FRAME`] and at most [`auth::MAX_UNAUTHENTICATED`] connections are in their
 //! handshake at once (more are closed at once); ids from the peer are logged escaped and truncated.
-//! After that the task forwards heartbeats to the supervisor and writes what the supervisor queues for
+//! A server whose `host` is a DNS name has it resolved here (bounded in time) once its key is proven,
+//! so the supervisor can check the peer's address against it. After that the task forwards heartbeats to the supervisor and writes what the supervisor queues for
 //! the worker. The supervisor decides (welcome or reject) and closes a link by dropping its sender.
 //! Connection tasks run on the master's task tracker and end when the peer goes away or the listener's
 //! token is cancelled.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use pomelo_proto::auth::{self, LinkKind, Role, Transcript};
 use pomelo_proto::control::{BoundAddrs, ServerType, Stats, ToMaster, ToWorker};
 use pomelo_proto::link::{self, JsonFramed};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+
+use crate::view::ClusterView;
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,6 +42,8 @@ pub enum LinkEvent {
         peer: SocketAddr,
         /// The peer is on this machine (loopback, or from the address it connected to).
         peer_local: bool,
+        /// What the server's `host` resolves to, when it is a DNS name (else empty).
+        host_addrs: Vec<IpAddr>,
         outbox: mpsc::Sender<ToWorker>,
     },
     Heartbeat {
@@ -59,6 +65,7 @@ pub enum LinkEvent {
 pub async fn listen(
     listener: TcpListener,
     secret: Arc<str>,
+    view: watch::Receiver<Arc<ClusterView>>,
     events: mpsc::Sender<LinkEvent>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -76,10 +83,11 @@ pub async fn listen(
         };
         next_conn += 1;
         let (conn, events, shutdown, secret) = (next_conn, events.clone(), stop.clone(), secret.clone());
+        let view = view.clone();
         tasks.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve(stream, peer, conn, &secret, permit, events) => {}
+                _ = serve(stream, peer, conn, &secret, permit, events, view) => {}
             }
         });
     })
@@ -134,6 +142,7 @@ async fn serve(
     secret: &str,
     permit: tokio::sync::OwnedSemaphorePermit,
     events: mpsc::Sender<LinkEvent>,
+    view: watch::Receiver<Arc<ClusterView>>,
 ) {
     stream.set_nodelay(true).ok();
     let peer_local = peer.ip().is_loopback() || stream.local_addr().is_ok_and(|l| l.ip() == peer.ip());
@@ -150,6 +159,11 @@ async fn serve(
             return;
         }
     };
+    let host = view.borrow().servers.iter().find(|s| s.id == reg.id).map(|s| s.host.clone());
+    let host_addrs = match host {
+        Some(h) if is_dns_name(&h) => resolve(&h).await,
+        _ => Vec::new(),
+    };
     drop(permit);
     framed.authenticated();
     let (tx, mut rx) = mpsc::channel(OUTBOX);
@@ -163,6 +177,7 @@ async fn serve(
         addrs,
         peer,
         peer_local,
+        host_addrs,
         outbox: tx,
     };
     if events.send(registered).await.is_err() {
@@ -197,4 +212,27 @@ async fn serve(
         }
     }
     let _ = events.send(LinkEvent::Closed { conn, id }).await;
+}
+
+/// How long resolving a server's host name may take before the registration is refused.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A `host` that is neither local nor an IP address: its addresses come from the resolver.
+pub fn is_dns_name(host: &str) -> bool {
+    !pomelo_proto::config::is_local_host(host) && host.parse::<IpAddr>().is_err()
+}
+
+/// `host`'s addresses (at most 32), or none if it does not resolve within [`RESOLVE_TIMEOUT`].
+async fn resolve(host: &str) -> Vec<IpAddr> {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0))).await {
+        Ok(Ok(addrs)) => addrs.map(|a| a.ip().to_canonical()).take(32).collect(),
+        Ok(Err(e)) => {
+            tracing::warn!("cannot resolve `{}`: {e}", auth::printable(host));
+            Vec::new()
+        }
+        Err(_) => {
+            tracing::warn!("resolving `{}` took over {}s", auth::printable(host), RESOLVE_TIMEOUT.as_secs());
+            Vec::new()
+        }
+    }
 }

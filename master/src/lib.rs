@@ -197,6 +197,7 @@ pub fn start(
     tasks.spawn(control::listen(
         control,
         prepared.cluster_token.as_str().into(),
+        handle.watch(),
         links_tx,
         tasks.clone(),
         listener_stop.clone(),

@@ -113,6 +113,7 @@ impl Sim {
             addrs: Default::default(),
             peer: "127.0.0.1:9".parse().expect("addr"),
             peer_local: true,
+            host_addrs: Vec::new(),
         };
         (conn, self.ev(Event::Registered { reg, holder_alive: false }))
     }
@@ -325,6 +326,7 @@ fn registrations_are_refused_by_every_rule() {
             addrs: Default::default(),
             peer: "127.0.0.1:9".parse().expect("addr"),
             peer_local: true,
+            host_addrs: Vec::new(),
         };
         f(&mut r);
         let e = s.ev(Event::Registered { reg: r, holder_alive: alive });
