@@ -14,11 +14,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use pomelo_proto::auth::{self, LinkKind, Role, Transcript};
 use pomelo_proto::control::{BoundAddrs, ServerType, Stats, ToMaster, ToWorker};
 use pomelo_proto::link::{self, JsonFramed};
+use pomelo_proto::peer;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::view::ClusterView;
@@ -161,7 +161,7 @@ async fn serve(
     };
     let host = view.borrow().servers.iter().find(|s| s.id == reg.id).map(|s| s.host.clone());
     let host_addrs = match host {
-        Some(h) if is_dns_name(&h) => resolve(&h).await,
+        Some(h) if peer::is_dns_name(&h) => peer::resolve(&h).await,
         _ => Vec::new(),
     };
     drop(permit);
@@ -212,27 +212,4 @@ async fn serve(
         }
     }
     let _ = events.send(LinkEvent::Closed { conn, id }).await;
-}
-
-/// How long resolving a server's host name may take before the registration is refused.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A `host` that is neither local nor an IP address: its addresses come from the resolver.
-pub fn is_dns_name(host: &str) -> bool {
-    !pomelo_proto::config::is_local_host(host) && host.parse::<IpAddr>().is_err()
-}
-
-/// `host`'s addresses (at most 32), or none if it does not resolve within [`RESOLVE_TIMEOUT`].
-async fn resolve(host: &str) -> Vec<IpAddr> {
-    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0))).await {
-        Ok(Ok(addrs)) => addrs.map(|a| a.ip().to_canonical()).take(32).collect(),
-        Ok(Err(e)) => {
-            tracing::warn!("cannot resolve `{}`: {e}", auth::printable(host));
-            Vec::new()
-        }
-        Err(_) => {
-            tracing::warn!("resolving `{}` took over {}s", auth::printable(host), RESOLVE_TIMEOUT.as_secs());
-            Vec::new()
-        }
-    }
 }

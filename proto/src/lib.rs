@@ -16,5 +16,6 @@ pub mod config;
 pub mod control;
 pub mod files;
 pub mod link;
+pub mod peer;
 pub mod route;
 pub mod wire;

@@ -41,7 +41,7 @@ impl Core {
         if slot.server.spec.server_type != server_type {
             return reject(format!("`{id}` is a {} server in servers.yaml", slot.server.spec.server_type), out);
         }
-        if let Err(why) = peer_fits(&slot.server.spec.host, peer.ip(), peer_local, &host_addrs) {
+        if let Err(why) = pomelo_proto::peer::fits(&slot.server.spec.host, peer.ip(), peer_local, &host_addrs) {
             return reject(why, out);
         }
         match slot.server.pid {
@@ -155,59 +155,5 @@ impl Core {
                 },
             })
             .collect()
-    }
-}
-
-/// Whether a registration's peer address fits the server's `host`: a local server connects from this
-/// machine, a server whose host is an IP address from that address, one whose host is a DNS name from
-/// one of the addresses it resolved to (`resolved`, looked up by `crate::control`).
-pub(super) fn peer_fits(
-    host: &str,
-    peer: std::net::IpAddr,
-    peer_local: bool,
-    resolved: &[std::net::IpAddr],
-) -> Result<(), String> {
-    let peer = peer.to_canonical();
-    if pomelo_proto::config::is_local_host(host) {
-        return if peer_local {
-            Ok(())
-        } else {
-            Err(format!("a server on `{host}` must connect from this machine, not {peer}"))
-        };
-    }
-    match host.parse::<std::net::IpAddr>() {
-        Ok(ip) if ip.to_canonical() != peer => Err(format!("a server on {host} must connect from it, not from {peer}")),
-        Ok(_) => Ok(()),
-        Err(_) if resolved.is_empty() => Err(format!("`{host}` did not resolve, so no peer can prove it is that host")),
-        Err(_) if !resolved.iter().any(|a| a.to_canonical() == peer) => {
-            let list: Vec<String> = resolved.iter().map(|a| a.to_string()).collect();
-            Err(format!(
-                "a server on `{host}` must connect from one of its addresses ({}), not from {peer}",
-                list.join(", ")
-            ))
-        }
-        Err(_) => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod peer_tests {
-    use super::peer_fits;
-
-    #[test]
-    fn a_peer_must_come_from_its_servers_host() {
-        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
-        let peer_fits = |h: &str, p, l| peer_fits(h, p, l, &[]);
-        assert!(peer_fits("127.0.0.1", ip("127.0.0.1"), true).is_ok());
-        assert!(peer_fits("localhost", ip("127.0.0.1"), true).is_ok());
-        assert!(peer_fits("127.0.0.1", ip("10.0.0.9"), false).is_err(), "a local server from another machine");
-        assert!(peer_fits("10.0.0.2", ip("10.0.0.2"), false).is_ok());
-        assert!(peer_fits("10.0.0.2", ip("::ffff:10.0.0.2"), false).is_ok(), "v4-mapped is the same address");
-        assert!(peer_fits("10.0.0.2", ip("10.0.0.3"), false).is_err(), "another host claiming its id");
-        assert!(peer_fits("chat-b.internal", ip("10.0.0.3"), false).is_err(), "a name that did not resolve");
-        let b = [ip("10.0.0.3"), ip("10.0.0.4")];
-        assert!(super::peer_fits("chat-b.internal", ip("10.0.0.4"), false, &b).is_ok(), "one of its addresses");
-        assert!(super::peer_fits("chat-b.internal", ip("::ffff:10.0.0.3"), false, &b).is_ok(), "v4-mapped");
-        assert!(super::peer_fits("chat-b.internal", ip("10.0.0.5"), false, &b).is_err(), "another address");
     }
 }
