@@ -6,20 +6,24 @@
 //! own proof, checked here before anything reaches the supervisor. Until then frames are capped at
 //! [`auth::HANDSHAKE_MAX_FRAME`] and at most [`auth::MAX_UNAUTHENTICATED`] connections are in their
 //! handshake at once (more are closed at once); ids from the peer are logged escaped and truncated.
-//! After that the task forwards heartbeats to the supervisor and writes what the supervisor queues for
+//! A server whose `host` is a DNS name has it resolved here (bounded in time) once its key is proven,
+//! so the supervisor can check the peer's address against it. After that the task forwards heartbeats to the supervisor and writes what the supervisor queues for
 //! the worker. The supervisor decides (welcome or reject) and closes a link by dropping its sender.
 //! Connection tasks run on the master's task tracker and end when the peer goes away or the listener's
 //! token is cancelled.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use pomelo_proto::auth::{self, LinkKind, Role, Transcript};
 use pomelo_proto::control::{BoundAddrs, ServerType, Stats, ToMaster, ToWorker};
 use pomelo_proto::link::{self, JsonFramed};
+use pomelo_proto::peer;
 use pomelo_proto::tls;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+
+use crate::view::ClusterView;
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -39,6 +43,8 @@ pub enum LinkEvent {
         peer: SocketAddr,
         /// The peer is on this machine (loopback, or from the address it connected to).
         peer_local: bool,
+        /// What the server's `host` resolves to, when it is a DNS name (else empty).
+        host_addrs: Vec<IpAddr>,
         outbox: mpsc::Sender<ToWorker>,
     },
     Heartbeat {
@@ -61,12 +67,14 @@ pub async fn listen(
     listener: TcpListener,
     secret: Arc<str>,
     tls: Option<tls::TlsAcceptor>,
+    view: watch::Receiver<Arc<ClusterView>>,
     events: mpsc::Sender<LinkEvent>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let mut next_conn = 0u64;
     let stop = shutdown.clone();
+    let admission = Arc::new(Admission { secret, tls, view });
     let unauthenticated = Arc::new(Semaphore::new(auth::MAX_UNAUTHENTICATED));
     link::accept_loop(listener, shutdown, "control port", |stream, peer| {
         let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
@@ -77,16 +85,23 @@ pub async fn listen(
             return;
         };
         next_conn += 1;
-        let (conn, events, shutdown, secret) = (next_conn, events.clone(), stop.clone(), secret.clone());
-        let tls = tls.clone();
+        let (conn, events, shutdown, admission) = (next_conn, events.clone(), stop.clone(), admission.clone());
         tasks.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve(stream, peer, conn, &secret, tls, permit, events) => {}
+                _ = serve(stream, peer, conn, &admission, permit, events) => {}
             }
         });
     })
     .await;
+}
+
+/// What every connection is admitted with: the cluster secret its key is derived from, the TLS
+/// acceptor (when cluster TLS is on), and the configured servers (for the peer's `host`).
+struct Admission {
+    secret: Arc<str>,
+    tls: Option<tls::TlsAcceptor>,
+    view: watch::Receiver<Arc<ClusterView>>,
 }
 
 /// What a worker that proved its id registered with.
@@ -134,8 +149,7 @@ async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     conn: u64,
-    secret: &str,
-    tls: Option<tls::TlsAcceptor>,
+    admission: &Admission,
     permit: tokio::sync::OwnedSemaphorePermit,
     events: mpsc::Sender<LinkEvent>,
 ) {
@@ -143,9 +157,9 @@ async fn serve(
     let peer_local = peer.ip().is_loopback() || stream.local_addr().is_ok_and(|l| l.ip() == peer.ip());
     // The TLS handshake and ours share one deadline.
     let opened = async {
-        let stream = tls::accept(tls.as_ref(), stream).await.map_err(|e| format!("TLS: {e}"))?;
+        let stream = tls::accept(admission.tls.as_ref(), stream).await.map_err(|e| format!("TLS: {e}"))?;
         let mut framed = JsonFramed::handshake(stream);
-        let reg = handshake(&mut framed, secret).await?;
+        let reg = handshake(&mut framed, &admission.secret).await?;
         Ok::<_, String>((framed, reg))
     };
     let (mut framed, reg) = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, opened).await {
@@ -160,6 +174,11 @@ async fn serve(
             return;
         }
     };
+    let host = admission.view.borrow().servers.iter().find(|s| s.id == reg.id).map(|s| s.host.clone());
+    let host_addrs = match host {
+        Some(h) if peer::is_dns_name(&h) => peer::resolve(&h).await,
+        _ => Vec::new(),
+    };
     drop(permit);
     framed.authenticated();
     let (tx, mut rx) = mpsc::channel(OUTBOX);
@@ -173,6 +192,7 @@ async fn serve(
         addrs,
         peer,
         peer_local,
+        host_addrs,
         outbox: tx,
     };
     if events.send(registered).await.is_err() {

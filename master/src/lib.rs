@@ -217,6 +217,7 @@ pub fn start(
         control,
         prepared.cluster_token.as_str().into(),
         acceptor,
+        handle.watch(),
         links_tx,
         tasks.clone(),
         listener_stop.clone(),

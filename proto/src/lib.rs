@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod files;
 pub mod link;
+pub mod peer;
 pub mod route;
 pub mod tls;
 pub mod wire;

@@ -158,10 +158,21 @@ impl Shell {
 
     fn link_event(&mut self, core: &Core, ev: LinkEvent) -> Event {
         match ev {
-            LinkEvent::Registered { conn, id, server_type, pid, spec_hash, addrs, peer, peer_local, outbox } => {
+            LinkEvent::Registered {
+                conn,
+                id,
+                server_type,
+                pid,
+                spec_hash,
+                addrs,
+                peer,
+                peer_local,
+                host_addrs,
+                outbox,
+            } => {
                 self.effects.outboxes.insert(conn, outbox);
                 let holder_alive = core.pid_of(&id).is_some_and(|p| p != pid && child::alive(p));
-                let reg = Registration { conn, id, server_type, pid, spec_hash, addrs, peer, peer_local };
+                let reg = Registration { conn, id, server_type, pid, spec_hash, addrs, peer, peer_local, host_addrs };
                 Event::Registered { reg, holder_alive }
             }
             LinkEvent::Heartbeat { conn, id, stats } => Event::Heartbeat { conn, id, stats },

@@ -24,7 +24,7 @@ use super::server::Phase;
 
 impl Core {
     pub(super) fn on_registered(&mut self, reg: Registration, holder_alive: bool, now: Instant, out: &mut Out) {
-        let Registration { conn, id, server_type, pid, spec_hash, addrs, peer, peer_local } = reg;
+        let Registration { conn, id, server_type, pid, spec_hash, addrs, peer, peer_local, host_addrs } = reg;
         let reject = |why: String, out: &mut Out| {
             // Logged before the token is known good: the id is the peer's text.
             tracing::warn!(server = %pomelo_proto::link::printable(&id), "refused registration of pid {pid} from {peer}: {why}");
@@ -41,7 +41,7 @@ impl Core {
         if slot.server.spec.server_type != server_type {
             return reject(format!("`{id}` is a {} server in servers.yaml", slot.server.spec.server_type), out);
         }
-        if let Err(why) = peer_fits(&slot.server.spec.host, peer.ip(), peer_local) {
+        if let Err(why) = pomelo_proto::peer::fits(&slot.server.spec.host, peer.ip(), peer_local, &host_addrs) {
             return reject(why, out);
         }
         match slot.server.pid {
@@ -155,40 +155,5 @@ impl Core {
                 },
             })
             .collect()
-    }
-}
-
-/// Whether a registration's peer address fits the server's `host`: a local server connects from this
-/// machine, a server whose host is an IP address from that address. A host given as a DNS name is not
-/// resolved here: its key alone proves it.
-pub(super) fn peer_fits(host: &str, peer: std::net::IpAddr, peer_local: bool) -> Result<(), String> {
-    let peer = peer.to_canonical();
-    if pomelo_proto::config::is_local_host(host) {
-        return if peer_local {
-            Ok(())
-        } else {
-            Err(format!("a server on `{host}` must connect from this machine, not {peer}"))
-        };
-    }
-    match host.parse::<std::net::IpAddr>() {
-        Ok(ip) if ip.to_canonical() != peer => Err(format!("a server on {host} must connect from it, not from {peer}")),
-        _ => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod peer_tests {
-    use super::peer_fits;
-
-    #[test]
-    fn a_peer_must_come_from_its_servers_host() {
-        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
-        assert!(peer_fits("127.0.0.1", ip("127.0.0.1"), true).is_ok());
-        assert!(peer_fits("localhost", ip("127.0.0.1"), true).is_ok());
-        assert!(peer_fits("127.0.0.1", ip("10.0.0.9"), false).is_err(), "a local server from another machine");
-        assert!(peer_fits("10.0.0.2", ip("10.0.0.2"), false).is_ok());
-        assert!(peer_fits("10.0.0.2", ip("::ffff:10.0.0.2"), false).is_ok(), "v4-mapped is the same address");
-        assert!(peer_fits("10.0.0.2", ip("10.0.0.3"), false).is_err(), "another host claiming its id");
-        assert!(peer_fits("chat-b.internal", ip("10.0.0.3"), false).is_ok(), "names: the key proves it");
     }
 }

@@ -114,6 +114,7 @@ impl Sim {
             // From the server's own host, as a real worker connects.
             peer: std::net::SocketAddr::new(spec.host.parse().unwrap_or([127, 0, 0, 1].into()), 9),
             peer_local: spec.is_local(),
+            host_addrs: Vec::new(),
         };
         (conn, self.ev(Event::Registered { reg, holder_alive: false }))
     }
@@ -326,6 +327,7 @@ fn registrations_are_refused_by_every_rule() {
             addrs: Default::default(),
             peer: "127.0.0.1:9".parse().expect("addr"),
             peer_local: true,
+            host_addrs: Vec::new(),
         };
         f(&mut r);
         let e = s.ev(Event::Registered { reg: r, holder_alive: alive });
