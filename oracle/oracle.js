@@ -8,11 +8,22 @@
 //   {"op":"msg_encode","id":N,"type":N,"compressRoute":0|1,"route":"str"|N,"body":"<utf8 text>"}
 //                                                            -> {"hex":...}
 //   {"op":"msg_decode","hex":...}                            -> {"id","type","compressRoute","route","body","bodyHex","compressGzip"}
+//   {"op":"strencode","text":"..."}                         -> {"hex":...}   (the browser client's body bytes)
+//   {"op":"json_strdecode","hex":...}                        -> {"text","value"} (its strdecode, then JSON.parse)
 // Errors answer {"error":"..."}. The process exits when stdin closes.
 'use strict';
 const readline = require('readline');
 const Protocol = require('pomelo-protocol');
 const { Package, Message } = Protocol;
+
+// The same file as the browser runs it (pomelo-jsclient-websocket bundles it): with `window` defined and
+// no Buffer, its strencode/strdecode take the hand-written UTF-16 path (CESU-8 out, no 4-byte branch in).
+const Browser = (() => {
+  const src = require('fs').readFileSync(require.resolve('pomelo-protocol/lib/protocol.js'), 'utf8');
+  const sandbox = { window: {}, module: { exports: {} }, Uint8Array };
+  require('vm').runInNewContext(src, sandbox);
+  return sandbox.window.Protocol;
+})();
 
 const hex = (b) => (b ? Buffer.from(b).toString('hex') : '');
 const unhex = (s) => Buffer.from(s || '', 'hex');
@@ -43,6 +54,15 @@ function run(cmd) {
         bodyHex: hex(m.body),
         compressGzip: m.compressGzip,
       };
+    }
+    case 'strencode':
+      return { hex: hex(Browser.strencode(cmd.text)) };
+    case 'json_strdecode': {
+      // What the JS client does with a body: strdecode, then JSON.parse.
+      const text = Browser.strdecode(unhex(cmd.hex));
+      let value = null;
+      try { value = JSON.parse(text); } catch (e) { value = null; }
+      return { text, value };
     }
     default:
       throw new Error('unknown op ' + cmd.op);

@@ -39,33 +39,52 @@ fn ports(port: Option<u16>, client: Option<u16>) -> String {
     out.join(", ")
 }
 
-fn init_logging(level: &str) {
+/// Set by `start -d` for the master it starts in the background: the master then logs into this file,
+/// capped and rotated as `master.logs` says, and does not echo its workers' output (they have their own).
+const MASTER_LOG_ENV: &str = "POMELO_MASTER_LOG";
+
+fn init_logging(level: &str, file: Option<pomelo_master::logs::RotatingFile>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match file {
+        Some(f) => fmt.with_writer(std::sync::Mutex::new(f)).with_ansi(false).init(),
+        None => fmt.with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 pub fn start(cfg: &ConfigArgs, daemon: bool) -> anyhow::Result<ExitCode> {
     let topology = load(cfg)?;
+    let log_file = match std::env::var_os(MASTER_LOG_ENV) {
+        Some(path) if !daemon => {
+            let logs = &topology.master.logs;
+            Some(pomelo_master::logs::RotatingFile::open(path.into(), logs.max_bytes, logs.keep)?)
+        }
+        _ => None,
+    };
+    let echo = log_file.is_none();
+    if !daemon {
+        // Before `prepare`, so what it says about workers it will not adopt is logged.
+        init_logging("info", log_file);
+    }
     let prepared = pomelo_master::prepare(topology)?;
     if daemon {
         return daemonize(cfg, &prepared.run_dir);
     }
-    init_logging("info");
+    match pomelo_master::procstat::raise_open_files() {
+        Ok((before, after)) if after > before => tracing::info!("open-file limit raised from {before} to {after}"),
+        Ok((_, after)) => tracing::info!("open-file limit {after}"),
+        Err(e) => tracing::warn!("cannot read or raise the open-file limit: {e}"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(run_master(prepared))
+    rt.block_on(run_master(prepared, echo))
 }
 
-async fn run_master(prepared: pomelo_master::Prepared) -> anyhow::Result<ExitCode> {
+async fn run_master(prepared: pomelo_master::Prepared, echo: bool) -> anyhow::Result<ExitCode> {
     let t = &prepared.topology;
     let token: Arc<str> = pomelo_master::runstate::admin_token(Some(t), &prepared.run_dir, true)?.into();
-    let control_addr = SocketAddr::new(bind_ip(&t.master.host), t.master.control_port);
+    let control_addr = SocketAddr::new(bind_ip(&t.master.host)?, t.master.control_port);
     let control = tokio::net::TcpListener::bind(control_addr)
         .await
         .with_context(|| format!("cannot listen on the control port {control_addr}; is another master running?"))?;
@@ -73,6 +92,12 @@ async fn run_master(prepared: pomelo_master::Prepared) -> anyhow::Result<ExitCod
         .await
         .with_context(|| format!("cannot listen on the admin address {}", t.master.admin))?;
     let admin_addr = admin.local_addr()?;
+    if !admin_addr.ip().is_loopback() {
+        tracing::warn!(
+            "the admin server listens on {admin_addr}, beyond this machine, over plain HTTP: the token and session \
+             cookie cross the network in clear; prefer a loopback address behind an SSH tunnel or a TLS proxy"
+        );
+    }
     let token_source = if t.master.admin_token.is_some() {
         "from servers.yaml".to_string()
     } else if std::env::var("POMELO_ADMIN_TOKEN").is_ok_and(|v| !v.trim().is_empty()) {
@@ -80,27 +105,24 @@ async fn run_master(prepared: pomelo_master::Prepared) -> anyhow::Result<ExitCod
     } else {
         format!("in {}", prepared.run_dir.join("admin-token").display())
     };
+    let hosts = t.master.admin_hosts.clone();
     let shutdown = CancellationToken::new();
-    let running = pomelo_master::start(prepared, control, admin_addr, true, shutdown.clone())?;
+    let running = pomelo_master::start(prepared, control, admin_addr, echo, shutdown.clone())?;
     tracing::info!(
         "master pid {} running; dashboard http://{admin_addr}/ (admin token {token_source}); Ctrl-C stops the cluster",
         std::process::id()
     );
     // The dashboard is one of the master's tasks: it stops with the control listener once every server has
     // stopped, and its drain is bounded (and warned about) with the rest.
-    running.tasks.spawn(pomelo_dashboard::serve(admin, running.handle.clone(), token, running.services.clone()));
+    running.tasks.spawn(pomelo_dashboard::serve(admin, running.handle.clone(), token, hosts, running.services.clone()));
     cancel_on_signals(shutdown.clone(), "stopping the cluster");
     running.task.await.context("the supervisor task failed")?;
     tracing::info!("every server has stopped; master exiting");
     Ok(ExitCode::SUCCESS)
 }
 
-fn bind_ip(host: &str) -> std::net::IpAddr {
-    match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip,
-        Err(_) if host == "localhost" => std::net::IpAddr::from([127, 0, 0, 1]),
-        Err(_) => std::net::IpAddr::from([0, 0, 0, 0]),
-    }
+fn bind_ip(host: &str) -> anyhow::Result<std::net::IpAddr> {
+    pomelo_proto::config::bind_ip(host).with_context(|| format!("cannot find an address to listen on for `{host}`"))
 }
 
 /// Starts `pomelo-rs start` again in the background and waits until its master is up.
@@ -108,9 +130,11 @@ fn daemonize(cfg: &ConfigArgs, run_dir: &Path) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let topology = load(cfg)?;
     let log_dir = topology.log_dir();
-    std::fs::create_dir_all(&log_dir)?;
+    pomelo_proto::files::create_dir(&log_dir)?;
     let log_path = log_dir.join("master.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    // Until its logger is up (and for a panic), the master's stderr goes here too.
+    let log = pomelo_proto::files::open(&log_path, pomelo_proto::files::Mode::Append)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
     let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(exe)
         .arg("start")
@@ -118,6 +142,7 @@ fn daemonize(cfg: &ConfigArgs, run_dir: &Path) -> anyhow::Result<ExitCode> {
         .arg(&cfg.config)
         .arg("-e")
         .arg(&cfg.env)
+        .env(MASTER_LOG_ENV, &log_path)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -287,6 +312,9 @@ pub fn worker(
 ) -> anyhow::Result<ExitCode> {
     let (spec, token) = if spec_stdin {
         let given = read_stdin_spec()?;
+        if let Some(tls) = given.tls {
+            pomelo_proto::tls::give_worker_material(tls);
+        }
         (given.spec, given.key)
     } else {
         let json = std::env::var(pomelo_master::child::SPEC_ENV).with_context(|| {

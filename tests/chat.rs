@@ -308,3 +308,34 @@ fn the_chat_page_works_in_a_browser() {
     std::fs::create_dir_all(&keep).ok();
     std::fs::write(keep.join("chat.png"), png).ok();
 }
+
+/// Emoji as Pomelo's browser client sends them (each UTF-16 unit as UTF-8: CESU-8 surrogate pairs) arrive
+/// as the real characters at the sender and another member (both raw TCP clients here); Pomelo turned them into `{}`
+/// (an unparsable body) and so a message without content. The bytes are what pomelo-protocol's browser
+/// `strencode` writes (checked against it in proto/tests/oracle.rs).
+#[test]
+fn emoji_from_the_js_client_arrive_as_emoji() {
+    let (_c, g) = start();
+    let (mut a, _) = login(g, "amy", "emoji-room");
+    let (mut b, _) = login(g, "ben", "emoji-room");
+    // "hi 😀": U+1F600 as the surrogates D83D DE00, each written as three bytes.
+    let mut content = b"hi ".to_vec();
+    content.extend_from_slice(&[0xED, 0xA0, 0xBD, 0xED, 0xB8, 0x80]);
+    let mut body = br#"{"rid":"emoji-room","content":""#.to_vec();
+    body.extend_from_slice(&content);
+    body.extend_from_slice(br#"","from":"amy","target":"*"}"#);
+    let reply = a.request_bytes("chat.chatHandler.send", body);
+    assert!(reply.get("code").is_none(), "{reply}");
+    for cl in [&mut a, &mut b] {
+        let got = cl.collect("onChat", 1, Duration::from_secs(5), Duration::from_millis(100));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["msg"], "hi 😀");
+    }
+    // A lone surrogate is not text: the send is refused, not delivered as garbage.
+    let mut bad = br#"{"rid":"emoji-room","content":"x"#.to_vec();
+    bad.extend_from_slice(&[0xED, 0xA0, 0xBD]);
+    bad.extend_from_slice(br#"","from":"amy","target":"*"}"#);
+    let reply = a.request_bytes("chat.chatHandler.send", bad);
+    assert_eq!(reply["code"], 500, "{reply}");
+    assert!(b.collect("onChat", 1, Duration::from_millis(500), Duration::from_millis(50)).is_empty());
+}

@@ -81,12 +81,19 @@ fn api_lists_restarts_stops_starts_and_refuses_what_it_should() {
     assert!(page.contains("not the admin token"));
     let (status, head, _) = request(addr, "POST", "/login", &form, &format!("token={token}"));
     assert_eq!(status, 303, "{head}");
-    let set = format!("set-cookie: pomelo_admin={token}; HttpOnly; SameSite=Strict; Path=/");
-    assert!(head.to_ascii_lowercase().contains(&set.to_ascii_lowercase()), "{head}");
+    let set = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().starts_with("set-cookie:").then(|| l[11..].trim().to_string()))
+        .expect("a Set-Cookie");
+    assert!(set.ends_with("; HttpOnly; SameSite=Strict; Path=/"), "{set}");
+    assert!(!set.contains(&token), "the cookie is a session id, never the token: {set}");
     assert!(head.to_ascii_lowercase().contains("location: /\r") || head.to_ascii_lowercase().ends_with("location: /"));
+    // The token itself is no cookie (a stolen cookie must not be the token, and vice versa).
+    let token_cookie = format!("pomelo_admin={token}");
+    assert_eq!(request(addr, "GET", "/api/servers", &[("Cookie", &token_cookie)], "").0, 401);
 
     // The cookie authenticates reads and same-origin POSTs; a cross-origin POST is refused (CSRF).
-    let cookie = format!("pomelo_admin={token}");
+    let cookie = set.split(';').next().unwrap_or_default().to_string();
     let (status, _, page) = request(addr, "GET", "/", &[("Cookie", &cookie)], "");
     assert_eq!(status, 200);
     assert!(page.contains("/assets/app.js"));
@@ -102,6 +109,7 @@ fn api_lists_restarts_stops_starts_and_refuses_what_it_should() {
     let (status, head, _) = request(addr, "POST", "/logout", &[("Cookie", &cookie)], "");
     assert_eq!(status, 303);
     assert!(head.contains("Max-Age=0"), "{head}");
+    assert_eq!(request(addr, "GET", "/api/servers", &[("Cookie", &cookie)], "").0, 401, "logout ends the session");
     // The CLI still works over the bearer API.
     let out = c.run(&["list", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -124,9 +124,14 @@ impl Client {
 
     /// Sends a request and waits (at most 10 s) for its response.
     pub fn request(&mut self, route: &str, body: Value) -> Value {
+        self.request_bytes(route, body.to_string().into_bytes())
+    }
+
+    /// A request whose body is exactly `body` (e.g. the CESU-8 bytes a JS client sends).
+    pub fn request_bytes(&mut self, route: &str, body: Vec<u8>) -> Value {
         let id = self.next_id;
         self.next_id += 1;
-        self.send_message(Message::request(id, self.route(route), body.to_string().into_bytes()));
+        self.send_message(Message::request(id, self.route(route), body));
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline && !self.closed {
             let Ok(ev) = self.events.recv_timeout(Duration::from_millis(50)) else { continue };

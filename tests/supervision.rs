@@ -230,7 +230,9 @@ fn an_invalid_servers_yaml_lists_every_error_and_starts_nothing() {
 fn daemon_mode_runs_in_the_background_until_stopped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("servers.yaml");
-    std::fs::write(&file, yaml("  chat:\n    - {id: chat-1, port: 0}\n", "")).expect("write");
+    // master.log is capped and rotated like a worker's log (security review: it grew without bound).
+    let logs = "  logs:\n    maxSize: 4KiB\n    keep: 2\n";
+    std::fs::write(&file, yaml("  chat:\n    - {id: chat-1, port: 0}\n", logs)).expect("write");
     let out =
         std::process::Command::new(crate::harness::bin()).args(["start", "-D", "-c"]).arg(&file).output().expect("run");
     assert!(out.status.success(), "{out:?}");
@@ -258,10 +260,29 @@ fn daemon_mode_runs_in_the_background_until_stopped() {
             .any(|l| l.starts_with("chat-1") && l.contains("running"))
             .then_some(())
     });
+    // Each refused control connection is a warning line in master.log: 100 of them fill it past 4 KiB.
+    let control: std::net::SocketAddr = master["control_addr"].as_str().and_then(|a| a.parse().ok()).expect("control");
+    for _ in 0..100 {
+        if let Ok(mut s) = std::net::TcpStream::connect(control) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"\0\0\0\x02{}");
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let _ = s.read(&mut [0u8; 256]);
+        }
+    }
     let out =
         std::process::Command::new(crate::harness::bin()).arg("stop").arg("-c").arg(&file).output().expect("stop");
     assert!(out.status.success(), "{out:?}");
     assert!(!alive(pid), "stop returns once the master is gone");
     let log = std::fs::read_to_string(dir.path().join("logs/master.log")).expect("master.log");
     assert!(log.contains("every server has stopped"), "{log}");
+    assert!(log.len() <= 4096, "master.log is capped: {} bytes", log.len());
+    let rotated = dir.path().join("logs/master.log.1");
+    assert!(rotated.exists(), "master.log was rotated");
+    assert!(!dir.path().join("logs/master.log.3").exists(), "keep: 2");
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["logs/master.log", "logs/master.log.1", "logs/chat-1.log"] {
+        let mode = std::fs::metadata(dir.path().join(f)).expect(f).permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
 }

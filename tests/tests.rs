@@ -2,11 +2,15 @@
 
 mod adoption;
 mod chat;
+mod check_client;
+mod client_tls;
+mod cluster_tls;
 mod dashboard;
 mod failover;
 mod fuzz;
 mod fuzz_cluster;
 mod fuzz_frames;
+mod hardening;
 mod harness;
 mod history;
 mod hostile;

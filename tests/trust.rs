@@ -210,3 +210,128 @@ fn unauthenticated_connections_are_capped_and_the_cluster_recovers() {
         (s["state"] == "running" && s["pid"].as_u64() != Some(pid as u64)).then_some(())
     });
 }
+
+/// A host beyond loopback turns cluster TLS on by default; these tests speak the control protocol
+/// themselves in plain, so they turn it off (the peer check runs after TLS either way; TLS is
+/// tests/cluster_tls.rs's subject).
+const PLAIN_LINKS: &str = "  clusterTls: false\n";
+
+/// Registers as `id` with its real key, claiming `pid`; every frame the master sends until it closes
+/// (or 5 s pass).
+fn register_with_key(control: SocketAddr, secret: &str, id: &str, server_type: &str, pid: u32) -> Vec<Value> {
+    register_from("127.0.0.1", control, secret, id, server_type, pid)
+}
+
+/// [`register_with_key`] from the local address `from` (in 127.0.0.0/8).
+fn register_from(from: &str, control: SocketAddr, secret: &str, id: &str, server_type: &str, pid: u32) -> Vec<Value> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    let _guard = rt.enter();
+    socket.bind(SocketAddr::new(from.parse().expect("ip"), 0)).expect("bind");
+    let s = rt.block_on(socket.connect(control)).expect("connect");
+    let mut s = s.into_std().expect("std");
+    s.set_nonblocking(false).expect("blocking");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let nonce = "cd".repeat(32);
+    s.write_all(&frame(&json!({"t": "hello", "id": id, "nonce": nonce}))).expect("hello");
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("challenge length");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).expect("challenge");
+    let challenge: Value = serde_json::from_slice(&body).expect("challenge json");
+    assert_eq!(challenge["t"], "challenge", "{challenge}");
+    let theirs = challenge["nonce"].as_str().expect("nonce");
+    let t = auth::Transcript {
+        kind: auth::LinkKind::Control,
+        dialler: id,
+        acceptor: auth::MASTER_ID,
+        dialler_nonce: &nonce,
+        acceptor_nonce: theirs,
+    };
+    let proof = t.prove(&auth::server_key(secret, id), auth::Role::Dialler);
+    let register = json!({"t": "register", "id": id, "server_type": server_type, "pid": pid, "proof": proof,
+        "spec_hash": "forged", "addrs": {"rpc": null, "client": null}});
+    s.write_all(&frame(&register)).expect("register");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    frames(&got)
+}
+
+/// H4 (a registration names the pid the master signals) and the peer-address part of issue 14: even
+/// with a server's real key, a registration cannot make the master adopt (and later signal) another
+/// local process, nor claim a server whose `host` is another machine from this one. Fails on f001884
+/// (no handshake; the claimed pid was stored and signalled at stop) and on main before the peer check.
+#[test]
+fn a_registration_with_the_right_key_gets_no_other_process_signalled_and_must_come_from_its_host() {
+    let servers = format!("{ONE_EACH}    - {{id: chat-far, port: 4999, host: 192.0.2.7}}\n");
+    let mut c = Cluster::start(&yaml(&servers, PLAIN_LINKS));
+    wait_until(Duration::from_secs(30), "the local servers running", || {
+        let s = c.servers();
+        (s.iter().filter(|s| s["state"] == "running").count() == 3).then_some(())
+    });
+    let control = control_addr(&c);
+    let secret = secret(&c);
+    let mut sleeper = std::process::Command::new("sleep").arg("120").spawn().expect("sleep");
+    let victim = sleeper.id();
+
+    // A local id whose worker runs: the claim of another pid is refused.
+    let got = register_with_key(control, &secret, "chat-1", "chat", victim);
+    assert!(got.iter().any(|f| f["t"] == "rejected"), "chat-1 claiming pid {victim}: {got:?}");
+    // Its worker killed, the claim races the respawn and is refused either way.
+    let chat = c.server("chat-1")["pid"].as_u64().expect("pid") as u32;
+    crate::harness::signal(chat, 9);
+    wait_until(Duration::from_secs(5), "chat-1 gone", || (!alive(chat)).then_some(()));
+    let got = register_with_key(control, &secret, "chat-1", "chat", victim);
+    assert!(got.iter().any(|f| f["t"] == "rejected"), "chat-1 (killed) claiming pid {victim}: {got:?}");
+    // A remote id from 127.0.0.1: its host is 192.0.2.7, so the peer must be that address.
+    let got = register_with_key(control, &secret, "chat-far", "chat", victim);
+    let why = got.iter().find(|f| f["t"] == "rejected").map(|f| f["reason"].to_string()).unwrap_or_default();
+    assert!(why.contains("must connect from it"), "chat-far from 127.0.0.1: {got:?}");
+    assert_ne!(c.server("chat-far")["pid"].as_u64(), Some(u64::from(victim)));
+
+    let stop = c.run(&["stop"]);
+    assert!(stop.status.success(), "{stop:?}");
+    c.wait_master_exit(Duration::from_secs(20));
+    assert!(alive(victim), "the master signalled pid {victim}, which it never started");
+    let out = c.master_output();
+    assert!(out.contains(&format!("refused registration of pid {victim}")), "{out}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// Issue 14's peer check for a `host` given as a DNS name (the finding: "any holder can claim any
+/// identity" from anywhere): the peer must come from one of the name's addresses, and a name that does not
+/// resolve admits nobody. Fails on main before this check (names were not resolved; the key alone passed).
+#[test]
+fn a_server_named_by_dns_must_connect_from_one_of_its_addresses() {
+    let me = std::process::Command::new("hostname").output().expect("hostname");
+    let me = String::from_utf8_lossy(&me.stdout).trim().to_string();
+    let mine: Vec<std::net::IpAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(me.as_str(), 0))
+        .map(|a| a.map(|a| a.ip()).collect())
+        .unwrap_or_default();
+    let servers = format!(
+        "{ONE_EACH}    - {{id: chat-nowhere, port: 4999, host: chat-nowhere.invalid}}\n    - {{id: chat-me, port: 4998, host: {me}}}\n"
+    );
+    let c = Cluster::start(&yaml(&servers, PLAIN_LINKS));
+    wait_until(Duration::from_secs(30), "the local servers running", || {
+        let s = c.servers();
+        (s.iter().filter(|s| s["state"] == "running").count() == 3).then_some(())
+    });
+    let control = control_addr(&c);
+    let secret = secret(&c);
+    let reason = |got: &[Value]| got.iter().find(|f| f["t"] == "rejected").map(|f| f["reason"].to_string());
+
+    let got = register_with_key(control, &secret, "chat-nowhere", "chat", 4242);
+    assert!(reason(&got).is_some_and(|r| r.contains("did not resolve")), "{got:?}");
+
+    let loopback: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+    if mine != [loopback] {
+        eprintln!("skipping the half with `{me}`: it resolves to {mine:?}, not only 127.0.0.1");
+        return;
+    }
+    // `{me}` resolves to 127.0.0.1: 127.0.0.2 is this machine too, but not that address.
+    let got = register_from("127.0.0.2", control, &secret, "chat-me", "chat", 4242);
+    assert!(reason(&got).is_some_and(|r| r.contains("must connect from one of its addresses")), "{got:?}");
+    let got = register_from("127.0.0.1", control, &secret, "chat-me", "chat", 4242);
+    assert!(got.iter().any(|f| f["t"] == "welcome"), "from 127.0.0.1, its address: {got:?}");
+}

@@ -112,7 +112,10 @@ impl Client {
     fn on_data(&mut self, shard: &Shard, body: &[u8], now: u64) {
         match wire::classify(body) {
             Data::Response { id: ENTER_ID, body } if self.entered.is_none() => {
-                self.entered = Some(body.starts_with(br#"{"users":"#));
+                // `{users, epoch, offset, ...}` in whatever key order: parsed once per client.
+                let users =
+                    serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| v.get("users").cloned());
+                self.entered = Some(users.is_some_and(|u| u.is_array()));
             }
             Data::Response { body, .. } => {
                 let mut steps = shard.steps.borrow_mut();

@@ -202,7 +202,8 @@
     setText($("sum-rate"), rate(sum((s) => (s.type === "chat" ? msgRate(s) : 0))));
     setText($("sum-rate-sub"), `${num(sum((s) => stat(s, "deliveries_out_total")))} deliveries so far`);
     setText($("sum-master"), bytes(v.master.rss_bytes));
-    setText($("sum-master-sub"), `pid ${v.master.pid} · ${v.master.cpu_seconds.toFixed(1)} s CPU`);
+    setText($("sum-master-sub"),
+      `pid ${v.master.pid} · ${v.master.cpu_seconds.toFixed(1)} s CPU · files ${v.master.open_fds} of ${v.master.max_fds}`);
   }
 
   // ---- charts

@@ -42,6 +42,8 @@ fn view(servers: Vec<ServerView>) -> ClusterView {
             config_error: Some("line 3: bad".into()),
             cpu_seconds: 0.5,
             rss_bytes: 1 << 20,
+            open_fds: 12,
+            max_fds: 20000,
         },
         servers,
     }

@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use warp::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE};
 use warp::http::{HeaderMap, StatusCode};
@@ -35,10 +34,11 @@ const LOGIN_CSP: &str =
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// `/`, `/login`, `/logout`: reachable without the token (they show or set nothing else).
-pub fn routes(token: Arc<str>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    let t = token.clone();
+pub fn routes(keys: Arc<auth::Keys>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let k = keys.clone();
+    let keys_for_logout = keys.clone();
     let index = warp::path::end().and(warp::get()).and(warp::header::headers_cloned()).map(move |h: HeaderMap| {
-        if auth::authenticate(&t, &h).is_some() {
+        if auth::authenticate(&k, &h).is_some() {
             html(INDEX.to_string(), StatusCode::OK, PAGE_CSP)
         } else if auth::cookies(&h, auth::COOKIE).next().is_some() {
             login_form(StatusCode::OK, "notice", "The admin token has changed or your session ended. Log in again.")
@@ -52,28 +52,34 @@ pub fn routes(token: Arc<str>) -> impl Filter<Extract = (Response,), Error = Rej
         .and(warp::body::content_length_limit(MAX_FORM))
         .and(warp::body::form::<HashMap<String, String>>())
         .then(move |h: HeaderMap, form: HashMap<String, String>| {
-            let token = token.clone();
+            let keys = keys.clone();
             async move {
                 if !auth::same_origin(&h) {
                     return cross_origin();
                 }
                 let given = form.get("token").map(|t| t.trim()).unwrap_or("");
-                if auth::same(given, &token) {
-                    redirect_home(auth::login_cookie(&token))
-                } else {
-                    // Slows guessing down; tokens are long and random anyway.
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                if keys.is_token(given) {
+                    match keys.open_session() {
+                        Some(session) => redirect_home(auth::login_cookie(&session)),
+                        None => crate::api::error(StatusCode::SERVICE_UNAVAILABLE, "no session", "no random source"),
+                    }
+                } else if keys.throttle().await {
                     login_form(StatusCode::UNAUTHORIZED, "error", "That is not the admin token.")
+                } else {
+                    login_form(StatusCode::TOO_MANY_REQUESTS, "error", "Too many wrong tokens; try again shortly.")
                 }
             }
         });
-    let logout = warp::path!("logout").and(warp::post()).and(warp::header::headers_cloned()).map(|h: HeaderMap| {
-        if auth::same_origin(&h) {
-            redirect_home(auth::logout_cookie())
-        } else {
-            cross_origin()
-        }
-    });
+    let k = keys_for_logout;
+    let logout =
+        warp::path!("logout").and(warp::post()).and(warp::header::headers_cloned()).map(move |h: HeaderMap| {
+            if auth::same_origin(&h) {
+                k.close_sessions(&h);
+                redirect_home(auth::logout_cookie())
+            } else {
+                cross_origin()
+            }
+        });
     index.or(login).unify().or(logout).unify()
 }
 
@@ -145,7 +151,7 @@ mod tests {
     const T: &str = "abcdef0123456789";
 
     fn filter() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-        routes(Arc::from(T))
+        routes(auth::Keys::new(Arc::from(T)))
     }
 
     #[tokio::test]
@@ -157,8 +163,11 @@ mod tests {
         let stale =
             warp::test::request().path("/").header("cookie", "pomelo_admin=old-token-xxxxxxx").reply(&filter()).await;
         assert!(String::from_utf8_lossy(stale.body()).contains("Log in again"));
-        let ok =
+        let token_cookie =
             warp::test::request().path("/").header("cookie", "pomelo_admin=abcdef0123456789").reply(&filter()).await;
+        assert!(!String::from_utf8_lossy(token_cookie.body()).contains("app.js"), "the token is not a session");
+        let ok =
+            warp::test::request().path("/").header("authorization", "Bearer abcdef0123456789").reply(&filter()).await;
         assert!(String::from_utf8_lossy(ok.body()).contains("/assets/app.js"));
         assert!(ok.headers().contains_key("content-security-policy"));
     }
@@ -173,10 +182,20 @@ mod tests {
                 .header("host", "127.0.0.1:7001")
                 .body(body)
         };
-        let good = post("token=abcdef0123456789").reply(&filter()).await;
+        let f = filter();
+        let good = post("token=abcdef0123456789").reply(&f).await;
         assert_eq!(good.status(), 303);
         assert_eq!(good.headers()[LOCATION], "/");
-        assert_eq!(good.headers()[SET_COOKIE], "pomelo_admin=abcdef0123456789; HttpOnly; SameSite=Strict; Path=/");
+        let set = good.headers()[SET_COOKIE].to_str().unwrap_or("").to_string();
+        assert!(set.ends_with("; HttpOnly; SameSite=Strict; Path=/"), "{set}");
+        let cookie = set.split(';').next().unwrap_or("").to_string();
+        assert!(!cookie.contains(T), "the cookie is a session id, not the token: {cookie}");
+        let home = warp::test::request().path("/").header("cookie", &cookie).reply(&f).await;
+        assert!(String::from_utf8_lossy(home.body()).contains("/assets/app.js"), "the session opens the page");
+        let out = warp::test::request().method("POST").path("/logout").header("cookie", &cookie).reply(&f).await;
+        assert_eq!(out.status(), 303);
+        let after = warp::test::request().path("/").header("cookie", &cookie).reply(&f).await;
+        assert!(String::from_utf8_lossy(after.body()).contains("Log in again"), "logout ends the session");
         let bad = post("token=nope").reply(&filter()).await;
         assert_eq!(bad.status(), 401);
         assert!(!bad.headers().contains_key(SET_COOKIE));

@@ -37,13 +37,41 @@ pub struct Master {
     pub pid: u32,
 }
 
-/// The master running for `config` (its run directory found from the file), checked to be alive.
+/// The master running for `config` (its run directory found from the file), checked to be that cluster's
+/// master before its token is read or sent ([`verify`]).
 pub fn find(config: &Path) -> anyhow::Result<Master> {
-    let m = in_run_dir(config, &runstate::run_dir(config, DEFAULT_ENV))?;
-    if !procstat::alive(m.pid) {
+    let run_dir = runstate::run_dir(config, DEFAULT_ENV);
+    let file = runstate::read_master(&run_dir).ok_or_else(|| no_master(config))?;
+    if !procstat::alive(file.pid) {
         return Err(no_master(config).into());
     }
-    Ok(m)
+    verify(&file).map_err(|why| {
+        anyhow::anyhow!(
+            "{} names pid {} at {}, but {why}; not sending it the admin token",
+            runstate::master_file(&run_dir).display(),
+            file.pid,
+            file.admin_addr
+        )
+    })?;
+    in_run_dir(config, &run_dir)
+}
+
+/// Whether the process `master.json` names is a pomelo-rs master (this program, run as `start`), the one
+/// that wrote the file (same start time), and is the one listening on the admin address the file gives.
+pub fn verify(file: &runstate::MasterFile) -> Result<(), String> {
+    let pid = file.pid;
+    if procstat::cmdline(pid).get(1).map(String::as_str) != Some("start") {
+        return Err("that process is not a `pomelo-rs start`".into());
+    }
+    let me = std::env::current_exe().map_err(|e| format!("this program's path cannot be read: {e}"))?;
+    procstat::runs(pid, &me)?;
+    if file.start.is_none() || procstat::start_ticks(pid) != file.start {
+        return Err("it is not the process that wrote the file (another start time)".into());
+    }
+    if !procstat::listens_on(pid, file.admin_addr) {
+        return Err(format!("it does not listen on {}", file.admin_addr));
+    }
+    Ok(())
 }
 
 /// The master that `master.json` in `run_dir` names for `config`, without checking that its pid lives

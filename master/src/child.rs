@@ -38,6 +38,7 @@ pub fn spawn(
     exe: &Path,
     spec: &WorkerSpec,
     server_key: &str,
+    tls: Option<&str>,
     sink: LogSink,
     exits: mpsc::Sender<Exited>,
     tasks: &TaskTracker,
@@ -52,13 +53,19 @@ pub fn spawn(
         .arg(s.server_type.as_str())
         .args(&s.args)
         .envs(&s.env)
+        // The admin token is the master's alone: a worker (or anything it runs) never sees it.
+        .env_remove("POMELO_ADMIN_TOKEN")
         .env(SPEC_ENV, json)
         .env(KEY_ENV, server_key)
+        .env_remove(pomelo_proto::tls::TLS_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
+    if let Some(material) = tls {
+        cmd.env(pomelo_proto::tls::TLS_ENV, material);
+    }
     let mut child = cmd.spawn()?;
     let pid = child.id().ok_or_else(|| std::io::Error::other("the child exited before its pid was read"))?;
     if let Some(out) = child.stdout.take() {
@@ -114,4 +121,30 @@ pub use crate::procstat::{alive, cmdline};
 pub fn is_worker(pid: u32, id: &str) -> bool {
     let args = cmdline(pid);
     alive(pid) && args.get(1).is_some_and(|a| a == "worker") && args.windows(2).any(|w| w[0] == "--id" && w[1] == id)
+}
+
+/// Whether `pid` is this cluster's worker for `id`, so a new master may adopt (and later signal) it: a
+/// worker for `id` by its command line, running `exe` (this binary), started at `start` (clock ticks since
+/// boot, as `workers.json` recorded it; a reused pid started later), whose spec names `run_dir` (not a
+/// worker of another cluster with the same ids).
+pub fn is_our_worker(pid: u32, id: &str, start: Option<u64>, exe: &Path, run_dir: &Path) -> Result<(), String> {
+    if !is_worker(pid, id) {
+        return Err("it is not a pomelo-rs worker for this id".into());
+    }
+    crate::procstat::runs(pid, exe)?;
+    match (start, crate::procstat::start_ticks(pid)) {
+        (Some(want), Some(got)) if want != got => {
+            return Err("it started at another time than the worker recorded".into())
+        }
+        (Some(_), None) => return Err("its start time cannot be read".into()),
+        _ => {}
+    }
+    let spec = crate::procstat::environ(pid)
+        .and_then(|env| env.get(std::ffi::OsStr::new(SPEC_ENV)).cloned())
+        .and_then(|json| serde_json::from_str::<WorkerSpec>(&json.to_string_lossy()).ok());
+    match spec {
+        Some(s) if crate::procstat::same_path(&s.run_dir, run_dir) => Ok(()),
+        Some(s) => Err(format!("it belongs to the cluster in {}", s.run_dir.display())),
+        None => Err("its spec cannot be read".into()),
+    }
 }

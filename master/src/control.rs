@@ -6,19 +6,24 @@
 //! own proof, checked here before anything reaches the supervisor. Until then frames are capped at
 //! [`auth::HANDSHAKE_MAX_FRAME`] and at most [`auth::MAX_UNAUTHENTICATED`] connections are in their
 //! handshake at once (more are closed at once); ids from the peer are logged escaped and truncated.
-//! After that the task forwards heartbeats to the supervisor and writes what the supervisor queues for
+//! A server whose `host` is a DNS name has it resolved here (bounded in time) once its key is proven,
+//! so the supervisor can check the peer's address against it. After that the task forwards heartbeats to the supervisor and writes what the supervisor queues for
 //! the worker. The supervisor decides (welcome or reject) and closes a link by dropping its sender.
 //! Connection tasks run on the master's task tracker and end when the peer goes away or the listener's
 //! token is cancelled.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use pomelo_proto::auth::{self, LinkKind, Role, Transcript};
 use pomelo_proto::control::{BoundAddrs, ServerType, Stats, ToMaster, ToWorker};
 use pomelo_proto::link::{self, JsonFramed};
+use pomelo_proto::peer;
+use pomelo_proto::tls;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+
+use crate::view::ClusterView;
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,6 +41,10 @@ pub enum LinkEvent {
         spec_hash: String,
         addrs: BoundAddrs,
         peer: SocketAddr,
+        /// The peer is on this machine (loopback, or from the address it connected to).
+        peer_local: bool,
+        /// What the server's `host` resolves to, when it is a DNS name (else empty).
+        host_addrs: Vec<IpAddr>,
         outbox: mpsc::Sender<ToWorker>,
     },
     Heartbeat {
@@ -57,12 +66,15 @@ pub enum LinkEvent {
 pub async fn listen(
     listener: TcpListener,
     secret: Arc<str>,
+    tls: Option<tls::TlsAcceptor>,
+    view: watch::Receiver<Arc<ClusterView>>,
     events: mpsc::Sender<LinkEvent>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let mut next_conn = 0u64;
     let stop = shutdown.clone();
+    let admission = Arc::new(Admission { secret, tls, view });
     let unauthenticated = Arc::new(Semaphore::new(auth::MAX_UNAUTHENTICATED));
     link::accept_loop(listener, shutdown, "control port", |stream, peer| {
         let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
@@ -73,15 +85,23 @@ pub async fn listen(
             return;
         };
         next_conn += 1;
-        let (conn, events, shutdown, secret) = (next_conn, events.clone(), stop.clone(), secret.clone());
+        let (conn, events, shutdown, admission) = (next_conn, events.clone(), stop.clone(), admission.clone());
         tasks.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve(stream, peer, conn, &secret, permit, events) => {}
+                _ = serve(stream, peer, conn, &admission, permit, events) => {}
             }
         });
     })
     .await;
+}
+
+/// What every connection is admitted with: the cluster secret its key is derived from, the TLS
+/// acceptor (when cluster TLS is on), and the configured servers (for the peer's `host`).
+struct Admission {
+    secret: Arc<str>,
+    tls: Option<tls::TlsAcceptor>,
+    view: watch::Receiver<Arc<ClusterView>>,
 }
 
 /// What a worker that proved its id registered with.
@@ -94,7 +114,7 @@ struct Registered {
 }
 
 /// The master's side of the handshake; `Err` says why the connection is closed (ids escaped).
-async fn handshake(framed: &mut JsonFramed<TcpStream>, secret: &str) -> Result<Registered, String> {
+async fn handshake(framed: &mut JsonFramed<tls::Stream>, secret: &str) -> Result<Registered, String> {
     let (id, dialler_nonce) = match framed.recv::<ToMaster>().await.map_err(|e| e.to_string())? {
         ToMaster::Hello { id, nonce } => (id, nonce),
         _ => return Err("the first frame was not a hello".into()),
@@ -129,13 +149,20 @@ async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     conn: u64,
-    secret: &str,
+    admission: &Admission,
     permit: tokio::sync::OwnedSemaphorePermit,
     events: mpsc::Sender<LinkEvent>,
 ) {
     stream.set_nodelay(true).ok();
-    let mut framed = JsonFramed::handshake(stream);
-    let reg = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, handshake(&mut framed, secret)).await {
+    let peer_local = peer.ip().is_loopback() || stream.local_addr().is_ok_and(|l| l.ip() == peer.ip());
+    // The TLS handshake and ours share one deadline.
+    let opened = async {
+        let stream = tls::accept(admission.tls.as_ref(), stream).await.map_err(|e| format!("TLS: {e}"))?;
+        let mut framed = JsonFramed::handshake(stream);
+        let reg = handshake(&mut framed, &admission.secret).await?;
+        Ok::<_, String>((framed, reg))
+    };
+    let (mut framed, reg) = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, opened).await {
         Ok(Ok(reg)) => reg,
         Ok(Err(why)) => {
             tracing::warn!("control connection from {peer} closed: {why}");
@@ -147,12 +174,27 @@ async fn serve(
             return;
         }
     };
+    let host = admission.view.borrow().servers.iter().find(|s| s.id == reg.id).map(|s| s.host.clone());
+    let host_addrs = match host {
+        Some(h) if peer::is_dns_name(&h) => peer::resolve(&h).await,
+        _ => Vec::new(),
+    };
     drop(permit);
     framed.authenticated();
     let (tx, mut rx) = mpsc::channel(OUTBOX);
     let Registered { id, server_type, pid, spec_hash, addrs } = reg;
-    let registered =
-        LinkEvent::Registered { conn, id: id.clone(), server_type, pid, spec_hash, addrs, peer, outbox: tx };
+    let registered = LinkEvent::Registered {
+        conn,
+        id: id.clone(),
+        server_type,
+        pid,
+        spec_hash,
+        addrs,
+        peer,
+        peer_local,
+        host_addrs,
+        outbox: tx,
+    };
     if events.send(registered).await.is_err() {
         return;
     }

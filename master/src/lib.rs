@@ -59,6 +59,8 @@ pub struct Prepared {
     pub topology: Topology,
     pub run_dir: PathBuf,
     pub cluster_token: String,
+    /// The cluster CA when links run over TLS (`Topology::cluster_tls`).
+    pub tls: Option<Arc<pomelo_proto::tls::Authority>>,
     /// Live workers of an earlier master: id → pid.
     pub adopt: HashMap<String, u32>,
 }
@@ -66,10 +68,12 @@ pub struct Prepared {
 /// Refuses to run beside a live master of the same file; finds workers to adopt.
 pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
     let run_dir = topology.run_dir();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    pomelo_proto::files::private_dir(&run_dir)
+        .with_context(|| format!("the run directory {} cannot be made private", run_dir.display()))?;
     if let Some(m) = runstate::read_master(&run_dir) {
-        let args = child::cmdline(m.pid);
-        if m.pid != std::process::id() && child::alive(m.pid) && args.get(1).is_some_and(|a| a == "start") {
+        // A live master of this file: this program run as `start`, started when it wrote the file, listening
+        // where the file says. A reused pid (`systemctl start`, another `start` of something) is not one.
+        if m.pid != std::process::id() && child::alive(m.pid) && admin_client::verify(&m).is_ok() {
             anyhow::bail!(
                 "a master is already running for {} (pid {}, admin http://{}); stop it with `pomelo-rs stop` first",
                 topology.file.display(),
@@ -79,11 +83,28 @@ pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
         }
     }
     let cluster_token = runstate::secret(&run_dir, "cluster-token").context("cannot create the cluster token")?;
+    let exe = std::env::current_exe().context("cannot find this program's own path")?;
+    let abs_run_dir = std::path::absolute(&run_dir).unwrap_or_else(|_| run_dir.clone());
     let adopt = runstate::read_workers(&run_dir)
         .into_iter()
-        .filter(|(id, pid)| topology.server(id).is_some() && child::is_worker(*pid, id))
+        .filter(|(id, w)| topology.server(id).is_some_and(|s| s.is_local()) && child::alive(w.pid()))
+        .filter_map(|(id, w)| match child::is_our_worker(w.pid(), &id, w.start(), &exe, &abs_run_dir) {
+            Ok(()) => Some((id, w.pid())),
+            Err(why) => {
+                tracing::warn!(server = %id, "not adopting pid {} from workers.json: {why}", w.pid());
+                None
+            }
+        })
         .collect();
-    Ok(Prepared { topology, run_dir, cluster_token, adopt })
+    let tls = if topology.cluster_tls() {
+        let dir = run_dir.join("tls");
+        let ca = pomelo_proto::tls::Authority::load_or_create(&dir)
+            .with_context(|| format!("cannot load or create the cluster CA in {}", dir.display()))?;
+        Some(Arc::new(ca))
+    } else {
+        None
+    };
+    Ok(Prepared { topology, run_dir, cluster_token, tls, adopt })
 }
 
 /// How the dashboard and CLI reach the supervisor.
@@ -150,6 +171,7 @@ pub fn start(
         control_addr: advertised(control_addr, &topology.master.host),
         admin_addr,
         config: std::path::absolute(&topology.file).unwrap_or_else(|_| topology.file.clone()),
+        start: procstat::start_ticks(std::process::id()),
     };
     runstate::write_json(&runstate::master_file(&prepared.run_dir), &file).context("cannot write master.json")?;
 
@@ -168,6 +190,8 @@ pub fn start(
             config_error: None,
             cpu_seconds: 0.0,
             rss_bytes: 0,
+            open_fds: 0,
+            max_fds: procstat::open_files_limit(),
         },
         servers: vec![],
     });
@@ -182,9 +206,19 @@ pub fn start(
     let tasks = TaskTracker::new();
     let listener_stop = shutdown.child_token();
     reload::triggers::spawn(&topology.file, cmd_tx, &tasks, listener_stop.clone());
+    let acceptor = match &prepared.tls {
+        Some(ca) => Some(
+            ca.issue(pomelo_proto::auth::MASTER_ID, &topology.master.host)
+                .and_then(|m| m.acceptor())
+                .context("cannot make the master's TLS certificate")?,
+        ),
+        None => None,
+    };
     tasks.spawn(control::listen(
         control,
         prepared.cluster_token.as_str().into(),
+        acceptor,
+        handle.watch(),
         links_tx,
         tasks.clone(),
         listener_stop.clone(),
@@ -195,6 +229,7 @@ pub fn start(
         topology,
         exe,
         cluster_token: prepared.cluster_token,
+        tls: prepared.tls,
         echo,
         adopt: prepared.adopt,
     };

@@ -3,12 +3,13 @@
 //! One reader task per child pipe reads continuously, whatever the terminal or disk does, so a chatty
 //! child never blocks on a full pipe. Lines are cut at [`MAX_LINE`] so one endless line cannot grow a buffer.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use pomelo_proto::config::LogConfig;
+use pomelo_proto::files::{self, Mode};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// A longer line is split.
@@ -27,9 +28,9 @@ pub struct RotatingFile {
 impl RotatingFile {
     pub fn open(path: PathBuf, max_bytes: u64, keep: u32) -> io::Result<RotatingFile> {
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
+            files::create_dir(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = files::open(&path, Mode::Append)?;
         let written = file.metadata()?.len();
         Ok(RotatingFile { path, file: Some(file), written, max_bytes, keep })
     }
@@ -62,9 +63,26 @@ impl RotatingFile {
             }
             fs::rename(&self.path, name(1))?;
         }
-        self.file = Some(OpenOptions::new().create(true).append(true).open(&self.path)?);
+        self.file = Some(files::open(&self.path, Mode::Append)?);
         self.written = 0;
         Ok(())
+    }
+}
+
+/// Whole lines written (as a logger writes one event per call) go through [`RotatingFile::write_line`], so
+/// the master's own log (`logs/master.log` when it runs in the background) is capped and rotated like a
+/// worker's.
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let text = buf.strip_suffix(b"\n").unwrap_or(buf);
+        for line in text.split(|b| *b == b'\n') {
+            self.write_line(line)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), |f| f.flush())
     }
 }
 

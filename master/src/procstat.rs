@@ -46,6 +46,27 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// The most the open-file limit is raised to, whatever the hard limit (which may be "unlimited").
+pub const MAX_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises this process's open-file limit (soft) to its hard limit, at most [`MAX_OPEN_FILES`], so idle
+/// sockets or many workers' pipes do not run the master out of files at the default 1024; children inherit
+/// it. Returns (before, after).
+pub fn raise_open_files() -> std::io::Result<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    let target = hard.min(MAX_OPEN_FILES);
+    if soft < target {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard).map_err(std::io::Error::from)?;
+    }
+    Ok((soft, getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?.0))
+}
+
+/// This process's open-file limit (soft), or 0 if it cannot be read.
+pub fn open_files_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(soft, _)| soft).unwrap_or(0)
+}
+
 /// Whether `pid` is alive and not a zombie.
 pub fn alive(pid: u32) -> bool {
     process(pid).is_some_and(|p| p.is_alive())
@@ -59,6 +80,56 @@ pub fn cmdline(pid: u32) -> Vec<String> {
 /// The environment of `pid`; `None` if it cannot be read (gone, or another user's).
 pub fn environ(pid: u32) -> Option<HashMap<OsString, OsString>> {
     process(pid)?.environ().ok()
+}
+
+/// When `pid` started, in clock ticks since boot (`/proc/PID/stat` field 22): with the pid, it names one
+/// process for good, since a reused pid starts later.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    process(pid)?.stat().ok().map(|s| s.starttime)
+}
+
+/// The executable `pid` runs (`/proc/PID/exe`), without the ` (deleted)` the kernel adds once the file
+/// was replaced on disk.
+pub fn exe(pid: u32) -> Option<std::path::PathBuf> {
+    let p = process(pid)?.exe().ok()?;
+    let text = p.to_string_lossy();
+    Some(text.strip_suffix(" (deleted)").map(std::path::PathBuf::from).unwrap_or(p))
+}
+
+/// Whether two paths name the same file: equal as written, or once both are resolved.
+pub fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
+    a == b || a.canonicalize().is_ok_and(|a| b.canonicalize().is_ok_and(|b| a == b))
+}
+
+/// Whether `pid` runs the executable `exe` (the same path, or the same file once both are resolved);
+/// `Err` says what it runs instead.
+pub fn runs(pid: u32, exe: &std::path::Path) -> Result<(), String> {
+    match self::exe(pid) {
+        Some(e) if same_path(&e, exe) => Ok(()),
+        Some(e) => Err(format!("it runs {}, not {}", e.display(), exe.display())),
+        None => Err("its executable cannot be read".into()),
+    }
+}
+
+/// Whether `pid` holds a socket listening on `addr` (its own fds against the TCP tables of its network
+/// namespace).
+pub fn listens_on(pid: u32, addr: std::net::SocketAddr) -> bool {
+    use procfs::process::FDTarget;
+    let Some(p) = process(pid) else { return false };
+    let Ok(fds) = p.fd() else { return false };
+    let inodes: std::collections::HashSet<u64> = fds
+        .filter_map(|fd| match fd.ok()?.target {
+            FDTarget::Socket(inode) => Some(inode),
+            _ => None,
+        })
+        .collect();
+    let tables = p.tcp().unwrap_or_default().into_iter().chain(p.tcp6().unwrap_or_default());
+    tables.into_iter().any(|e| {
+        e.state == procfs::net::TcpState::Listen
+            && inodes.contains(&e.inode)
+            && e.local_address.port() == addr.port()
+            && (e.local_address.ip() == addr.ip() || e.local_address.ip().is_unspecified())
+    })
 }
 
 /// Every pid in `/proc` now.

@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use pomelo_proto::config::Topology;
+use pomelo_proto::files::{self, Mode};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +22,10 @@ pub struct MasterFile {
     pub admin_addr: SocketAddr,
     /// The servers.yaml this master runs.
     pub config: PathBuf,
+    /// When the master's process started (clock ticks since boot), so the CLI can tell it from a process
+    /// that took its pid.
+    #[serde(default)]
+    pub start: Option<u64>,
 }
 
 pub fn master_file(run_dir: &Path) -> PathBuf {
@@ -37,7 +41,7 @@ pub fn read_master(run_dir: &Path) -> Option<MasterFile> {
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let json = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, json)?;
+    files::open(&tmp, Mode::Truncate)?.write_all(&json)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -45,25 +49,55 @@ pub fn workers_file(run_dir: &Path) -> PathBuf {
     run_dir.join("workers.json")
 }
 
-/// id → pid of the workers the last master knew.
-pub fn read_workers(run_dir: &Path) -> BTreeMap<String, u32> {
-    std::fs::read_to_string(workers_file(run_dir)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+/// One worker in `workers.json`: its pid and when that process started (clock ticks since boot), so a
+/// pid reused by another process after a reboot or a long time is not mistaken for the worker. A bare pid
+/// (the older format) has no start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WorkerEntry {
+    Pid(u32),
+    Started { pid: u32, start: Option<u64> },
+}
+
+impl WorkerEntry {
+    pub fn pid(&self) -> u32 {
+        match *self {
+            WorkerEntry::Pid(pid) | WorkerEntry::Started { pid, .. } => pid,
+        }
+    }
+
+    pub fn start(&self) -> Option<u64> {
+        match *self {
+            WorkerEntry::Pid(_) => None,
+            WorkerEntry::Started { start, .. } => start,
+        }
+    }
+}
+
+/// id → the workers the last master knew.
+pub fn read_workers(run_dir: &Path) -> BTreeMap<String, WorkerEntry> {
+    files::read_to_string(&workers_file(run_dir), 1 << 20)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
 }
 
 /// Reads the secret in `name`, creating it (0600) with a random value if it does not exist.
 pub fn secret(run_dir: &Path, name: &str) -> std::io::Result<String> {
     let path = run_dir.join(name);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let t = text.trim();
-        if t.len() >= 16 {
-            return Ok(t.to_string());
+    match files::read_to_string(&path, 4096) {
+        Ok(text) => {
+            let t = text.trim();
+            if t.len() >= MIN_TOKEN {
+                return Ok(t.to_string());
+            }
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    std::fs::create_dir_all(run_dir)?;
+    files::private_dir(run_dir)?;
     let token = random_token()?;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(token.as_bytes())?;
+    files::open(&path, Mode::Truncate)?.write_all(token.as_bytes())?;
     Ok(token)
 }
 
@@ -83,28 +117,41 @@ pub fn run_dir(config: &Path, env: &str) -> PathBuf {
     }
 }
 
-/// The admin token: servers.yaml, then `POMELO_ADMIN_TOKEN`, then the generated file.
+/// Shortest admin token accepted from any source.
+pub const MIN_TOKEN: usize = 16;
+
+/// The admin token: servers.yaml, then `POMELO_ADMIN_TOKEN`, then the generated file. A token shorter
+/// than [`MIN_TOKEN`] from any of them is an error, never used.
 pub fn admin_token(topology: Option<&Topology>, run_dir: &Path, create: bool) -> anyhow::Result<String> {
     if let Some(t) = topology.and_then(|t| t.master.admin_token.clone()) {
-        return Ok(t);
+        return long_enough(t.trim().to_string(), "adminToken in servers.yaml");
     }
     if let Ok(t) = std::env::var("POMELO_ADMIN_TOKEN") {
         if !t.trim().is_empty() {
-            return Ok(t.trim().to_string());
+            return long_enough(t.trim().to_string(), "POMELO_ADMIN_TOKEN");
         }
     }
     let path = run_dir.join("admin-token");
     if create {
         return secret(run_dir, "admin-token").with_context(|| format!("cannot create {}", path.display()));
     }
-    std::fs::read_to_string(&path)
+    let t = files::read_to_string(&path, 4096)
         .map(|s| s.trim().to_string())
-        .with_context(|| format!("cannot read the admin token from {}; set POMELO_ADMIN_TOKEN", path.display()))
+        .with_context(|| format!("cannot read the admin token from {}; set POMELO_ADMIN_TOKEN", path.display()))?;
+    long_enough(t, &path.display().to_string())
+}
+
+fn long_enough(token: String, source: &str) -> anyhow::Result<String> {
+    if token.chars().count() < MIN_TOKEN {
+        anyhow::bail!("the admin token from {source} is shorter than {MIN_TOKEN} characters; use a longer one");
+    }
+    Ok(token)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn secrets_are_created_once_with_mode_0600() {

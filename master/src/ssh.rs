@@ -35,6 +35,9 @@ pub struct StdinSpec {
     pub spec: WorkerSpec,
     /// The server key (hex), never the cluster secret.
     pub key: String,
+    /// This spawn's cluster TLS material (JSON, as in `POMELO_TLS` for a local worker), when TLS is on.
+    #[serde(default)]
+    pub tls: Option<String>,
 }
 
 /// Quotes `s` for a POSIX shell.
@@ -75,17 +78,18 @@ pub fn remote_command(t: &SshTarget, spec: &WorkerSpec) -> String {
     line
 }
 
-/// Starts the worker of `spec` on `host`; returns the pid of the local ssh process.
+/// Starts the worker `given` describes on `host`, handing it `given` on stdin; returns the pid of the
+/// local ssh process.
 pub fn spawn(
     t: &SshTarget,
     host: &str,
-    spec: &WorkerSpec,
-    key: &str,
+    given: &StdinSpec,
     sink: LogSink,
     exits: mpsc::Sender<Exited>,
     tasks: &TaskTracker,
 ) -> std::io::Result<u32> {
-    let mut line = serde_json::to_vec(&StdinSpec { spec: spec.clone(), key: key.to_string() })?;
+    let spec = &given.spec;
+    let mut line = serde_json::to_vec(given)?;
     line.push(b'\n');
     let mut cmd = ssh(t, host, remote_command(t, spec));
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(false);

@@ -72,6 +72,9 @@ pub struct MasterView {
     pub config_error: Option<String>,
     pub cpu_seconds: f64,
     pub rss_bytes: u64,
+    /// Files the master has open, and its limit (raised to the hard limit at start).
+    pub open_fds: u64,
+    pub max_fds: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -130,6 +130,12 @@ pub fn unwrap_link_key(connector_key: &Key, chat: &str, wrapped: &str) -> Option
     Some(Key(xor(&w.0, &pad(connector_key, chat))))
 }
 
+/// HMAC-SHA256 of `parts` under `key`, hex: a tag for anything signed with a shared secret (the admin
+/// server's session cookies).
+pub fn tag_hex(key: &[u8], parts: &[&[u8]]) -> String {
+    hex(&hmac(key, parts))
+}
+
 /// A fresh nonce from the OS RNG, hex.
 pub fn nonce() -> std::io::Result<String> {
     let mut b = [0u8; KEY_LEN];

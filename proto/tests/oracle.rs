@@ -195,3 +195,24 @@ fn worked_bytes_from_pomelo() {
     assert!(hex(&ours).starts_with("0400002101010002"));
     assert_eq!(Message::decode(&ours.slice(4..)).unwrap().kind, MessageType::Request);
 }
+
+/// Emoji through the JS client's own string codec (pomelo-protocol `strencode`/`strdecode`, which the
+/// browser client bundles): what it sends (CESU-8) is read as the real characters, and what the server
+/// sends (non-BMP escaped) it reads back unchanged, where plain UTF-8 emoji come out garbled.
+#[test]
+fn emoji_survive_the_js_clients_string_codec_both_ways() {
+    let Some(mut o) = Oracle::start() else { return };
+    let text = r#"{"content":"hi 😀 🎉 é 世界 𝄞","from":"bob"}"#;
+    let sent = unhex(o.ask(json!({"op": "strencode", "text": text}))["hex"].as_str().unwrap());
+    assert!(std::str::from_utf8(&sent).is_err(), "the JS client's bytes are CESU-8, not UTF-8");
+    let read = pomelo_proto::wire::text::cesu8_to_utf8(&sent).expect("joined");
+    assert_eq!(std::str::from_utf8(&read).unwrap(), text);
+
+    let value: Value = serde_json::from_str(text).unwrap();
+    let raw = serde_json::to_vec(&value).unwrap();
+    let garbled = o.ask(json!({"op": "json_strdecode", "hex": hex(&raw)}));
+    assert_ne!(garbled["value"], value, "plain UTF-8 emoji are garbled by strdecode: {garbled}");
+    let escaped = pomelo_proto::wire::text::escape_non_bmp(raw);
+    let shown = o.ask(json!({"op": "json_strdecode", "hex": hex(&escaped)}));
+    assert_eq!(shown["value"], value, "escaped emoji read back unchanged: {shown}");
+}

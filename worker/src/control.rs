@@ -24,6 +24,7 @@ use pomelo_proto::auth::{self, Key, LinkKind, Role, Transcript};
 use pomelo_proto::config::WorkerSpec;
 use pomelo_proto::control::{BoundAddrs, Membership, Stats, ToMaster, ToWorker};
 use pomelo_proto::link::JsonFramed;
+use pomelo_proto::tls;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -157,6 +158,10 @@ async fn session(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+    let stream = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, tls::worker_connect(stream, addr.ip()))
+        .await
+        .map_err(|_| "no TLS handshake within 5s".to_string())?
+        .map_err(|e| format!("TLS: {e}"))?;
     let mut framed = JsonFramed::handshake(stream);
     let spec = &link.spec.server;
     let nonce = auth::nonce().map_err(|e| e.to_string())?;

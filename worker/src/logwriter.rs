@@ -4,7 +4,7 @@
 //! from then on lines are appended to the log file directly (up to its size cap), so an orphaned worker
 //! that a new master adopts has not lost what it said in between.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,7 +32,7 @@ impl FallbackWriter {
 impl Inner {
     fn write_file(&mut self, buf: &[u8]) {
         if self.file.is_none() {
-            let opened = OpenOptions::new().create(true).append(true).open(&self.path);
+            let opened = pomelo_proto::files::open(&self.path, pomelo_proto::files::Mode::Append);
             if let Ok(f) = opened {
                 let len = f.metadata().map(|m| m.len()).unwrap_or(0);
                 self.file = Some((f, len));

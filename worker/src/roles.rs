@@ -55,9 +55,22 @@ pub fn frontend_config(spec: &ServerSpec) -> FrontendConfig {
         max_connections: spec.max_connections,
         idle_timeout: spec.idle_timeout,
         max_requests_per_second: spec.max_requests_per_second,
+        check_client: spec.check_client.clone(),
         ..base
     }
     .with_max_message(spec.max_message_bytes)
+}
+
+/// The frontend settings with the client port's TLS certificate loaded (`ssl`), if it has one.
+fn frontend_config_tls(spec: &ServerSpec) -> anyhow::Result<FrontendConfig> {
+    let mut config = frontend_config(spec);
+    if let Some(ssl) = &spec.ssl {
+        let tls = crate::frontend::ClientTls::from_files(&ssl.cert, &ssl.key)
+            .map_err(|e| anyhow::anyhow!("cannot load the client port's TLS certificate: {e}"))?;
+        config.tls = Some(tls);
+        tracing::info!("client port serves TLS (wss:// and TLS over TCP) beside plain connections");
+    }
+    Ok(config)
 }
 
 /// The KICK reason of a session whose messages a chat server had to drop.
@@ -75,7 +88,7 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
             stats.push(Arc::new(move |s| m.snapshot(s)));
             let page = bytes::Bytes::from_static(CHAT_PAGE.as_bytes());
             let handler = Arc::new(Gate::new(ctx.membership.clone()).with_page("text/html; charset=utf-8", page));
-            let config = frontend_config(&spec);
+            let config = frontend_config_tls(&spec)?;
             let stop = ctx.shutdown.clone();
             ctx.tasks.spawn(async move {
                 if let Err(e) = frontend::serve(listener, config, handler, metrics, stop).await {
@@ -85,7 +98,7 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
         }
         ServerType::Connector => {
             let listener = ctx.client.ok_or_else(|| anyhow::anyhow!("a connector needs a clientPort"))?;
-            let config = frontend_config(&spec);
+            let config = frontend_config_tls(&spec)?;
             let metrics = Arc::new(FrontendMetrics::new());
             let sessions = Sessions::new(&config, metrics.clone());
             let rpc_metrics = Arc::new(RpcMetrics::default());

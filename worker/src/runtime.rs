@@ -27,7 +27,8 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 /// Runs the worker until the master stops it or `stop` is cancelled; `Ok` with the reason it stopped.
 pub async fn run(spec: WorkerSpec, token: String, stop: CancellationToken) -> anyhow::Result<Exit> {
     let s = &spec.server;
-    let bind_ip: std::net::IpAddr = s.host.parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let bind_ip = pomelo_proto::config::bind_ip(&s.host)
+        .map_err(|e| anyhow::anyhow!("cannot find an address to listen on for host `{}`: {e}", s.host))?;
     let rpc = match s.port {
         Some(p) => Some(bind(SocketAddr::new(bind_ip, p), "port").await?),
         None => None,

@@ -188,3 +188,27 @@ async fn a_connector_tells_a_squatter_on_a_chat_port_nothing() {
     })
     .await;
 }
+
+/// Issue 14, the peer check on RPC links (review H3's "any holder can claim any identity"): a connector
+/// the membership lists on another host is refused from here even with its real link key; listed on
+/// this machine, the same key links.
+#[tokio::test]
+async fn a_listed_connector_must_connect_from_its_host() {
+    bounded(LIMIT, async {
+        let c = MiniCluster::start().await;
+        c.publish_connector_on("connector-x", "192.0.2.9");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let far = rpc_handshake(c.chat_addr, "connector-x", "chat-1", &link_key("connector-x")).await;
+        assert!(far.is_err(), "connector-x listed on 192.0.2.9 linked from 127.0.0.1");
+        c.publish_connector_on("connector-x", "no-such-host.invalid");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let named = rpc_handshake(c.chat_addr, "connector-x", "chat-1", &link_key("connector-x")).await;
+        assert!(named.is_err(), "connector-x listed on a name that does not resolve linked");
+        c.publish_connector_on("connector-x", "127.0.0.1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let near = rpc_handshake(c.chat_addr, "connector-x", "chat-1", &link_key("connector-x")).await;
+        assert!(near.is_ok(), "{:?}", near.err());
+        assert_eq!(c.relay.accepted(), 1, "the real connector's link never broke");
+    })
+    .await;
+}

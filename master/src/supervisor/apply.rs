@@ -174,6 +174,8 @@ impl Core {
                 config_error: self.config_error.clone(),
                 cpu_seconds: self.master_proc.cpu_seconds,
                 rss_bytes: self.master_proc.rss_bytes,
+                open_fds: self.master_proc.open_fds,
+                max_fds: crate::procstat::open_files_limit(),
             },
             servers: self.slots.iter().map(|s| server_view(s, now)).collect(),
         }

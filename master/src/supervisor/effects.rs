@@ -25,6 +25,8 @@ use crate::view::ServerEvent;
 pub(super) struct Effects {
     pub exe: PathBuf,
     pub cluster_token: String,
+    /// The cluster CA when links run over TLS.
+    pub tls: Option<std::sync::Arc<pomelo_proto::tls::Authority>>,
     /// Print worker output to the terminal too.
     pub echo: bool,
     pub exits: mpsc::Sender<Exited>,
@@ -63,12 +65,28 @@ impl Effects {
         let result = LogSink::open(&spec.log_dir, &id, &spec.logs, self.echo)
             .and_then(|sink| {
                 let key = pomelo_proto::auth::server_key(&self.cluster_token, &id).to_hex();
+                let tls = match &self.tls {
+                    Some(ca) => {
+                        let m = ca.issue(&id, &spec.worker.server.host)?;
+                        Some(serde_json::to_string(&m).map_err(std::io::Error::other)?)
+                    }
+                    None => None,
+                };
                 match &spec.ssh {
                     Some(ssh) => {
                         let host = &spec.worker.server.host;
-                        crate::ssh::spawn(ssh, host, &spec.worker, &key, sink, self.exits.clone(), &self.tasks)
+                        let given = crate::ssh::StdinSpec { spec: spec.worker.clone(), key, tls };
+                        crate::ssh::spawn(ssh, host, &given, sink, self.exits.clone(), &self.tasks)
                     }
-                    None => child::spawn(&self.exe, &spec.worker, &key, sink, self.exits.clone(), &self.tasks),
+                    None => child::spawn(
+                        &self.exe,
+                        &spec.worker,
+                        &key,
+                        tls.as_deref(),
+                        sink,
+                        self.exits.clone(),
+                        &self.tasks,
+                    ),
                 }
             })
             .map_err(|e| format!("cannot start {}: {e}", self.exe.display()));
@@ -88,7 +106,11 @@ impl Effects {
     }
 
     fn write_workers(&self, map: &BTreeMap<String, u32>) {
-        if let Err(e) = runstate::write_json(&self.workers_file, map) {
+        let entries: BTreeMap<&String, runstate::WorkerEntry> = map
+            .iter()
+            .map(|(id, &pid)| (id, runstate::WorkerEntry::Started { pid, start: crate::procstat::start_ticks(pid) }))
+            .collect();
+        if let Err(e) = runstate::write_json(&self.workers_file, &entries) {
             tracing::warn!("cannot write {}: {e}", self.workers_file.display());
         }
     }

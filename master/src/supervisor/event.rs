@@ -23,6 +23,10 @@ pub struct Registration {
     pub spec_hash: String,
     pub addrs: BoundAddrs,
     pub peer: std::net::SocketAddr,
+    /// The peer is on this machine: loopback, or connected from the address it connected to.
+    pub peer_local: bool,
+    /// What the server's `host` resolved to when it is a DNS name (empty otherwise, or if it did not).
+    pub host_addrs: Vec<std::net::IpAddr>,
 }
 
 /// Something that happened.

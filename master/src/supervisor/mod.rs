@@ -39,6 +39,8 @@ pub struct Setup {
     pub topology: pomelo_proto::config::Topology,
     pub exe: PathBuf,
     pub cluster_token: String,
+    /// The cluster CA: each spawned worker gets a certificate from it.
+    pub tls: Option<Arc<pomelo_proto::tls::Authority>>,
     pub control_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
     /// Print worker output to the terminal too.
@@ -78,6 +80,7 @@ pub async fn run(setup: Setup, mut ch: Channels, tasks: TaskTracker, shutdown: C
             workers_file: runstate::workers_file(&topo.run_dir()),
             exe: setup.exe,
             cluster_token: setup.cluster_token,
+            tls: setup.tls,
             echo: setup.echo,
             exits: exits_tx,
             tasks,
@@ -156,10 +159,21 @@ impl Shell {
 
     fn link_event(&mut self, core: &Core, ev: LinkEvent) -> Event {
         match ev {
-            LinkEvent::Registered { conn, id, server_type, pid, spec_hash, addrs, peer, outbox } => {
+            LinkEvent::Registered {
+                conn,
+                id,
+                server_type,
+                pid,
+                spec_hash,
+                addrs,
+                peer,
+                peer_local,
+                host_addrs,
+                outbox,
+            } => {
                 self.effects.outboxes.insert(conn, outbox);
                 let holder_alive = core.local_pid_of(&id).is_some_and(|p| p != pid && child::alive(p));
-                let reg = Registration { conn, id, server_type, pid, spec_hash, addrs, peer };
+                let reg = Registration { conn, id, server_type, pid, spec_hash, addrs, peer, peer_local, host_addrs };
                 Event::Registered { reg, holder_alive }
             }
             LinkEvent::Heartbeat { conn, id, stats } => Event::Heartbeat { conn, id, stats },

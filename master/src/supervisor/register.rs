@@ -25,7 +25,7 @@ use super::server::Phase;
 
 impl Core {
     pub(super) fn on_registered(&mut self, reg: Registration, holder_alive: bool, now: Instant, out: &mut Out) {
-        let Registration { conn, id, server_type, pid, spec_hash, addrs, peer } = reg;
+        let Registration { conn, id, server_type, pid, spec_hash, addrs, peer, peer_local, host_addrs } = reg;
         let reject = |why: String, out: &mut Out| {
             // Logged before the token is known good: the id is the peer's text.
             tracing::warn!(server = %pomelo_proto::link::printable(&id), "refused registration of pid {pid} from {peer}: {why}");
@@ -41,6 +41,9 @@ impl Core {
         let slot = &mut self.slots[i];
         if slot.server.spec.server_type != server_type {
             return reject(format!("`{id}` is a {} server in servers.yaml", slot.server.spec.server_type), out);
+        }
+        if let Err(why) = pomelo_proto::peer::fits(&slot.server.spec.host, peer.ip(), peer_local, &host_addrs) {
+            return reject(why, out);
         }
         let local = slot.server.spec.launch() == Launch::Local;
         if !local {
@@ -67,6 +70,14 @@ impl Core {
         } else {
             match slot.server.pid {
                 Some(p) if p != pid && holder_alive => return reject(format!("pid {p} already serves `{id}`"), out),
+                // A local server's pid is the one this master spawned or adopted after checking it: a
+                // registration never names another process for the master to signal later.
+                Some(p) if p != pid => {
+                    return reject(
+                        format!("pid {pid} is not the process this master started for `{id}` (pid {p})"),
+                        out,
+                    );
+                }
                 None => return reject(format!("`{id}` is {} here", slot.server.phase().as_str()), out),
                 _ => {}
             }

@@ -158,6 +158,12 @@ pub struct MasterConfig {
     pub admin: SocketAddr,
     /// Admin token from the file; `POMELO_ADMIN_TOKEN` or a generated token otherwise.
     pub admin_token: Option<String>,
+    /// Host names (besides IP literals and `localhost`) the admin server answers to in `Host`.
+    #[serde(default)]
+    pub admin_hosts: Vec<String>,
+    /// TLS on control and RPC links: on, off, or (unset) on exactly when some host is not loopback.
+    #[serde(default)]
+    pub cluster_tls: Option<bool>,
     pub restart: RestartPolicy,
     /// SIGTERM, then this long, then SIGKILL.
     pub stop_grace: Duration,
@@ -180,6 +186,10 @@ pub struct MasterConfig {
 /// One server entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerSpec {
+    /// TLS on the client port (`wss://` and TLS over TCP beside the plain ones): PEM files, resolved
+    /// against the directory of servers.yaml.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl: Option<SslFiles>,
     pub id: String,
     pub server_type: ServerType,
     pub host: String,
@@ -207,6 +217,10 @@ pub struct ServerSpec {
     /// Frontends: requests per second one session may send before it is kicked (`maxRequestsPerSecond`).
     #[serde(default = "default_requests_per_second")]
     pub max_requests_per_second: u32,
+    /// Frontends: the oldest client version accepted per client type (`sys.type`; `*` for any other
+    /// type); an older or missing version gets handshake code 501 (`checkClient`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub check_client: BTreeMap<String, String>,
     /// Connectors: longest username or room id, in bytes (`maxNameLength`).
     #[serde(default = "default_max_name")]
     pub max_name_bytes: usize,
@@ -225,6 +239,7 @@ pub struct ServerSpec {
 
 impl ServerSpec {
     /// A stable fingerprint: a changed spec means the running worker must be restarted.
+    /// (The `ssl` files' contents are not in it: restart the server after replacing them.)
     pub fn fingerprint(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();
         format!("{:08x}", crc32fast::hash(&json))
@@ -268,10 +283,35 @@ impl Launch {
     }
 }
 
+/// The address to listen on for `host`: an IP address as written, `localhost` as 127.0.0.1, and a DNS name as
+/// what it resolves to (never every interface, which a name that does not parse used to mean).
+pub fn bind_ip(host: &str) -> std::io::Result<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(ip);
+    }
+    if host == "localhost" {
+        return Ok(std::net::IpAddr::from([127, 0, 0, 1]));
+    }
+    let mut addrs: Vec<_> = (host, 0).to_socket_addrs()?.map(|a| a.ip()).collect();
+    addrs.sort_by_key(|ip| ip.is_ipv6());
+    addrs
+        .first()
+        .copied()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("`{host}` resolves to no address")))
+}
+
 /// True for loopback and unspecified hosts; other hosts are started on their own machines.
 pub fn is_local_host(host: &str) -> bool {
     matches!(host, "localhost" | "0.0.0.0" | "::" | "::1")
         || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A client port's certificate chain and private key (PEM files).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SslFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A validated `servers.yaml` for one environment.
@@ -298,7 +338,15 @@ impl Topology {
     /// Parses and validates `text` (named `file` in messages) for `env`.
     pub fn parse(file: &Path, text: &str, env: &str) -> Result<Topology, ConfigErrors> {
         parse::parse(text, env)
-            .map(|(master, servers)| Topology { file: file.to_path_buf(), env: env.to_string(), master, servers })
+            .map(|(master, servers)| {
+                let mut t = Topology { file: file.to_path_buf(), env: env.to_string(), master, servers };
+                let base = std::path::absolute(t.base_dir()).unwrap_or_else(|_| t.base_dir());
+                for ssl in t.servers.iter_mut().filter_map(|s| s.ssl.as_mut()) {
+                    ssl.cert = base.join(&ssl.cert);
+                    ssl.key = base.join(&ssl.key);
+                }
+                t
+            })
             .map_err(|errors| ConfigErrors { file: file.to_path_buf(), errors })
     }
 
@@ -312,6 +360,14 @@ impl Topology {
 
     pub fn run_dir(&self) -> PathBuf {
         self.base_dir().join(&self.master.run_dir)
+    }
+
+    /// Whether control and RPC links run over TLS: `clusterTls`, or by default whenever the master or any
+    /// server is on a host that is not loopback.
+    pub fn cluster_tls(&self) -> bool {
+        self.master
+            .cluster_tls
+            .unwrap_or_else(|| !is_local_host(&self.master.host) || self.servers.iter().any(|s| !s.is_local()))
     }
 
     pub fn log_dir(&self) -> PathBuf {

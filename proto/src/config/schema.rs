@@ -12,7 +12,7 @@ use serde_yaml::Value;
 
 use super::locate::Seg;
 use super::walk::{child, describe, item, set, Ctx};
-use super::{LogConfig, MasterConfig, RestartPolicy, ServerSpec};
+use super::{LogConfig, MasterConfig, RestartPolicy, ServerSpec, SslFiles};
 use crate::control::ServerType;
 
 pub(super) const ROOT_KEYS: &[&str] = &["master", "servers", "environments"];
@@ -51,6 +51,24 @@ const MASTER: &[Row<MasterConfig>] = &[
             }
         }
     }),
+    Row("adminHosts", |c, m, v, p| match v {
+        Value::Sequence(items) => {
+            m.admin_hosts.clear();
+            for (i, h) in items.iter().enumerate() {
+                let at = item(p, i);
+                match c.string(h, &at) {
+                    Some(h) if valid_host_name(&h) => m.admin_hosts.push(h),
+                    Some(h) => c.err(&at, format!("`{h}` is not a host name (letters, digits, `-` and `.`)")),
+                    None => {}
+                }
+            }
+        }
+        other => c.err(p, format!("expected a list of host names, found {}", describe(other))),
+    }),
+    Row("clusterTls", |c, m, v, p| match v {
+        Value::Bool(b) => m.cluster_tls = Some(*b),
+        other => c.err(p, format!("expected true or false, found {}", describe(other))),
+    }),
     Row("restart", |c, m, v, p| apply(c, &mut m.restart, v, p, RESTART)),
     Row("stopGrace", |c, m, v, p| set(&mut m.stop_grace, c.duration(v, p))),
     Row("heartbeatInterval", |c, m, v, p| set(&mut m.heartbeat_interval, c.duration(v, p))),
@@ -84,12 +102,19 @@ const LOGS: &[Row<LogConfig>] = &[
     Row("keep", |c, l, v, p| set(&mut l.keep, c.uint(v, p, 100).map(|n| n as u32))),
 ];
 
+/// A DNS name the admin server may be reached by (no port, no scheme).
+fn valid_host_name(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 253 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 pub(super) fn default_master() -> MasterConfig {
     MasterConfig {
         host: "127.0.0.1".into(),
         control_port: 3005,
         admin: SocketAddr::from(([127, 0, 0, 1], 7001)),
         admin_token: None,
+        admin_hosts: Vec::new(),
+        cluster_tls: None,
         restart: RestartPolicy::default(),
         stop_grace: Duration::from_secs(10),
         heartbeat_interval: Duration::from_secs(1),
@@ -131,7 +156,25 @@ fn typed_key(c: &mut Ctx, d: &Draft, only: ServerType, key: &str, p: &[Seg]) -> 
     t == only
 }
 
+const SSL: &[Row<SslFiles>] = &[
+    Row("cert", |c, s, v, p| set(&mut s.cert, c.string(v, p).map(PathBuf::from))),
+    Row("key", |c, s, v, p| set(&mut s.key, c.string(v, p).map(PathBuf::from))),
+];
+
 const SERVER: &[Row<Draft>] = &[
+    Row("ssl", |c, d, v, p| {
+        if d.spec.server_type == ServerType::Chat {
+            c.err(p, "`ssl` applies to gate and connector servers (their client ports), not to chat servers");
+            return;
+        }
+        let mut ssl = SslFiles::default();
+        apply(c, &mut ssl, v, p, SSL);
+        if ssl.cert.as_os_str().is_empty() || ssl.key.as_os_str().is_empty() {
+            c.err(p, "`ssl` needs both `cert` and `key` (PEM files)");
+        } else {
+            d.spec.ssl = Some(ssl);
+        }
+    }),
     Row("id", |c, d, v, p| {
         if let Some(id) = c.string(v, p) {
             d.has_id = true;
@@ -241,6 +284,24 @@ const SERVER: &[Row<Draft>] = &[
             }
         }
     }),
+    Row("checkClient", |c, d, v, p| {
+        if !frontend_key(c, d, "checkClient", p) {
+            return;
+        }
+        let Some(map) = c.mapping(v, p) else { return };
+        for (k, val) in map {
+            let at = child(p, &k.as_str().map(String::from).unwrap_or_default());
+            let (Some(ty), Some(min)) = (k.as_str(), c.string(val, &at)) else {
+                c.err(&at, "expected `client type: minimum version`, e.g. `js-websocket: 0.0.1`");
+                continue;
+            };
+            if crate::wire::handshake::parse_version(&min).is_none() {
+                c.err(&at, format!("`{min}` is not a version: use numbers and dots, e.g. 1.2.0"));
+            } else {
+                d.spec.check_client.insert(ty.to_string(), min);
+            }
+        }
+    }),
     Row("maxNameLength", |c, d, v, p| {
         if typed_key(c, d, ServerType::Connector, "maxNameLength", p) {
             match c.uint(v, p, super::MAX_MAX_NAME_BYTES as u64) {
@@ -292,11 +353,13 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         idle_timeout: Duration::from_secs(90),
         max_message_bytes: super::DEFAULT_MAX_MESSAGE_BYTES,
         max_requests_per_second: super::DEFAULT_REQUESTS_PER_SECOND,
+        check_client: BTreeMap::new(),
         max_name_bytes: super::DEFAULT_MAX_NAME_BYTES,
         max_room_members: super::DEFAULT_MAX_ROOM_MEMBERS,
         max_rooms: super::DEFAULT_MAX_ROOMS,
         threads: None,
         external: false,
+        ssl: None,
     }
 }
 

@@ -188,3 +188,55 @@ servers:
         assert!(e.contains(&format!("servers.yaml:{line}:")) && e.contains(what), "{what} at {line} in {e}");
     }
 }
+
+#[test]
+fn tls_and_admin_settings_are_checked_with_their_lines() {
+    let text = "\
+master:
+  clusterTls: yes please
+  adminHosts: [admin.example.com, 'bad host!']
+servers:
+  connector:
+    - {id: c-1, port: 3150, clientPort: 3010, ssl: {cert: tls/cert.pem}}
+  chat:
+    - {id: chat-1, port: 6050, ssl: {cert: a.pem, key: b.pem}}
+";
+    let err = parse(text).expect_err("invalid");
+    let find = |needle: &str| {
+        err.errors.iter().find(|e| e.message.contains(needle)).unwrap_or_else(|| panic!("no `{needle}` in {err:?}"))
+    };
+    assert_eq!(find("expected true or false").line, Some(2));
+    assert_eq!(find("is not a host name").line, Some(3));
+    assert_eq!(find("needs both `cert` and `key`").line, Some(6));
+    assert_eq!(find("applies to gate and connector servers").line, Some(8));
+
+    let ok = "\
+master:
+  clusterTls: true
+  adminHosts: [admin.example.com]
+servers:
+  connector:
+    - {id: c-1, port: 3150, clientPort: 3010, ssl: {cert: tls/cert.pem, key: /etc/k.pem}}
+  chat:
+    - {id: chat-1, port: 6050, host: 127.0.0.1}
+";
+    let t = Topology::parse(Path::new("/srv/chat/servers.yaml"), ok, DEFAULT_ENV).expect("valid");
+    assert!(t.cluster_tls());
+    assert_eq!(t.master.admin_hosts, ["admin.example.com"]);
+    let ssl = t.servers[0].ssl.as_ref().expect("ssl");
+    assert_eq!(ssl.cert, Path::new("/srv/chat/tls/cert.pem"), "relative to servers.yaml");
+    assert_eq!(ssl.key, Path::new("/etc/k.pem"));
+    let local = parse("servers:\n  chat:\n    - {id: chat-1, port: 6050}\n").expect("valid");
+    assert!(!local.cluster_tls(), "off on one machine by default");
+    let remote = parse("servers:\n  chat:\n    - {id: chat-1, port: 6050, host: 10.0.0.2}\n").expect("valid");
+    assert!(remote.cluster_tls(), "on by default across hosts");
+}
+
+#[test]
+fn a_host_name_binds_its_address_never_every_interface() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    assert_eq!(bind_ip("localhost").expect("localhost"), ip("127.0.0.1"));
+    assert_eq!(bind_ip("10.1.2.3").expect("literal"), ip("10.1.2.3"));
+    assert_eq!(bind_ip("0.0.0.0").expect("explicit"), ip("0.0.0.0"), "every interface only when asked for");
+    assert!(bind_ip("no-such-host.invalid").is_err(), "a name that does not resolve is an error");
+}

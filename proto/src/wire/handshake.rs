@@ -17,6 +17,28 @@ pub const CODE_USE_ERROR: u16 = 500;
 /// `checkClient` refused the client type/version.
 pub const CODE_OLD_CLIENT: u16 = 501;
 
+/// A dotted version (`1.2.10`) as numbers, compared part by part (`1.2.10` > `1.2.9`); `None` if it is not one.
+pub fn parse_version(v: &str) -> Option<Vec<u64>> {
+    let v = v.trim().trim_start_matches('v');
+    let parts: Option<Vec<u64>> = v.split('.').map(|p| p.parse().ok()).collect();
+    parts.filter(|p| !p.is_empty() && p.len() <= 8)
+}
+
+/// `checkClient` from servers.yaml: the minimum version for the client's type (or for `*`); a client of
+/// a type with a minimum passes only with a version at least that. Types without one pass.
+pub fn client_allowed(
+    min_versions: &std::collections::BTreeMap<String, String>,
+    client_type: Option<&str>,
+    client_version: Option<&str>,
+) -> bool {
+    let rule = client_type.and_then(|t| min_versions.get(t)).or_else(|| min_versions.get("*"));
+    let Some(min) = rule.and_then(|m| parse_version(m)) else { return true };
+    let Some(have) = client_version.and_then(parse_version) else { return false };
+    let len = have.len().max(min.len());
+    let pad = |v: &[u64]| (0..len).map(|i| v.get(i).copied().unwrap_or(0)).collect::<Vec<_>>();
+    pad(&have) >= pad(&min)
+}
+
 /// What the client sent; every field is optional because Pomelo treats a bad body as `{}`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HandshakeRequest {
@@ -154,6 +176,24 @@ mod tests {
         assert_eq!(r.dict_version, None);
         assert_eq!(r.proto_version, Some(Value::from(0)));
         assert_eq!(r.user, None);
+    }
+
+    #[test]
+    fn check_client_compares_versions_per_type() {
+        let rules: std::collections::BTreeMap<String, String> =
+            [("js-websocket", "0.0.2"), ("desktop", "1.10")].map(|(k, v)| (k.to_string(), v.to_string())).into();
+        assert!(client_allowed(&rules, Some("js-websocket"), Some("0.0.2")));
+        assert!(client_allowed(&rules, Some("js-websocket"), Some("0.1")));
+        assert!(!client_allowed(&rules, Some("js-websocket"), Some("0.0.1")));
+        assert!(!client_allowed(&rules, Some("js-websocket"), None), "no version for a type with a minimum");
+        assert!(!client_allowed(&rules, Some("desktop"), Some("1.9.9")), "1.9.9 < 1.10");
+        assert!(client_allowed(&rules, Some("desktop"), Some("1.10.0")));
+        assert!(client_allowed(&rules, Some("unity"), None), "types without a rule pass");
+        let any: std::collections::BTreeMap<String, String> = [("*".to_string(), "2".to_string())].into();
+        assert!(!client_allowed(&any, Some("unity"), Some("1.5")));
+        assert!(client_allowed(&any, None, Some("2.0.1")));
+        assert_eq!(parse_version("v1.2.3"), Some(vec![1, 2, 3]));
+        assert_eq!(parse_version("1.x"), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod handshake;
 pub mod message;
 pub mod package;
 pub mod protobuf;
+pub mod text;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -57,7 +58,8 @@ pub fn encode_push_json<T: Serialize + ?Sized>(
     route: &str,
     body: &T,
 ) -> Result<Bytes, MessageError> {
-    let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    // Non-BMP characters as escapes: see `text` (the JS client cannot decode 4-byte UTF-8).
+    let body = text::escape_non_bmp(serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec()));
     encode_push(dict, route, &body)
 }
 

@@ -5,7 +5,7 @@
 //! [`pomelo_proto::auth`]: the connector's hello (its id, a nonce), this server's challenge (its nonce and
 //! a proof with the link key it derives from its own key and that id), the connector's proof; only a
 //! connector holding the link key the master issued it for this server gets past it, so no one can claim
-//! another connector's name. Before that, frames are capped at [`auth::HANDSHAKE_MAX_FRAME`], the whole
+//! another connector's name; and a connector the membership lists must connect from its `host`. Before that, frames are capped at [`auth::HANDSHAKE_MAX_FRAME`], the whole
 //! handshake at [`auth::HANDSHAKE_TIMEOUT`], and at most [`auth::MAX_UNAUTHENTICATED`] connections are in
 //! it at once (more are closed at once). Then it reads requests and passes them to the rooms task on a bounded channel
 //! ([`INBOX`]), and writes what the rooms task puts in its outbox (answers and deliveries;
@@ -18,7 +18,8 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use pomelo_proto::auth::{self, Key, LinkKind, Role, Transcript};
 use pomelo_proto::cluster::{self, ChatError, ChatRequest, FromChat, Member, ToChat};
-use pomelo_proto::control::{Membership, Stats};
+use pomelo_proto::control::{Membership, ServerType, Stats};
+use pomelo_proto::peer;
 use pomelo_proto::wire::Dictionary;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -89,6 +90,7 @@ impl ChatServer {
         let metrics = self.metrics.clone();
         let tasks = self.tasks.clone();
         let limits = self.limits;
+        let members = self.membership.clone();
         self.tasks.spawn(rooms_task(self.id, self.dict, self.membership, self.metrics, rx, stop.clone(), limits));
         tasks.clone().spawn(async move {
             let mut next = 0u64;
@@ -104,10 +106,11 @@ impl ChatServer {
                 next += 1;
                 let conn = next;
                 let (tx, me, metrics, stop) = (tx.clone(), me.clone(), metrics.clone(), stopping.clone());
+                let members = members.clone();
                 tasks.spawn(async move {
                     tokio::select! {
                         _ = stop.cancelled() => {}
-                        r = link(stream, conn, tx, &me, permit, metrics) => if let Err(e) = r {
+                        r = link(stream, conn, tx, &me, permit, metrics, members) => if let Err(e) = r {
                             tracing::info!("rpc link from {peer} closed: {e}");
                         }
                     }
@@ -125,16 +128,38 @@ async fn link(
     me: &(String, Option<Key>),
     permit: OwnedSemaphorePermit,
     metrics: Arc<ChatMetrics>,
+    members: watch::Receiver<Arc<Membership>>,
 ) -> anyhow::Result<()> {
     stream.set_nodelay(true).ok();
+    let peer = stream.peer_addr()?.ip();
+    let peer_local = peer.is_loopback() || stream.local_addr().is_ok_and(|l| l.ip() == peer);
     let (chat, key) = me;
     let key = key.as_ref().ok_or_else(|| anyhow::anyhow!("this chat server has no valid server key"))?;
     let mut codec = pomelo_proto::link::cluster_codec();
     codec.set_max_frame_length(auth::HANDSHAKE_MAX_FRAME);
-    let mut framed = Framed::new(stream, codec);
-    let connector: Arc<str> = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, handshake(&mut framed, chat, key))
+    // The TLS handshake and ours share one deadline.
+    let opened = async {
+        let stream = pomelo_proto::tls::worker_accept(stream).await.map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let mut framed = Framed::new(stream, codec);
+        let connector = handshake(&mut framed, chat, key).await?;
+        anyhow::Ok((framed, connector))
+    };
+    let (mut framed, connector): (_, Arc<str>) = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, opened)
         .await
         .map_err(|_| anyhow::anyhow!("no handshake within {:?}", auth::HANDSHAKE_TIMEOUT))??;
+    // A connector the membership lists must come from its `host`; one it does not list yet (a new
+    // master that has not heard from it) is vouched for by its link key alone.
+    let host = members
+        .borrow()
+        .servers
+        .iter()
+        .find(|s| s.server_type == ServerType::Connector && *s.id == *connector)
+        .map(|s| s.host.clone());
+    if let Some(host) = host {
+        let resolved = if peer::is_dns_name(&host) { peer::resolve(&host).await } else { Vec::new() };
+        peer::fits(&host, peer, peer_local, &resolved)
+            .map_err(|why| anyhow::anyhow!("connector \"{}\" refused: {why}", auth::printable(&connector)))?;
+    }
     drop(permit);
     framed.codec_mut().set_max_frame_length(pomelo_proto::link::CLUSTER_MAX_FRAME);
     framed.send(cluster::encode_msg(&FromChat::Welcome { chat: chat.clone() })).await?;
@@ -208,7 +233,7 @@ async fn link(
 
 /// This server's side of the handshake: the connector id that proved itself (escaped in every error).
 async fn handshake(
-    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    framed: &mut Framed<pomelo_proto::tls::Stream, LengthDelimitedCodec>,
     chat: &str,
     key: &Key,
 ) -> anyhow::Result<Arc<str>> {

@@ -193,6 +193,9 @@ async fn connect_and_serve(
         key.ok_or_else(|| anyhow::anyhow!("the membership holds no link key for this connector with `{chat}`"))?;
     let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
     stream.set_nodelay(true).ok();
+    let stream = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, pomelo_proto::tls::worker_connect(stream, addr.ip()))
+        .await
+        .map_err(|_| anyhow::anyhow!("no TLS handshake with `{chat}` within 5s"))??;
     let mut codec = pomelo_proto::link::cluster_codec();
     codec.set_max_frame_length(auth::HANDSHAKE_MAX_FRAME);
     let mut framed = Framed::new(stream, codec);
@@ -271,7 +274,7 @@ async fn connect_and_serve(
 /// The connector's side of the handshake: hello, check the chat server's proof, then prove, then wait
 /// for the welcome.
 async fn handshake(
-    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    framed: &mut Framed<pomelo_proto::tls::Stream, LengthDelimitedCodec>,
     connector: &str,
     chat: &str,
     key: &Key,

@@ -46,6 +46,27 @@ pub struct FrontendConfig {
     pub shutdown_grace: Duration,
     /// Bound on `Handler::on_close`.
     pub close_hook_timeout: Duration,
+    /// servers.yaml `checkClient`: the oldest version accepted per client type (`*` for the others).
+    pub check_client: std::collections::BTreeMap<String, String>,
+    /// TLS for `wss://` and TLS over TCP on the same port (servers.yaml `ssl`); plain clients still work.
+    pub tls: Option<ClientTls>,
+}
+
+/// A client port's certificate and key, ready to accept TLS.
+#[derive(Clone)]
+pub struct ClientTls(pub pomelo_proto::tls::TlsAcceptor);
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
+}
+
+impl ClientTls {
+    /// From PEM files: the certificate chain and its private key.
+    pub fn from_files(cert: &std::path::Path, key: &std::path::Path) -> std::io::Result<ClientTls> {
+        pomelo_proto::tls::client_port_acceptor(cert, key).map(ClientTls)
+    }
 }
 
 impl FrontendConfig {
@@ -71,6 +92,8 @@ impl FrontendConfig {
             kick_flush_timeout: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(2),
             close_hook_timeout: Duration::from_secs(5),
+            tls: None,
+            check_client: Default::default(),
         }
     }
 

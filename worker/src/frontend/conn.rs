@@ -58,7 +58,12 @@ pub(crate) async fn run(
     let started = Instant::now();
     // Boxed: the HTTP/WebSocket upgrade state is large and only needed until the protocol starts, so a
     // long-lived connection task does not carry it.
-    let accept = Box::pin(transport::accept(stream, &*shared.handler, shared.ws_config));
+    let accept = Box::pin(transport::accept(
+        stream,
+        &*shared.handler,
+        shared.ws_config,
+        shared.config.tls.as_ref().map(|t| &t.0),
+    ));
     let accepted = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = timeout(cfg.handshake_timeout, accept) => r,
@@ -335,7 +340,12 @@ impl<'a> Conn<'a> {
         let cfg = &self.shared.config;
         let reply = if !req.has_sys {
             Err(handshake::CODE_USE_ERROR)
-        } else if !handler.check_client(req.client_type.as_deref(), req.client_version.as_deref()) {
+        } else if !handshake::client_allowed(
+            &cfg.check_client,
+            req.client_type.as_deref(),
+            req.client_version.as_deref(),
+        ) || !handler.check_client(req.client_type.as_deref(), req.client_version.as_deref())
+        {
             Err(handshake::CODE_OLD_CLIENT)
         } else {
             match handler.handshake_user(req.user.as_ref()) {
@@ -371,7 +381,9 @@ impl<'a> Conn<'a> {
         };
         let body = match res {
             Ok(Value::Null) => b"{}".to_vec(),
-            Ok(v) => serde_json::to_vec(&v).unwrap_or_else(|_| br#"{"code":500}"#.to_vec()),
+            Ok(v) => pomelo_proto::wire::text::escape_non_bmp(
+                serde_json::to_vec(&v).unwrap_or_else(|_| br#"{"code":500}"#.to_vec()),
+            ),
             Err(e) => {
                 // Handler errors may quote what the client sent: Debug-quoted, so it cannot forge lines.
                 tracing::warn!(session = self.inner.id, "request {id} failed: {:?}", e.to_string());

@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::FrontendConfig;
+pub use config::{ClientTls, FrontendConfig};
 pub use handler::{BoxFuture, Handler, HandlerError, Request, RequestKind};
 pub use metrics::FrontendMetrics;
 pub use queue::PushError;

@@ -104,8 +104,12 @@ fn on_message(body: &Bytes, ctx: &Ctx<'_>) -> Action {
     if !ctx.routes.contains(&route) {
         return fail("no handler for route");
     }
-    // Pomelo: a body that is not JSON is `{}`.
-    let body = serde_json::from_slice(&msg.body).unwrap_or_else(|_| Value::Object(Default::default()));
+    // Pomelo: a body that is not JSON is `{}`. The JS client sends emoji as CESU-8 surrogate pairs, which
+    // are not UTF-8: joined into real characters first.
+    let body = serde_json::from_slice(&msg.body)
+        .ok()
+        .or_else(|| serde_json::from_slice(&pomelo_proto::wire::text::cesu8_to_utf8(&msg.body)?).ok())
+        .unwrap_or_else(|| Value::Object(Default::default()));
     Action::Dispatch { id, route, body }
 }
 

@@ -3,13 +3,18 @@
 //! request answered by [`super::Handler::http_get`]; anything else is raw TCP with the same package
 //! framing. After the upgrade both are split into a [`Reader`] (owned by the connection task) and a
 //! [`Writer`] (owned by the writer task). No tasks here; the caller bounds every call with a timeout.
+//!
+//! With a certificate configured (`ssl` in servers.yaml), a connection whose first byte is a TLS
+//! handshake record (0x16) is TLS, and the same choice is made inside it: `wss://` and TLS over TCP on the
+//! same port as the plain ones. Plain TCP keeps its zero-buffer idle reads; TLS needs a buffer per socket.
 
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use pomelo_proto::tls::{Stream, TlsAcceptor};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -23,13 +28,15 @@ use super::handler::Handler;
 /// Largest HTTP request head we read before giving up on a client.
 const MAX_HTTP_HEAD: usize = 8 * 1024;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Stream>;
 
 pub(crate) enum Accepted {
     /// The handshake (HTTP 101) is done.
     WebSocket(Box<Ws>),
     /// Raw TCP; nothing has been read yet.
     Tcp(TcpStream),
+    /// Raw TCP inside TLS, and the first bytes read from it.
+    TlsTcp(Box<Stream>, BytesMut),
     /// A plain HTTP request was answered; close.
     HttpAnswered,
 }
@@ -44,20 +51,49 @@ pub(crate) enum AcceptError {
     BadHttp(&'static str),
 }
 
-/// Decides the transport and performs the WebSocket upgrade.
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+fn is_http(first: u8) -> bool {
+    matches!(first, b'G' | b'P' | b'D' | b'H')
+}
+
+/// Decides the transport (TLS or not, then HTTP or TCP) and performs the WebSocket upgrade.
 pub(crate) async fn accept(
-    mut stream: TcpStream,
+    stream: TcpStream,
     handler: &dyn Handler,
     ws_config: WebSocketConfig,
+    tls: Option<&TlsAcceptor>,
 ) -> Result<Accepted, AcceptError> {
     let mut first = [0u8; 1];
     if stream.peek(&mut first).await? == 0 {
         return Err(AcceptError::Eof);
     }
-    if !matches!(first[0], b'G' | b'P' | b'D' | b'H') {
+    if let (TLS_HANDSHAKE, Some(tls)) = (first[0], tls) {
+        let _ = stream.set_nodelay(true);
+        let mut io = Stream::Server(Box::new(tls.accept(stream).await?));
+        let mut buf = BytesMut::with_capacity(1024);
+        if io.read_buf(&mut buf).await? == 0 {
+            return Err(AcceptError::Eof);
+        }
+        if !is_http(buf[0]) {
+            return Ok(Accepted::TlsTcp(Box::new(io), buf));
+        }
+        return http(io, buf, handler, ws_config).await;
+    }
+    if !is_http(first[0]) {
         return Ok(Accepted::Tcp(stream));
     }
-    let mut buf = BytesMut::with_capacity(1024);
+    http(Stream::Plain(stream), BytesMut::with_capacity(1024), handler, ws_config).await
+}
+
+/// An HTTP request (`buf` holds what was read of it already): a WebSocket upgrade, or a page.
+async fn http(
+    mut stream: Stream,
+    mut buf: BytesMut,
+    handler: &dyn Handler,
+    ws_config: WebSocketConfig,
+) -> Result<Accepted, AcceptError> {
     let head_len = loop {
         if let Some(end) = find_head_end(&buf) {
             break end;
@@ -83,6 +119,7 @@ pub(crate) async fn accept(
             derive_accept_key(key.as_bytes())
         );
         stream.write_all(reply.as_bytes()).await?;
+        stream.flush().await?;
         // Bytes after the head (a client that did not wait for 101) belong to the WebSocket.
         let rest = buf.split_off(head_len + 4).to_vec();
         let ws = WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(ws_config)).await;
@@ -126,9 +163,10 @@ fn parse_head(head: &str) -> Option<Head<'_>> {
     Some(Head { method, path, headers })
 }
 
-async fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &[u8]) {
+async fn respond(stream: &mut (impl AsyncWrite + Unpin), status: &str, ctype: &str, body: &[u8]) {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nX-Content-Type-Options: nosniff\r\n\
+         X-Frame-Options: DENY\r\nReferrer-Policy: same-origin\r\nConnection: close\r\n\r\n",
         body.len()
     );
     // The client may already be gone; there is nobody to report a failure to.
@@ -157,6 +195,8 @@ fn io_error(what: &str, e: std::io::Error) -> ReadError {
 pub(crate) enum Reader {
     Ws(SplitStream<Ws>),
     Tcp(OwnedReadHalf),
+    /// TCP inside TLS, and bytes read before the split not yet handed out.
+    TlsTcp(ReadHalf<Stream>, BytesMut),
 }
 
 /// One read: bytes of a WebSocket message (whole packages only) or of the TCP stream (any split).
@@ -223,6 +263,21 @@ impl Reader {
                     Err(e) => return Err(io_error("tcp", e)),
                 }
             },
+            Reader::TlsTcp(r, early) => {
+                if !early.is_empty() {
+                    let n = early.len();
+                    tcp_buf.extend_from_slice(&early.split());
+                    return Ok(Inbound::Stream(n));
+                }
+                if tcp_buf.capacity() - tcp_buf.len() < READ_CHUNK {
+                    tcp_buf.reserve(READ_CHUNK);
+                }
+                match r.read_buf(tcp_buf).await {
+                    Ok(0) => Ok(Inbound::Closed),
+                    Ok(n) => Ok(Inbound::Stream(n)),
+                    Err(e) => Err(io_error("tls", e)),
+                }
+            }
         }
     }
 }
@@ -245,6 +300,7 @@ const READ_CHUNK: usize = 4096;
 pub(crate) enum Writer {
     Ws(SplitSink<Ws, WsMessage>),
     Tcp(OwnedWriteHalf),
+    TlsTcp(WriteHalf<Stream>),
 }
 
 impl Writer {
@@ -259,6 +315,10 @@ impl Writer {
                 s.flush().await.map_err(|e| format!("websocket: {e}"))
             }
             Writer::Tcp(w) => w.write_all(&batch).await.map_err(|e| format!("tcp: {e}")),
+            Writer::TlsTcp(w) => {
+                w.write_all(&batch).await.map_err(|e| format!("tls: {e}"))?;
+                w.flush().await.map_err(|e| format!("tls: {e}"))
+            }
         }
     }
 
@@ -267,6 +327,7 @@ impl Writer {
         let _ = match self {
             Writer::Ws(s) => s.close().await.map_err(|_| ()),
             Writer::Tcp(w) => w.shutdown().await.map_err(|_| ()),
+            Writer::TlsTcp(w) => w.shutdown().await.map_err(|_| ()),
         };
     }
 }
@@ -282,6 +343,10 @@ pub(crate) fn split(accepted: Accepted) -> Option<(Reader, Writer)> {
             let _ = s.set_nodelay(true);
             let (r, w) = s.into_split();
             Some((Reader::Tcp(r), Writer::Tcp(w)))
+        }
+        Accepted::TlsTcp(s, early) => {
+            let (r, w) = tokio::io::split(*s);
+            Some((Reader::TlsTcp(r, early), Writer::TlsTcp(w)))
         }
         Accepted::HttpAnswered => None,
     }

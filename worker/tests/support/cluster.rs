@@ -242,6 +242,18 @@ impl MiniCluster {
         self.publish_with(if with_connector { &["connector-1"] } else { &[] });
     }
 
+    /// Publishes `chat-1`, `connector-1` and `connector` on `host`.
+    pub fn publish_connector_on(&self, connector: &str, host: &str) {
+        let mut other = server(connector, ServerType::Connector, None);
+        other.host = host.into();
+        let servers = vec![
+            server("chat-1", ServerType::Chat, Some(self.relay.addr)),
+            server("connector-1", ServerType::Connector, None),
+            other,
+        ];
+        self.membership.send_modify(|m| *m = Arc::new(Membership { epoch: m.epoch, version: m.version + 1, servers }));
+    }
+
     /// Publishes a new membership epoch with `chat-1` and these connectors.
     pub fn publish_with(&self, connectors: &[&str]) {
         let mut servers = vec![server("chat-1", ServerType::Chat, Some(self.relay.addr))];

@@ -111,7 +111,10 @@ impl Sim {
             pid,
             spec_hash: spec_hash.unwrap_or_else(|| spec.fingerprint()),
             addrs: Default::default(),
-            peer: "127.0.0.1:9".parse().expect("addr"),
+            // From the server's own host, as a real worker connects.
+            peer: std::net::SocketAddr::new(spec.host.parse().unwrap_or([127, 0, 0, 1].into()), 9),
+            peer_local: spec.is_local(),
+            host_addrs: Vec::new(),
         };
         (conn, self.ev(Event::Registered { reg, holder_alive: false }))
     }
@@ -323,6 +326,8 @@ fn registrations_are_refused_by_every_rule() {
             spec_hash: spec.map(|s| s.fingerprint()).unwrap_or_default(),
             addrs: Default::default(),
             peer: "127.0.0.1:9".parse().expect("addr"),
+            peer_local: true,
+            host_addrs: Vec::new(),
         };
         f(&mut r);
         let e = s.ev(Event::Registered { reg: r, holder_alive: alive });
@@ -336,9 +341,11 @@ fn registrations_are_refused_by_every_rule() {
     let pid = s.pid("chat-1");
     let other = |r: &mut Registration| r.pid = 4242;
     assert_eq!(r(&mut s, "chat-1", &other, true), format!("pid {pid} already serves `chat-1`"));
-    // The pid it holds is dead: the newcomer takes the slot.
-    assert_eq!(reg(&mut s, "chat-1", &other, false), None);
-    assert_eq!(s.pid("chat-1"), 4242);
+    // The pid it holds is dead: a newcomer with another pid is still not a process this master started
+    // (security review H4: a registration never names a pid for the master to signal later).
+    let refused = r(&mut s, "chat-1", &other, false);
+    assert_eq!(refused, format!("pid 4242 is not the process this master started for `chat-1` (pid {pid})"));
+    assert_eq!(s.pid("chat-1"), pid);
     s.ev(Event::Command(Command::Stop("chat-2".into())));
     let pid2 = s.pid("chat-2");
     s.ev(Event::Exited { id: "chat-2".into(), pid: pid2, status: ExitStatus::Code { code: 0 } });
