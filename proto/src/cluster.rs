@@ -116,6 +116,13 @@ pub enum FromChat {
     Lost {
         sessions: Vec<u64>,
     },
+    /// The set of chat servers changed and this one now reckons room ownership over `chats`: a connector
+    /// that agrees sends its re-join (one that does not will re-join on its own membership change). Without
+    /// it, a connector that learnt of the change first re-joined a chat server that did not own the rooms
+    /// yet, and the rooms stayed empty.
+    Rejoin {
+        chats: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

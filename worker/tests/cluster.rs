@@ -323,3 +323,56 @@ async fn deliveries_dropped_for_a_connector_that_stops_reading_are_reported_not_
     })
     .await;
 }
+
+/// The next `Rejoin` ask on a raw link (other frames skipped); `None` after 3 s.
+async fn rejoin_ask(link: &mut Framed<TcpStream, LengthDelimitedCodec>) -> Option<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let frame = tokio::time::timeout_at(deadline, link.next()).await.ok()?.expect("link closed").unwrap();
+        if let cluster::Frame::Msg(FromChat::Rejoin { chats }) = cluster::decode(frame.freeze()).unwrap() {
+            return Some(chats);
+        }
+    }
+}
+
+/// The order in which a membership reaches the workers is not fixed: a connector that learns first that a
+/// chat server is gone re-joins its members with the server that inherits their rooms *before* that
+/// server knows it owns them, and the rejoin is (rightly) ignored there. The rooms stayed empty on their
+/// new owner until the next change (seen in the multi-host test: "no room" for every send after a host
+/// dropped off). A chat server whose set of chat servers changed now asks its connectors to re-join, and a
+/// connector that reckons over the same set does. Fails without the ask (no `Rejoin` frame; xavier
+/// missing from the room).
+#[tokio::test]
+async fn a_chat_server_that_inherits_rooms_asks_its_connectors_to_re_join_them() {
+    bounded(LIMIT, async {
+        let c = MiniCluster::start().await;
+        let connectors = ["connector-1", "connector-x"];
+        c.publish_chats(&[], &connectors);
+        let mut link = rpc_link(&c, "connector-x").await;
+        let both = ["chat-1".to_string(), "chat-x".to_string()];
+        let rid = (0..100)
+            .map(|i| format!("room-{i}"))
+            .find(|r| pomelo_proto::route::owner(r, &both) == Some("chat-x"))
+            .expect("a room chat-x owns");
+        c.publish_chats(&["chat-x"], &connectors);
+        assert_eq!(rejoin_ask(&mut link).await.as_deref(), Some(&both[..]), "chat-1 asks when chat-x joins");
+        // connector-x, already told chat-x is gone, re-joins xavier here first: not this server's room yet.
+        let xavier = Member { rid: rid.clone(), uid: format!("xavier*{rid}"), username: "xavier".into(), session: 1 };
+        let rejoin =
+            |id| ToChat::Request { id, req: ChatRequest::Rejoin { members: vec![xavier.clone()], more: false } };
+        link.send(cluster::encode_msg(&rejoin(1))).await.unwrap();
+        assert!(response(&mut link, 1).await.is_ok());
+        // Then chat-1 learns it: it asks, and the re-join it gets now places xavier.
+        c.publish_chats(&[], &connectors);
+        let asked = rejoin_ask(&mut link).await;
+        assert_eq!(asked.as_deref(), Some(&["chat-1".to_string()][..]), "chat-1 asks for the rooms it inherits");
+        link.send(cluster::encode_msg(&rejoin(2))).await.unwrap();
+        assert!(response(&mut link, 2).await.is_ok());
+        for (kind, name) in [(Kind::Ws, "alice"), (Kind::Tcp, "bob")] {
+            let (_client, r) = enter(kind, &c, name, &rid).await;
+            let users = r["users"].as_array().cloned().unwrap_or_default();
+            assert!(users.contains(&json!("xavier")), "{kind:?}: xavier is in {rid} on its new owner: {r}");
+        }
+    })
+    .await;
+}

@@ -34,6 +34,7 @@ pub struct Outbox {
     queued: Arc<AtomicUsize>,
     cap: usize,
     lost: LostSet,
+    ask: Ask,
 }
 
 pub struct WeakOutbox {
@@ -41,20 +42,27 @@ pub struct WeakOutbox {
     queued: Arc<AtomicUsize>,
     cap: usize,
     lost: LostSet,
+    ask: Ask,
 }
 
 pub struct OutboxRx {
     rx: mpsc::Receiver<Bytes>,
     queued: Arc<AtomicUsize>,
     lost: LostSet,
+    ask: Ask,
 }
+
+/// A control frame that must reach the connector even when the outbox is full: kept here and written
+/// after the writer's next batch ([`OutboxRx::take_ask`]).
+type Ask = Arc<Mutex<Option<Bytes>>>;
 
 /// An outbox of at most `frames` frames and about `bytes` bytes, and its receiving end.
 pub fn outbox(frames: usize, bytes: usize) -> (Outbox, OutboxRx) {
     let (tx, rx) = mpsc::channel(frames);
     let queued = Arc::new(AtomicUsize::new(0));
-    let lost = LostSet::default();
-    (Outbox { tx, queued: queued.clone(), cap: bytes, lost: lost.clone() }, OutboxRx { rx, queued, lost })
+    let (lost, ask) = (LostSet::default(), Ask::default());
+    let tx = Outbox { tx, queued: queued.clone(), cap: bytes, lost: lost.clone(), ask: ask.clone() };
+    (tx, OutboxRx { rx, queued, lost, ask })
 }
 
 impl Outbox {
@@ -85,19 +93,29 @@ impl Outbox {
         }
     }
 
+    /// Queues `frame` (a request to the connector, newest wins) so that it is never dropped: when the
+    /// outbox is full it waits beside it for the writer, which is busy with what is queued.
+    pub fn ask(&self, frame: Bytes) {
+        if let Err(frame) = self.try_send(frame) {
+            *self.ask.lock().unwrap_or_else(|p| p.into_inner()) = Some(frame);
+        }
+    }
+
     /// Bytes queued now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }
 
     pub fn downgrade(&self) -> WeakOutbox {
-        WeakOutbox { tx: self.tx.downgrade(), queued: self.queued.clone(), cap: self.cap, lost: self.lost.clone() }
+        let (queued, lost, ask) = (self.queued.clone(), self.lost.clone(), self.ask.clone());
+        WeakOutbox { tx: self.tx.downgrade(), queued, cap: self.cap, lost, ask }
     }
 }
 
 impl WeakOutbox {
     pub fn upgrade(&self) -> Option<Outbox> {
-        Some(Outbox { tx: self.tx.upgrade()?, queued: self.queued.clone(), cap: self.cap, lost: self.lost.clone() })
+        let (queued, lost, ask) = (self.queued.clone(), self.lost.clone(), self.ask.clone());
+        Some(Outbox { tx: self.tx.upgrade()?, queued, cap: self.cap, lost, ask })
     }
 }
 
@@ -113,6 +131,11 @@ impl OutboxRx {
         let mut v: Vec<u64> = std::mem::take(&mut *lock(&self.lost)).into_iter().collect();
         v.sort_unstable();
         v
+    }
+
+    /// The request [`Outbox::ask`] could not queue, if any.
+    pub fn take_ask(&self) -> Option<Bytes> {
+        self.ask.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     pub fn try_recv(&mut self) -> Option<Bytes> {

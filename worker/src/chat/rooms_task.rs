@@ -317,6 +317,13 @@ impl State {
         if moved > 0 {
             tracing::info!("{moved} rooms moved to other chat servers");
         }
+        // Rooms may have come here whose members a connector sent before this server owned them.
+        if self.chats.as_ref().is_some_and(|old| *old != chats) {
+            let ask = cluster::encode_msg(&FromChat::Rejoin { chats: chats.clone() });
+            for (_, outbox) in self.links.values() {
+                outbox.ask(ask.clone());
+            }
+        }
         self.chats = Some(chats);
     }
 

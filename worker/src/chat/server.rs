@@ -181,6 +181,9 @@ async fn link(
             if !lost.is_empty() {
                 sink.feed(cluster::encode_msg(&FromChat::Lost { sessions: lost })).await?;
             }
+            if let Some(ask) = out_rx.take_ask() {
+                sink.feed(ask).await?;
+            }
             sink.flush().await?;
         }
         anyhow::Ok(())

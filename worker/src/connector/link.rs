@@ -65,10 +65,15 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<RpcMetrics>,
     /// The members whose rooms a chat server owns now, read when a re-join is written.
     pub(crate) owned: Owned,
+    /// Whether this connector reckons room ownership over these chat servers now.
+    pub(crate) agrees: Agrees,
 }
 
 /// See [`Shared::owned`].
 pub(crate) type Owned = Box<dyn Fn(&str) -> Vec<Member> + Send + Sync>;
+
+/// See [`Shared::agrees`].
+pub(crate) type Agrees = Box<dyn Fn(&[String]) -> bool + Send + Sync>;
 
 /// Where a request's answer goes.
 pub(crate) type Reply = oneshot::Sender<Result<ChatReply, ChatError>>;
@@ -226,6 +231,13 @@ async fn connect_and_serve(
                 cluster::Frame::Msg(FromChat::Lost { sessions }) => {
                     tracing::warn!("`{chat}` dropped deliveries to {} sessions: kicking them", sessions.len());
                     lost(&sessions);
+                }
+                // A chat server that gained rooms asks for them; a connector with another view of the
+                // chat servers re-joins when its own membership changes.
+                cluster::Frame::Msg(FromChat::Rejoin { chats }) => {
+                    if (inner.agrees)(&chats) {
+                        rejoin.notify_one();
+                    }
                 }
                 cluster::Frame::Msg(FromChat::Welcome { .. } | FromChat::Challenge { .. }) => {}
             }

@@ -83,7 +83,9 @@ impl ChatClient {
             let chats = lock(&c).clone();
             placement::owned_by(chat, lock(&m).values(), &chats)
         });
-        let shared = Arc::new(Shared { connector, token, deliver, lost, metrics, owned });
+        let c = chats.clone();
+        let agrees = Box::new(move |theirs: &[String]| *lock(&c) == theirs);
+        let shared = Arc::new(Shared { connector, token, deliver, lost, metrics, owned, agrees });
         let inner =
             Arc::new(Inner { shared, links: Mutex::new(HashMap::new()), members, chats, shutdown: shutdown.clone() });
         let client = ChatClient { inner };

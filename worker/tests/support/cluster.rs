@@ -254,6 +254,14 @@ impl MiniCluster {
         self.membership.send_modify(|m| *m = Arc::new(Membership { epoch: m.epoch, version: m.version + 1, servers }));
     }
 
+    /// Publishes `chat-1`, the chat servers `others` (at an address nobody listens on) and these connectors.
+    pub fn publish_chats(&self, others: &[&str], connectors: &[&str]) {
+        let mut servers = vec![server("chat-1", ServerType::Chat, Some(self.relay.addr))];
+        servers.extend(others.iter().map(|c| server(c, ServerType::Chat, Some(([127, 0, 0, 1], 9).into()))));
+        servers.extend(connectors.iter().map(|c| server(c, ServerType::Connector, None)));
+        self.membership.send_modify(|m| *m = Arc::new(Membership { epoch: m.epoch, version: m.version + 1, servers }));
+    }
+
     /// Publishes a new membership epoch with `chat-1` and these connectors.
     pub fn publish_with(&self, connectors: &[&str]) {
         let mut servers = vec![server("chat-1", ServerType::Chat, Some(self.relay.addr))];
