@@ -12,7 +12,7 @@
 //! Connection tasks run on the master's task tracker and end when the peer goes away or the listener's
 //! token is cancelled.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pomelo_proto::auth::{self, LinkKind, Role, Transcript};
@@ -21,11 +21,12 @@ use pomelo_proto::link::{self, JsonFramed};
 use pomelo_proto::peer;
 use pomelo_proto::tls;
 use tokio::net::{TcpListener, TcpStream};
-
-use crate::view::ClusterView;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::supervisor::event::Registration;
+use crate::view::ClusterView;
 
 /// Messages queued for one worker; a worker that does not read is cut off.
 const OUTBOX: usize = 64;
@@ -33,34 +34,10 @@ const OUTBOX: usize = 64;
 /// What the control listener tells the supervisor (only about workers that proved their id).
 #[derive(Debug)]
 pub enum LinkEvent {
-    Registered {
-        conn: u64,
-        id: String,
-        server_type: ServerType,
-        pid: u32,
-        spec_hash: String,
-        addrs: BoundAddrs,
-        peer: SocketAddr,
-        /// The peer is on this machine (loopback, or from the address it connected to).
-        peer_local: bool,
-        /// What the server's `host` resolves to, when it is a DNS name (else empty).
-        host_addrs: Vec<IpAddr>,
-        outbox: mpsc::Sender<ToWorker>,
-    },
-    Heartbeat {
-        conn: u64,
-        id: String,
-        stats: Stats,
-    },
-    Leaving {
-        conn: u64,
-        id: String,
-        reason: String,
-    },
-    Closed {
-        conn: u64,
-        id: String,
-    },
+    Registered { reg: Registration, outbox: mpsc::Sender<ToWorker> },
+    Heartbeat { conn: u64, id: String, stats: Stats },
+    Leaving { conn: u64, id: String, reason: String },
+    Closed { conn: u64, id: String },
 }
 
 pub async fn listen(
@@ -183,18 +160,8 @@ async fn serve(
     framed.authenticated();
     let (tx, mut rx) = mpsc::channel(OUTBOX);
     let Registered { id, server_type, pid, spec_hash, addrs } = reg;
-    let registered = LinkEvent::Registered {
-        conn,
-        id: id.clone(),
-        server_type,
-        pid,
-        spec_hash,
-        addrs,
-        peer,
-        peer_local,
-        host_addrs,
-        outbox: tx,
-    };
+    let reg = Registration { conn, id: id.clone(), server_type, pid, spec_hash, addrs, peer, peer_local, host_addrs };
+    let registered = LinkEvent::Registered { reg, outbox: tx };
     if events.send(registered).await.is_err() {
         return;
     }

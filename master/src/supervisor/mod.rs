@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::core::{Core, Effect, Event, Registration};
+use self::core::{Core, Effect, Event};
 use crate::child::{self, Exited};
 use crate::command::{Command, Reply};
 use crate::control::LinkEvent;
@@ -159,21 +159,9 @@ impl Shell {
 
     fn link_event(&mut self, core: &Core, ev: LinkEvent) -> Event {
         match ev {
-            LinkEvent::Registered {
-                conn,
-                id,
-                server_type,
-                pid,
-                spec_hash,
-                addrs,
-                peer,
-                peer_local,
-                host_addrs,
-                outbox,
-            } => {
-                self.effects.outboxes.insert(conn, outbox);
-                let holder_alive = core.local_pid_of(&id).is_some_and(|p| p != pid && child::alive(p));
-                let reg = Registration { conn, id, server_type, pid, spec_hash, addrs, peer, peer_local, host_addrs };
+            LinkEvent::Registered { reg, outbox } => {
+                self.effects.outboxes.insert(reg.conn, outbox);
+                let holder_alive = core.local_pid_of(&reg.id).is_some_and(|p| p != reg.pid && child::alive(p));
                 Event::Registered { reg, holder_alive }
             }
             LinkEvent::Heartbeat { conn, id, stats } => Event::Heartbeat { conn, id, stats },
