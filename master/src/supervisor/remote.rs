@@ -11,8 +11,9 @@
 //! - Killing (hung, stop grace over): the link is closed, the session's ssh is killed, and the remote pid
 //!   is killed over ssh if it is still that worker; with no session, the exit is taken as done at once.
 //!
-//! External servers are never spawned or signalled: a stop asks over the link (`Stop`), their platform
-//! restarts them, and they rejoin with `pomelo-rs worker --join`.
+//! External servers are never spawned or signalled: a stop asks over the link (`Stop`) and their platform
+//! restarts them; they register like any worker (`worker --join`, which would hand them their spec from
+//! the master, is not built yet: today their spec is given to them by hand).
 
 use std::time::Instant;
 
