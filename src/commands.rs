@@ -2,7 +2,7 @@
 //! crates only ever see a token.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -303,33 +303,152 @@ fn human_secs(s: Option<f64>) -> String {
     }
 }
 
+/// Where a worker's spec and key come from.
+pub enum SpecFrom {
+    /// The environment of a child of the master.
+    Env,
+    /// One JSON line on stdin (started over ssh).
+    Stdin,
+    /// The master at `addr`, asked with the credential in `credential` (`supervise: external`).
+    Join { addr: String, credential: PathBuf, patience: Duration },
+}
+
+/// `pomelo-rs credential ID`: the join credential of a `supervise: external` server.
+pub fn credential(cfg: &ConfigArgs, id: &str, output: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let topology = load(cfg)?;
+    let server = topology.server(id).with_context(|| format!("`{id}` is not in {}", cfg.config.display()))?;
+    if server.launch() != pomelo_proto::config::Launch::External {
+        bail!(
+            "`{id}` is started by the master ({}): only `supervise: external` servers join",
+            server.launch().as_str()
+        );
+    }
+    let run_dir = topology.run_dir();
+    let secret = runstate::secret(&run_dir, "cluster-token")
+        .with_context(|| format!("cannot read the cluster secret in {}", run_dir.display()))?;
+    let tls = if topology.cluster_tls() {
+        let ca = pomelo_proto::tls::Authority::load_or_create(&run_dir.join("tls"))
+            .with_context(|| format!("cannot open the cluster CA in {}", run_dir.join("tls").display()))?;
+        Some(ca.issue(id, &server.host)?)
+    } else {
+        None
+    };
+    let key = pomelo_proto::auth::server_key(&secret, id).to_hex();
+    let mut text =
+        serde_json::to_string_pretty(&pomelo_proto::control::JoinCredential { id: id.to_string(), key, tls })?;
+    text.push('\n');
+    match output {
+        Some(path) => {
+            use std::io::Write;
+            let mut f = pomelo_proto::files::open(path, pomelo_proto::files::Mode::Truncate)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            f.write_all(text.as_bytes())?;
+            eprintln!("wrote the join credential of `{id}` to {} (mode 0600; keep it secret)", path.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a join credential (capped at 1 MiB) and checks it is for `id`.
+fn read_credential(path: &Path, id: &str) -> anyhow::Result<pomelo_proto::control::JoinCredential> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = pomelo_proto::files::read_to_string(path, 1 << 20)
+        .with_context(|| format!("cannot read the credential {}", path.display()))?;
+    let c: pomelo_proto::control::JoinCredential =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a join credential", path.display()))?;
+    if c.id != id {
+        bail!("{} is the credential of `{}`, not of `{id}`", path.display(), pomelo_proto::link::printable(&c.id));
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        eprintln!("pomelo-rs: warning: {} can be read by other users; it should be mode 0600", path.display());
+    }
+    Ok(c)
+}
+
+/// `worker --join`: the spec from the master, with the control address it was reached at.
+fn join(addr: &str, id: &str, key: &str, patience: Duration) -> anyhow::Result<WorkerSpec> {
+    let key = pomelo_proto::auth::Key::from_hex(key).context("the credential's key is not 64 hex digits")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let fetched = rt.block_on(pomelo_worker::control::fetch_spec(addr, id, &key, patience));
+    match fetched {
+        Ok(mut spec) => {
+            spec.control_addr = addr.to_string();
+            Ok(spec)
+        }
+        Err(pomelo_worker::control::JoinError::Refused(why)) => Err(Refused(why).into()),
+        Err(pomelo_worker::control::JoinError::NoMaster(why)) => bail!("{why}"),
+    }
+}
+
+/// The master refused this worker (exit 3, which a platform should not restart).
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the master refused it: {}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 pub fn worker(
     id: &str,
-    server_type: &str,
+    server_type: Option<&str>,
     log_level: &str,
     threads: Option<usize>,
-    spec_stdin: bool,
+    how: SpecFrom,
 ) -> anyhow::Result<ExitCode> {
-    let (spec, token) = if spec_stdin {
-        let given = read_stdin_spec()?;
-        if let Some(tls) = given.tls {
-            pomelo_proto::tls::give_worker_material(tls);
+    let joined = matches!(how, SpecFrom::Join { .. });
+    let (spec, token) = match how {
+        SpecFrom::Stdin => {
+            let given = read_stdin_spec()?;
+            if let Some(tls) = given.tls {
+                pomelo_proto::tls::give_worker_material(tls);
+            }
+            (given.spec, given.key)
         }
-        (given.spec, given.key)
-    } else {
-        let json = std::env::var(pomelo_master::child::SPEC_ENV).with_context(|| {
-            format!("`worker` is started by the master (no {} set)", pomelo_master::child::SPEC_ENV)
-        })?;
-        let spec: WorkerSpec = serde_json::from_str(&json).context("the worker spec from the master is malformed")?;
-        (spec, std::env::var(pomelo_master::child::KEY_ENV).unwrap_or_default())
+        SpecFrom::Env => {
+            let json = std::env::var(pomelo_master::child::SPEC_ENV).with_context(|| {
+                format!("`worker` is started by the master (no {} set), or with --join", pomelo_master::child::SPEC_ENV)
+            })?;
+            let spec: WorkerSpec =
+                serde_json::from_str(&json).context("the worker spec from the master is malformed")?;
+            (spec, std::env::var(pomelo_master::child::KEY_ENV).unwrap_or_default())
+        }
+        SpecFrom::Join { addr, credential, patience } => {
+            let c = read_credential(&credential, id)?;
+            if let Some(m) = &c.tls {
+                pomelo_proto::tls::give_worker_material(serde_json::to_string(m)?);
+            }
+            // Its platform keeps its output (the journal, `kubectl logs`): stderr only, no log file.
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_target(false)
+                .init();
+            tracing::info!("`{id}` joining the master at {addr}");
+            (join(&addr, id, &c.key, patience)?, c.key)
+        }
     };
-    if spec.server.id != id || spec.server.server_type.as_str() != server_type {
+    if spec.server.id != id || server_type.is_some_and(|t| t != spec.server.server_type.as_str()) {
         bail!("--id/--type do not match the spec from the master");
     }
-    let writer = pomelo_worker::logwriter::FallbackWriter::new(spec.log_file.clone(), spec.log_max_bytes);
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(false).with_target(false).init();
+    if !joined {
+        let writer = pomelo_worker::logwriter::FallbackWriter::new(spec.log_file.clone(), spec.log_max_bytes);
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .with_ansi(false)
+            .with_target(false)
+            .init();
+    }
     // One thread: no work stealing and no wake-ups between threads, which on a machine shared by several
     // servers costs more than it gives.
     let rt = match threads.unwrap_or(spec.threads) {

@@ -7,6 +7,7 @@ mod commands;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -74,13 +75,34 @@ enum Cmd {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
-    /// Run one server (the master starts these; not for direct use).
-    #[command(hide = true)]
+    /// Write the join credential of a `supervise: external` server (its key, and its TLS certificate when
+    /// cluster TLS is on) for `worker --join`. Run it where the master's run directory is.
+    Credential {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The server's id.
+        id: String,
+        /// Write it to this file (created 0600) instead of stdout.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Run one server. The master starts these itself; a platform (systemd, Kubernetes) starts a
+    /// `supervise: external` server with `--join MASTER_ADDR --id ID --credential FILE`.
     Worker {
         #[arg(long)]
         id: String,
+        /// The server's type (the master passes it; a joining worker learns it from the master).
         #[arg(long = "type")]
-        server_type: String,
+        server_type: Option<String>,
+        /// Join the master at HOST:PORT (its control address) and take this server's spec from it.
+        #[arg(long, value_name = "MASTER_ADDR", requires = "credential")]
+        join: Option<String>,
+        /// The join credential `pomelo-rs credential ID` wrote.
+        #[arg(long, value_name = "FILE", requires = "join")]
+        credential: Option<PathBuf>,
+        /// How long `--join` waits for a master to answer before giving up (exit 1, for the platform to retry).
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        join_timeout: u64,
         /// Log level: error, warn, info, debug, trace.
         #[arg(long, default_value = "info")]
         log_level: String,
@@ -103,8 +125,16 @@ fn main() -> ExitCode {
         Cmd::Restart { cfg, ids, server_type } => commands::restart(&cfg, &ids, server_type.as_deref()),
         Cmd::Check { cfg } => commands::check(&cfg),
         Cmd::Reload { cfg } => commands::reload(&cfg),
-        Cmd::Worker { id, server_type, log_level, threads, spec_stdin } => {
-            commands::worker(&id, &server_type, &log_level, threads, spec_stdin)
+        Cmd::Credential { cfg, id, output } => commands::credential(&cfg, &id, output.as_deref()),
+        Cmd::Worker { id, server_type, join, credential, join_timeout, log_level, threads, spec_stdin } => {
+            let how = match (join, credential) {
+                (Some(addr), Some(file)) => {
+                    commands::SpecFrom::Join { addr, credential: file, patience: Duration::from_secs(join_timeout) }
+                }
+                _ if spec_stdin => commands::SpecFrom::Stdin,
+                _ => commands::SpecFrom::Env,
+            };
+            commands::worker(&id, server_type.as_deref(), &log_level, threads, how)
         }
     };
     match result {
@@ -117,6 +147,8 @@ fn main() -> ExitCode {
             eprintln!();
             if e.downcast_ref::<pomelo_master::admin_client::NoMaster>().is_some() {
                 ExitCode::from(pomelo_master::admin_client::NO_MASTER as u8)
+            } else if e.downcast_ref::<commands::Refused>().is_some() {
+                ExitCode::from(3)
             } else if e.downcast_ref::<pomelo_proto::config::ConfigErrors>().is_some() {
                 ExitCode::from(2)
             } else {

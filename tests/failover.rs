@@ -14,7 +14,7 @@
 //! chatting began; no client disconnected; and afterwards a newcomer to each room sees every member in
 //! its user list.
 
-mod client;
+pub mod client;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -78,7 +78,7 @@ fn cluster_yaml(late: &[&str]) -> String {
 }
 
 /// Ten rooms, five owned by each chat server.
-fn rooms() -> Vec<String> {
+pub(crate) fn rooms() -> Vec<String> {
     let chats = ["chat-1", "chat-2"];
     let mut by: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for i in 0.. {
@@ -244,11 +244,11 @@ fn master_restart_under_load(late: &[&str]) {
     }
 }
 
-fn lock(u: &User) -> std::sync::MutexGuard<'_, client::Log> {
+pub(crate) fn lock(u: &User) -> std::sync::MutexGuard<'_, client::Log> {
     u.log.lock().expect("a client's log")
 }
 
-fn wait_until_or(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until_or(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while !f() {
         if Instant::now() > deadline {
@@ -260,7 +260,7 @@ fn wait_until_or(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 /// Acknowledged sends not (yet) delivered to a connected member of the room: (count, examples).
-fn missing(users: &[User]) -> (usize, Vec<String>) {
+pub(crate) fn missing(users: &[User]) -> (usize, Vec<String>) {
     let mut acked: HashMap<&str, Vec<String>> = HashMap::new();
     for u in users {
         let l = lock(u);
@@ -289,7 +289,7 @@ fn missing(users: &[User]) -> (usize, Vec<String>) {
     (n, examples)
 }
 
-fn check(users: &[User], counting: Instant, killed: Instant, up: Instant) -> Vec<String> {
+pub(crate) fn check(users: &[User], counting: Instant, killed: Instant, up: Instant) -> Vec<String> {
     let mut problems = Vec::new();
     let t = |at: Instant| {
         at.checked_duration_since(killed).map_or_else(|| format!("-{:?}", killed - at), |d| format!("+{d:?}"))

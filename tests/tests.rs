@@ -14,6 +14,7 @@ mod hardening;
 mod harness;
 mod history;
 mod hostile;
+mod join;
 mod limits;
 mod multihost;
 mod pomelo_client;

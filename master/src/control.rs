@@ -16,12 +16,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pomelo_proto::auth::{self, LinkKind, Role, Transcript};
+use pomelo_proto::config::WorkerSpec;
 use pomelo_proto::control::{BoundAddrs, ServerType, Stats, ToMaster, ToWorker};
 use pomelo_proto::link::{self, JsonFramed};
 use pomelo_proto::peer;
 use pomelo_proto::tls;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,11 +35,42 @@ const OUTBOX: usize = 64;
 /// What the control listener tells the supervisor (only about workers that proved their id).
 #[derive(Debug)]
 pub enum LinkEvent {
-    Registered { reg: Registration, outbox: mpsc::Sender<ToWorker> },
-    Heartbeat { conn: u64, id: String, stats: Stats },
-    Leaving { conn: u64, id: String, reason: String },
-    Closed { conn: u64, id: String },
+    Registered {
+        reg: Registration,
+        outbox: mpsc::Sender<ToWorker>,
+    },
+    Heartbeat {
+        conn: u64,
+        id: String,
+        stats: Stats,
+    },
+    Leaving {
+        conn: u64,
+        id: String,
+        reason: String,
+    },
+    Closed {
+        conn: u64,
+        id: String,
+    },
+    /// A worker that proved its id asks for its spec (`worker --join`); the supervisor answers on `reply`.
+    Join {
+        ask: JoinAsk,
+        reply: oneshot::Sender<Result<WorkerSpec, String>>,
+    },
 }
+
+/// Who asks to join, and from where.
+#[derive(Debug)]
+pub struct JoinAsk {
+    pub id: String,
+    pub peer: SocketAddr,
+    pub peer_local: bool,
+    pub host_addrs: Vec<std::net::IpAddr>,
+}
+
+/// How long a join waits for the supervisor's answer.
+const JOIN_ANSWER: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub async fn listen(
     listener: TcpListener,
@@ -90,8 +122,14 @@ struct Registered {
     addrs: BoundAddrs,
 }
 
+/// What a peer that proved its key came for.
+enum Opened {
+    Register(Registered),
+    Join(String),
+}
+
 /// The master's side of the handshake; `Err` says why the connection is closed (ids escaped).
-async fn handshake(framed: &mut JsonFramed<tls::Stream>, secret: &str) -> Result<Registered, String> {
+async fn handshake(framed: &mut JsonFramed<tls::Stream>, secret: &str) -> Result<Opened, String> {
     let (id, dialler_nonce) = match framed.recv::<ToMaster>().await.map_err(|e| e.to_string())? {
         ToMaster::Hello { id, nonce } => (id, nonce),
         _ => return Err("the first frame was not a hello".into()),
@@ -116,7 +154,13 @@ async fn handshake(framed: &mut JsonFramed<tls::Stream>, secret: &str) -> Result
                 // No `Rejected`: a peer without the key is owed nothing.
                 return Err(format!("\"{}\" failed to prove its server key", auth::printable(&id)));
             }
-            Ok(Registered { id, server_type, pid, spec_hash, addrs })
+            Ok(Opened::Register(Registered { id, server_type, pid, spec_hash, addrs }))
+        }
+        ToMaster::Join { id: rid, proof } => {
+            if rid != id || !t.verify(&key, Role::Dialler, &proof) {
+                return Err(format!("\"{}\" failed to prove its server key", auth::printable(&id)));
+            }
+            Ok(Opened::Join(id))
         }
         _ => Err(format!("\"{}\" sent something other than its registration", auth::printable(&id))),
     }
@@ -151,13 +195,21 @@ async fn serve(
             return;
         }
     };
-    let host = admission.view.borrow().servers.iter().find(|s| s.id == reg.id).map(|s| s.host.clone());
+    let id = match &reg {
+        Opened::Register(r) => &r.id,
+        Opened::Join(id) => id,
+    };
+    let host = admission.view.borrow().servers.iter().find(|s| s.id == *id).map(|s| s.host.clone());
     let host_addrs = match host {
         Some(h) if peer::is_dns_name(&h) => peer::resolve(&h).await,
         _ => Vec::new(),
     };
     drop(permit);
     framed.authenticated();
+    let reg = match reg {
+        Opened::Register(reg) => reg,
+        Opened::Join(id) => return join(framed, JoinAsk { id, peer, peer_local, host_addrs }, events).await,
+    };
     let (tx, mut rx) = mpsc::channel(OUTBOX);
     let Registered { id, server_type, pid, spec_hash, addrs } = reg;
     let reg = Registration { conn, id: id.clone(), server_type, pid, spec_hash, addrs, peer, peer_local, host_addrs };
@@ -185,7 +237,7 @@ async fn serve(
                 Ok(ToMaster::Leaving { reason }) => {
                     let _ = events.send(LinkEvent::Leaving { conn, id: id.clone(), reason }).await;
                 }
-                Ok(ToMaster::Register { .. } | ToMaster::Hello { .. }) => {
+                Ok(ToMaster::Register { .. } | ToMaster::Hello { .. } | ToMaster::Join { .. }) => {
                     tracing::warn!(server = %id, "registered twice on one link; closing it");
                     break;
                 }
@@ -194,4 +246,27 @@ async fn serve(
         }
     }
     let _ = events.send(LinkEvent::Closed { conn, id }).await;
+}
+
+/// Answers a proven `Join` with the server's spec (or why not) and closes: the worker registers on a
+/// link of its own once it runs.
+async fn join(mut framed: JsonFramed<tls::Stream>, ask: JoinAsk, events: mpsc::Sender<LinkEvent>) {
+    let (id, peer) = (ask.id.clone(), ask.peer);
+    let (reply, answer) = oneshot::channel();
+    if events.send(LinkEvent::Join { ask, reply }).await.is_err() {
+        return;
+    }
+    let msg = match tokio::time::timeout(JOIN_ANSWER, answer).await {
+        Ok(Ok(Ok(spec))) => {
+            tracing::info!(server = %id, "{peer} joined: sent it its spec");
+            ToWorker::Spec { spec: Box::new(spec) }
+        }
+        Ok(Ok(Err(reason))) => {
+            tracing::warn!(server = %id, "refused the join from {peer}: {reason}");
+            ToWorker::Rejected { reason }
+        }
+        // Closed without an answer: the worker tries again.
+        _ => return,
+    };
+    let _ = tokio::time::timeout(JOIN_ANSWER, framed.send(&msg)).await;
 }

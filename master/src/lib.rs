@@ -87,7 +87,10 @@ pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
     let abs_run_dir = std::path::absolute(&run_dir).unwrap_or_else(|_| run_dir.clone());
     let adopt = runstate::read_workers(&run_dir)
         .into_iter()
-        .filter(|(id, w)| topology.server(id).is_some_and(|s| s.is_local()) && child::alive(w.pid()))
+        .filter(|(id, w)| {
+            let local = topology.server(id).is_some_and(|s| s.launch() == pomelo_proto::config::Launch::Local);
+            local && child::alive(w.pid())
+        })
         .filter_map(|(id, w)| match child::is_our_worker(w.pid(), &id, w.start(), &exe, &abs_run_dir) {
             Ok(()) => Some((id, w.pid())),
             Err(why) => {

@@ -114,6 +114,13 @@ pub enum ToMaster {
         spec_hash: String,
         addrs: BoundAddrs,
     },
+    /// Instead of `Register`, from `pomelo-rs worker --join` (a server its platform starts): the proof,
+    /// and a request for the spec the master holds for it. The master answers `Spec` or `Rejected` and
+    /// closes; the worker then opens its control link and registers as any other.
+    Join {
+        id: String,
+        proof: String,
+    },
     Heartbeat {
         stats: Stats,
     },
@@ -139,8 +146,24 @@ pub enum ToWorker {
         reason: String,
     },
     Membership(Membership),
+    /// The answer to `Join`: the spec this server runs with.
+    Spec {
+        spec: Box<crate::config::WorkerSpec>,
+    },
     /// Drain (frontends kick their clients with `reason`) and exit.
     Stop {
         reason: String,
     },
+}
+
+/// What `pomelo-rs credential` writes and `worker --join` reads: everything a server its platform starts
+/// needs to prove itself, and nothing more (never the cluster secret or the CA's key).
+#[derive(Serialize, Deserialize)]
+pub struct JoinCredential {
+    pub id: String,
+    /// The server key (hex), derived from the cluster secret for this id.
+    pub key: String,
+    /// Its cluster TLS material (CA, certificate, key) when cluster TLS is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::Material>,
 }

@@ -141,6 +141,17 @@ pub async fn worker_connect(tcp: TcpStream, ip: IpAddr) -> io::Result<Stream> {
     connect(worker_ends()?.map(|e| &e.1), tcp, ip).await
 }
 
+/// A worker's dialling side of a link to `name` (an IP address or a DNS name the certificate must carry).
+pub async fn worker_connect_to(tcp: TcpStream, name: &str) -> io::Result<Stream> {
+    match worker_ends()? {
+        Some((_, c)) => {
+            let server = ServerName::try_from(name.to_string()).map_err(|e| bad(format!("`{name}`: {e}")))?;
+            Ok(Stream::Client(Box::new(c.connect(server, tcp).await?)))
+        }
+        None => Ok(Stream::Plain(tcp)),
+    }
+}
+
 /// For a client port (`ssl` in servers.yaml): the operator's certificate chain and key (PEM files), no
 /// client certificates, TLS 1.2 and 1.3 (as browsers and game clients speak).
 pub fn client_port_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {

@@ -145,12 +145,7 @@ async fn session(
     started: Instant,
     shutdown: &CancellationToken,
 ) -> Result<Exit, String> {
-    let addr: SocketAddr = addr.parse().map_err(|e| format!("bad address: {e}"))?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).ok();
+    let (stream, name) = dial(&addr).await?;
     if *registered && !delay.is_zero() {
         tracing::warn!("test hook POMELO_TEST_REGISTER_DELAY_MS: waiting {delay:?} before registering again");
         tokio::select! {
@@ -158,32 +153,9 @@ async fn session(
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    let stream = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, tls::worker_connect(stream, addr.ip()))
-        .await
-        .map_err(|_| "no TLS handshake within 5s".to_string())?
-        .map_err(|e| format!("TLS: {e}"))?;
-    let mut framed = JsonFramed::handshake(stream);
     let spec = &link.spec.server;
-    let nonce = auth::nonce().map_err(|e| e.to_string())?;
-    framed.send(&ToMaster::Hello { id: spec.id.clone(), nonce: nonce.clone() }).await.map_err(|e| e.to_string())?;
-    let (master_nonce, proof) = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, framed.recv::<ToWorker>()).await {
-        Ok(Ok(ToWorker::Challenge { nonce, proof })) => (nonce, proof),
-        // Not even a `Rejected` is believed before the peer proves itself.
-        Ok(Ok(_)) => return Err("the peer did not answer with a challenge: not a master of this cluster".into()),
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err("no challenge within 5s".into()),
-    };
-    let t = Transcript {
-        kind: LinkKind::Control,
-        dialler: &spec.id,
-        acceptor: auth::MASTER_ID,
-        dialler_nonce: &nonce,
-        acceptor_nonce: &master_nonce,
-    };
-    if !t.verify(key, Role::Acceptor, &proof) {
-        return Err("the peer could not prove it is this cluster's master".into());
-    }
-    framed.authenticated();
+    let (mut framed, t) = prove_master(stream, &name, &spec.id, key).await?;
+    let t = t.transcript(&spec.id);
     let register = ToMaster::Register {
         id: spec.id.clone(),
         server_type: spec.server_type,
@@ -228,11 +200,134 @@ async fn session(
                 }
                 Ok(ToWorker::Stop { reason }) => return Ok(Exit::Stop(reason)),
                 Ok(ToWorker::Rejected { reason }) => return Ok(Exit::Rejected(reason)),
-                Ok(ToWorker::Welcome { .. } | ToWorker::Challenge { .. }) => *last_contact = Instant::now(),
+                Ok(ToWorker::Welcome { .. } | ToWorker::Challenge { .. } | ToWorker::Spec { .. }) => {
+                    *last_contact = Instant::now()
+                }
                 Err(e) => return Err(format!("lost the master: {e}")),
             },
         }
         *last_contact = Instant::now();
+    }
+}
+
+/// Connects to the master at `addr` (`IP:PORT`, or `NAME:PORT` resolved now); returns the socket and the
+/// name the master's certificate must carry.
+async fn dial(addr: &str) -> Result<(TcpStream, String), String> {
+    let (host, _) = addr.rsplit_once(':').ok_or_else(|| format!("`{addr}` is not HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let target: SocketAddr = match addr.parse() {
+        Ok(a) => a,
+        Err(_) => tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(addr))
+            .await
+            .map_err(|_| format!("resolving {addr} timed out"))?
+            .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{addr} resolves to no address"))?,
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).ok();
+    Ok((stream, host))
+}
+
+/// The nonces of a handshake in which the master proved itself.
+struct Proven {
+    nonce: String,
+    master_nonce: String,
+}
+
+impl Proven {
+    fn transcript<'a>(&'a self, id: &'a str) -> Transcript<'a> {
+        Transcript {
+            kind: LinkKind::Control,
+            dialler: id,
+            acceptor: auth::MASTER_ID,
+            dialler_nonce: &self.nonce,
+            acceptor_nonce: &self.master_nonce,
+        }
+    }
+}
+
+/// TLS (if this worker has material) and the first half of the handshake: the hello, and the master's
+/// challenge checked against `key`. `Err` means the peer is no master of this cluster, or went away.
+async fn prove_master(
+    stream: TcpStream,
+    name: &str,
+    id: &str,
+    key: &Key,
+) -> Result<(JsonFramed<tls::Stream>, Proven), String> {
+    let stream = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, tls::worker_connect_to(stream, name))
+        .await
+        .map_err(|_| "no TLS handshake within 5s".to_string())?
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut framed = JsonFramed::handshake(stream);
+    let nonce = auth::nonce().map_err(|e| e.to_string())?;
+    framed.send(&ToMaster::Hello { id: id.to_string(), nonce: nonce.clone() }).await.map_err(|e| e.to_string())?;
+    let (master_nonce, proof) = match tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, framed.recv::<ToWorker>()).await {
+        Ok(Ok(ToWorker::Challenge { nonce, proof })) => (nonce, proof),
+        // Not even a `Rejected` is believed before the peer proves itself.
+        Ok(Ok(_)) => return Err("the peer did not answer with a challenge: not a master of this cluster".into()),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no challenge within 5s".into()),
+    };
+    let proven = Proven { nonce, master_nonce };
+    if !proven.transcript(id).verify(key, Role::Acceptor, &proof) {
+        return Err("the peer could not prove it is this cluster's master".into());
+    }
+    framed.authenticated();
+    Ok((framed, proven))
+}
+
+/// Why [`fetch_spec`] gave up.
+#[derive(Debug)]
+pub enum JoinError {
+    /// The master answered and refused (not in servers.yaml, not external, wrong host).
+    Refused(String),
+    /// No master proved itself at the address within the time allowed.
+    NoMaster(String),
+}
+
+/// `worker --join`: asks the master at `addr` for the spec of server `id`, proving `key`, until it
+/// answers or `patience` runs out (retrying with a bounded backoff, for a platform that starts the
+/// worker before the master).
+pub async fn fetch_spec(addr: &str, id: &str, key: &Key, patience: Duration) -> Result<WorkerSpec, JoinError> {
+    let deadline = Instant::now() + patience;
+    let mut retry = RETRY_MIN;
+    let mut last = String::new();
+    loop {
+        match ask_spec(addr, id, key).await {
+            Ok(Ok(spec)) => return Ok(spec),
+            Ok(Err(reason)) => return Err(JoinError::Refused(reason)),
+            Err(e) => {
+                if e != last {
+                    tracing::warn!("joining {addr}: {e}; retrying");
+                    last = e;
+                }
+            }
+        }
+        if Instant::now() + retry > deadline {
+            return Err(JoinError::NoMaster(format!("no master at {addr} answered within {patience:?}: {last}")));
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One join attempt: `Ok(Err)` is the master's refusal, `Err` a reason to try again.
+async fn ask_spec(addr: &str, id: &str, key: &Key) -> Result<Result<WorkerSpec, String>, String> {
+    let (stream, name) = dial(addr).await?;
+    let (mut framed, proven) = prove_master(stream, &name, id, key).await?;
+    let proof = proven.transcript(id).prove(key, Role::Dialler);
+    framed.send(&ToMaster::Join { id: id.to_string(), proof }).await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), framed.recv::<ToWorker>()).await {
+        Ok(Ok(ToWorker::Spec { spec })) if spec.server.id == id => Ok(Ok(*spec)),
+        Ok(Ok(ToWorker::Spec { spec })) => Err(format!("the master sent the spec of `{}`", spec.server.id)),
+        Ok(Ok(ToWorker::Rejected { reason })) => Ok(Err(reason)),
+        Ok(Ok(other)) => Err(format!("unexpected answer to a join: {other:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer to the join within 10s".into()),
     }
 }
 

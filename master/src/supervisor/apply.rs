@@ -127,7 +127,9 @@ impl Core {
         for id in &d.changed {
             let (Some(i), Some(spec)) = (self.index(id), new.server(id)) else { continue };
             self.slots[i].server.spec = spec.clone();
-            if !self.slots[i].server.is_down_for_good() && spec.is_local() {
+            // Any server: one on another host restarts over ssh, an external one is asked to exit
+            // and fetches its new spec when its platform starts it again.
+            if !self.slots[i].server.is_down_for_good() {
                 self.event(i, "changed in servers.yaml: restarting".into(), out);
                 let actions = self.slots[i].server.restart(now, &cfg);
                 self.apply(i, actions, out);
@@ -142,12 +144,11 @@ impl Core {
                 self.apply(i, actions, out);
                 continue;
             }
+            // Started wherever it lives: a child here, over ssh on its host, or awaited from its platform.
             self.slots.push(Slot::new(spec.clone()));
             let i = self.slots.len() - 1;
-            if spec.is_local() {
-                let actions = self.slots[i].server.start(now, &cfg);
-                self.apply(i, actions, out);
-            }
+            let actions = self.slots[i].server.start(now, &cfg);
+            self.apply(i, actions, out);
         }
         // Membership follows file order; servers on their way out go last.
         let order = |id: &str| new.servers.iter().position(|s| s.id == id).unwrap_or(usize::MAX);

@@ -133,7 +133,7 @@ impl Core {
                 if let Some(slot) = self.linked(&id, conn) {
                     slot.server.on_heartbeat(now);
                     slot.rates.update(&stats, now);
-                    if !slot.server.spec.is_local() || slot.server.spec.external {
+                    if slot.server.spec.launch() != Launch::Local {
                         slot.proc = super::remote::reported_proc(&stats, &slot.rates);
                     }
                     slot.stats = stats;
@@ -255,10 +255,10 @@ impl Core {
                 if self.slots[i].server.spec.external {
                     tracing::info!(server = %id, host = %self.slots[i].server.spec.host,
                         "supervised externally: waiting for it to join (`pomelo-rs worker --join`)");
-                } else {
-                    let actions = self.slots[i].server.start(now, &self.topo.master);
-                    self.apply(i, actions, out);
                 }
+                // An external server starts as `starting` too: its platform's process registers into it.
+                let actions = self.slots[i].server.start(now, &self.topo.master);
+                self.apply(i, actions, out);
             }
         }
     }
@@ -280,9 +280,10 @@ impl Core {
                     if let Some(conn) = slot.link {
                         out.push(Effect::Send { conn, msg: ToWorker::Stop { reason: "stopped by the master".into() } });
                     }
-                    // A remote server's pid names a process on another host: it is stopped only over its
-                    // authenticated link, never by a signal to whatever local group has that number.
-                    if let Some(pid) = slot.server.pid.filter(|_| slot.server.spec.is_local()) {
+                    // A remote or external server's pid names a process this master did not start (on
+                    // another host, or its platform's): it is stopped only over its authenticated link,
+                    // never by a signal to whatever local group has that number.
+                    if let Some(pid) = slot.server.pid.filter(|_| slot.server.spec.launch() == Launch::Local) {
                         out.push(Effect::Signal { pid, signal: Signal::SIGTERM });
                         // A stopped (SIGSTOP) process must run to handle SIGTERM.
                         out.push(Effect::Signal { pid, signal: Signal::SIGCONT });
@@ -292,7 +293,7 @@ impl Core {
                 Action::Kill if self.slots[i].server.spec.launch() != Launch::Local => self.remote_kill(i, out),
                 Action::Kill => {
                     let slot = &self.slots[i];
-                    if let Some(pid) = slot.server.pid.filter(|_| slot.server.spec.is_local()) {
+                    if let Some(pid) = slot.server.pid.filter(|_| slot.server.spec.launch() == Launch::Local) {
                         out.push(Effect::Signal { pid, signal: Signal::SIGKILL });
                     }
                 }
@@ -302,6 +303,26 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// The spec for a `supervise: external` server that proved its key and asks to join (the answer to
+    /// `worker --join`), or why it may not.
+    pub fn join_spec(&self, ask: &crate::control::JoinAsk) -> Result<WorkerSpec, String> {
+        if self.shutting_down() {
+            return Err("the master is shutting down".into());
+        }
+        let file = self.topo.file.display();
+        let Some(i) = self.index(&ask.id) else { return Err(format!("`{}` is not in {file}", ask.id)) };
+        let spec = &self.slots[i].server.spec;
+        if spec.launch() != Launch::External {
+            return Err(format!(
+                "`{}` is started by the master ({}); only servers with `supervise: external` join",
+                ask.id,
+                spec.launch().as_str()
+            ));
+        }
+        pomelo_proto::peer::fits(&spec.host, ask.peer.ip(), ask.peer_local, &ask.host_addrs)?;
+        Ok(self.spawn_spec(i).worker)
     }
 
     fn spawn_spec(&self, i: usize) -> SpawnSpec {
@@ -366,6 +387,10 @@ impl Core {
         slot.awaiting = false;
         slot.ssh_pid = None;
         slot.remote_pid = None;
+        if slot.server.spec.launch() != Launch::Local {
+            // Figures the gone worker reported are not its replacement's.
+            slot.proc = Default::default();
+        }
         let actions = slot.server.on_exit(status, now, &self.topo.master, (self.jitter)());
         self.apply(i, actions, out);
         out.push(self.workers());

@@ -123,5 +123,6 @@ fn kind(msg: &ToWorker) -> &'static str {
         ToWorker::Rejected { .. } => "rejection",
         ToWorker::Membership(_) => "membership",
         ToWorker::Stop { .. } => "stop",
+        ToWorker::Spec { .. } => "spec",
     }
 }

@@ -98,7 +98,7 @@ pub async fn run(setup: Setup, mut ch: Channels, tasks: TaskTracker, shutdown: C
     let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
     while !done {
         let (events, mut reply) = tokio::select! {
-            Some(ev) = ch.links.recv() => (vec![shell.link_event(&core, ev)], None),
+            Some(ev) = ch.links.recv() => (shell.link_event(&core, ev).into_iter().collect(), None),
             Some(Exited { id, pid, status }) = exits.recv() => (vec![Event::Exited { id, pid, status }], None),
             Some((cmd, reply)) = ch.commands.recv() => (vec![shell.command(cmd)], Some(reply)),
             _ = timers.tick() => {
@@ -157,8 +157,9 @@ impl Shell {
         finished
     }
 
-    fn link_event(&mut self, core: &Core, ev: LinkEvent) -> Event {
-        match ev {
+    /// The event a link event is for the core; a join is answered here from the core's state.
+    fn link_event(&mut self, core: &Core, ev: LinkEvent) -> Option<Event> {
+        Some(match ev {
             LinkEvent::Registered { reg, outbox } => {
                 self.effects.outboxes.insert(reg.conn, outbox);
                 let holder_alive = core.local_pid_of(&reg.id).is_some_and(|p| p != reg.pid && child::alive(p));
@@ -170,7 +171,12 @@ impl Shell {
                 self.effects.outboxes.remove(&conn);
                 Event::Closed { conn, id }
             }
-        }
+            LinkEvent::Join { ask, reply } => {
+                // The asker may have given up waiting.
+                let _ = reply.send(core.join_spec(&ask));
+                return None;
+            }
+        })
     }
 
     /// A reload carries the file's content, read here so the core stays pure.

@@ -57,7 +57,8 @@ impl Core {
             if slot.server.pid.is_none() {
                 match phase {
                     Phase::Backoff | Phase::Starting => {}
-                    Phase::Failed if ours => {}
+                    // Its platform, not this master, decides whether an external server comes back.
+                    Phase::Failed if ours || slot.server.spec.launch() == Launch::External => {}
                     _ => return reject(format!("`{id}` is {} here", phase.as_str()), out),
                 }
                 let deadline = now + self.topo.master.start_timeout;
