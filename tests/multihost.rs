@@ -161,6 +161,40 @@ fn one_cluster_across_three_hosts_over_ssh() {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "four"))).ok()
     });
 
+    // Edit servers.yaml: without C's servers, they drain and stop there; B keeps the room.
+    let mut users: Vec<(String, Client)> = users.into_iter().filter(|(n, _)| n.starts_with('b')).collect();
+    let full = std::fs::read_to_string(c.config()).expect("servers.yaml");
+    let without_c: String = full.lines().filter(|l| !l.contains("-c,")).map(|l| format!("{l}\n")).collect();
+    assert_eq!(full.lines().count() - without_c.lines().count(), 2, "{without_c}");
+    std::fs::write(c.config(), &without_c).expect("write servers.yaml");
+    let out = c.run(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until(Duration::from_secs(20), "C's servers stopped there and gone from the list", || {
+        let gone = c.servers().iter().all(|s| !s["id"].as_str().unwrap_or("").ends_with("-c"));
+        (gone && hosts.workers(2).is_empty()).then_some(())
+    });
+    wait_until(Duration::from_secs(10), "the room on B alone", || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "five"))).ok()
+    });
+    // Servers added on C by an edit are started there over ssh and join the room.
+    let added = without_c.replace(
+        "  chat:\n",
+        &format!("    - {{id: connector-c2, host: {}, port: 0, clientPort: 0}}\n  chat:\n", hosts.ip[2]),
+    ) + &format!("    - {{id: chat-c2, host: {}, port: 0}}\n", hosts.ip[2]);
+    std::fs::write(c.config(), &added).expect("write servers.yaml");
+    let out = c.run(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    for id in ["connector-c2", "chat-c2"] {
+        let s = c.wait_state(id, "running", Duration::from_secs(30));
+        let pid = s["pid"].as_u64().expect("pid") as u32;
+        assert_eq!(s["supervisor"], "ssh", "{s}");
+        assert!(hosts.pid_in(pid, 2), "{id} (pid {pid}) does not run on C");
+    }
+    users.push(user_on(gate, &hosts.ip[2], "cx", rid));
+    wait_until(Duration::from_secs(10), "one room across B and the new servers on C", || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "six"))).ok()
+    });
+
     // `stop` stops everything on every host, and nothing else on A.
     let out = c.run(&["stop"]);
     assert!(out.status.success(), "{out:?}");
