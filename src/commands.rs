@@ -360,8 +360,8 @@ fn read_credential(path: &Path, id: &str) -> anyhow::Result<pomelo_proto::contro
     if c.id != id {
         bail!("{} is the credential of `{}`, not of `{id}`", path.display(), pomelo_proto::link::printable(&c.id));
     }
-    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
-        eprintln!("pomelo-rs: warning: {} can be read by other users; it should be mode 0600", path.display());
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o006 != 0) {
+        eprintln!("pomelo-rs: warning: {} can be read or written by any user; make it 0600", path.display());
     }
     Ok(c)
 }

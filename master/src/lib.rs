@@ -211,9 +211,13 @@ pub fn start(
     reload::triggers::spawn(&topology.file, cmd_tx, &tasks, listener_stop.clone());
     let acceptor = match &prepared.tls {
         Some(ca) => Some(
-            ca.issue(pomelo_proto::auth::MASTER_ID, &topology.master.host)
-                .and_then(|m| m.acceptor())
-                .context("cannot make the master's TLS certificate")?,
+            ca.issue_with(
+                pomelo_proto::auth::MASTER_ID,
+                &topology.master.host,
+                &[file.control_addr.ip(), control_addr.ip()],
+            )
+            .and_then(|m| m.acceptor())
+            .context("cannot make the master's TLS certificate")?,
         ),
         None => None,
     };

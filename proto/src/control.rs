@@ -64,6 +64,9 @@ pub struct ServerInfo {
     pub server_type: ServerType,
     /// The host clients and peers should use to reach it (from servers.yaml).
     pub host: String,
+    /// Connectors: the host the gate gives clients, when it is not `host` (`clientHost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_host: Option<String>,
     pub pid: u32,
     pub addrs: BoundAddrs,
     /// Chat servers only: the link key of each connector with this chat server, wrapped for that connector

@@ -136,11 +136,6 @@ pub async fn worker_accept(tcp: TcpStream) -> io::Result<Stream> {
     accept(worker_ends()?.map(|e| &e.0), tcp).await
 }
 
-/// A worker's dialling side of a cluster link, to `ip` (TLS if the master gave it material).
-pub async fn worker_connect(tcp: TcpStream, ip: IpAddr) -> io::Result<Stream> {
-    connect(worker_ends()?.map(|e| &e.1), tcp, ip).await
-}
-
 /// A worker's dialling side of a link to `name` (an IP address or a DNS name the certificate must carry).
 pub async fn worker_connect_to(tcp: TcpStream, name: &str) -> io::Result<Stream> {
     match worker_ends()? {
@@ -298,12 +293,20 @@ impl Authority {
     /// A certificate and fresh key for server (or master) `id` on `host`: its names are `host` and, for a
     /// local host, `localhost`, 127.0.0.1 and ::1.
     pub fn issue(&self, id: &str, host: &str) -> io::Result<Material> {
+        self.issue_with(id, host, &[])
+    }
+
+    /// [`issue`](Self::issue) with more names: the master's also carries the address its control port is
+    /// bound to, so workers that dial that address (not `host`'s DNS name) can check it.
+    pub fn issue_with(&self, id: &str, host: &str, also: &[IpAddr]) -> io::Result<Material> {
         let mut names: Vec<String> = vec![host.to_string()];
+        names.extend(also.iter().map(|ip| ip.to_string()));
         if crate::config::is_local_host(host) {
             names.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
         }
         names.retain(|n| !matches!(n.as_str(), "0.0.0.0" | "::"));
-        names.dedup();
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|n| seen.insert(n.clone()));
         let mut params = rcgen::CertificateParams::new(names).map_err(bad)?;
         params.distinguished_name.push(rcgen::DnType::CommonName, crate::link::printable(id).into_owned());
         params.extended_key_usages =

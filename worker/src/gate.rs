@@ -31,12 +31,12 @@ impl Gate {
         self
     }
 
-    /// The connector for `uid`: its host and client port.
+    /// The connector for `uid`: the host clients reach it by (`clientHost`, else `host`) and its client port.
     pub fn pick(&self, uid: &str) -> Option<(String, u16)> {
         let m = self.membership.borrow().clone();
         let live: Vec<_> = m.of_type(ServerType::Connector).filter(|s| s.addrs.client.is_some()).collect();
         let s = live.get(pomelo_index(uid, live.len())?)?;
-        Some((s.host.clone(), s.addrs.client?.port()))
+        Some((s.client_host.clone().unwrap_or_else(|| s.host.clone()), s.addrs.client?.port()))
     }
 
     /// Pomelo demo gate settings: no heartbeat, no dictionary.
@@ -90,6 +90,7 @@ mod tests {
             id: id.into(),
             server_type: t,
             host: "127.0.0.1".into(),
+            client_host: None,
             pid: 1,
             addrs: BoundAddrs { rpc: None, client: Some(format!("127.0.0.1:{port}").parse().unwrap()) },
             link_keys: Default::default(),
@@ -115,6 +116,11 @@ mod tests {
         assert_eq!(g.query_entry(&json!({"uid":"bob"})), json!({"code":200,"host":"127.0.0.1","port":3052}));
         assert_eq!(g.query_entry(&json!({})), json!({"code":500}));
         assert_eq!(g.query_entry(&json!({"uid":""})), json!({"code":500}));
+        // `clientHost`: what clients are told, where the cluster's own name for the connector would not do.
+        let mut m = (**g.membership.borrow()).clone();
+        m.servers[4].client_host = Some("chat.example.com".into());
+        tx.send(Arc::new(m)).unwrap();
+        assert_eq!(g.query_entry(&json!({"uid":"bob"})), json!({"code":200,"host":"chat.example.com","port":3052}));
         tx.send(Arc::new(Membership::default())).unwrap();
         assert_eq!(g.query_entry(&json!({"uid":"bob"})), json!({"code":500}));
     }

@@ -33,6 +33,7 @@ fn membership(connector: &Server) -> Membership {
         id: id.into(),
         server_type: t,
         host: "127.0.0.1".into(),
+        client_host: None,
         pid: 1,
         addrs: BoundAddrs { rpc: None, client },
         link_keys: Default::default(),

@@ -170,6 +170,7 @@ impl Core {
                 id: s.server.spec.id.clone(),
                 server_type: s.server.spec.server_type,
                 host: s.server.spec.host.clone(),
+                client_host: s.server.spec.client_host.clone(),
                 pid: s.server.pid.unwrap_or(0),
                 addrs: s.addrs.clone(),
                 link_keys: match s.server.spec.server_type {

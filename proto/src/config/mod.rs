@@ -197,6 +197,11 @@ pub struct ServerSpec {
     pub port: Option<u16>,
     /// Client port for frontends (0: any free port).
     pub client_port: Option<u16>,
+    /// Connectors: the host the gate gives clients for this connector (`clientHost`), when clients reach
+    /// it by another name than the cluster does (a public name, a NAT or load-balancer address); `host`
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_host: Option<String>,
     /// Extra command-line flags for the worker (`--log-level debug`, `--threads 2`).
     pub args: Vec<String>,
     /// Extra environment variables for the worker.

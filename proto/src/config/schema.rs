@@ -186,6 +186,18 @@ const SERVER: &[Row<Draft>] = &[
     }),
     Row("host", |c, d, v, p| set(&mut d.spec.host, c.string(v, p))),
     Row("port", |c, d, v, p| d.spec.port = c.port(v, p)),
+    Row("clientHost", |c, d, v, p| {
+        if typed_key(c, d, ServerType::Connector, "clientHost", p) {
+            match c.string(v, p) {
+                Some(h)
+                    if h.is_empty() || h.len() > 253 || h.chars().any(|ch| ch.is_whitespace() || ch.is_control()) =>
+                {
+                    c.err(p, "not a host name or address")
+                }
+                h => d.spec.client_host = h,
+            }
+        }
+    }),
     Row("clientPort", |c, d, v, p| {
         let t = d.spec.server_type;
         if !t.is_frontend() {
@@ -344,6 +356,7 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         host: "127.0.0.1".into(),
         port: None,
         client_port: None,
+        client_host: None,
         args: Vec::new(),
         env: BTreeMap::new(),
         auto_restart: true,

@@ -240,3 +240,27 @@ fn a_host_name_binds_its_address_never_every_interface() {
     assert_eq!(bind_ip("0.0.0.0").expect("explicit"), ip("0.0.0.0"), "every interface only when asked for");
     assert!(bind_ip("no-such-host.invalid").is_err(), "a name that does not resolve is an error");
 }
+
+#[test]
+fn client_host_is_for_connectors_and_defaults_to_host() {
+    let text = "\
+servers:
+  connector:
+    - {id: c-1, host: 10.0.0.5, port: 3150, clientPort: 3010, clientHost: chat.example.com}
+    - {id: c-2, host: 10.0.0.6, port: 3150, clientPort: 3010}
+";
+    let t = parse(text).expect("valid");
+    assert_eq!(t.servers[0].client_host.as_deref(), Some("chat.example.com"));
+    assert_eq!(t.servers[1].client_host, None);
+    let bad = "\
+servers:
+  chat:
+    - {id: chat-1, port: 6050, clientHost: chat.example.com}
+  connector:
+    - {id: c-1, port: 3150, clientPort: 3010, clientHost: 'two words'}
+";
+    let e = parse(bad).expect_err("invalid").to_string();
+    for (line, what) in [(3, "applies to connector servers"), (5, "not a host name")] {
+        assert!(e.contains(&format!("servers.yaml:{line}:")) && e.contains(what), "{what} at {line} in {e}");
+    }
+}

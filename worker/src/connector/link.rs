@@ -137,27 +137,28 @@ impl Pending {
     }
 }
 
+/// The chat server a link goes to.
+pub(crate) struct Peer {
+    pub chat: String,
+    pub addr: SocketAddr,
+    /// What its TLS certificate must name (its `host`).
+    pub tls_name: String,
+}
+
 /// `wrapped`: the link key the membership carries for this connector with `chat`.
-pub(crate) fn spawn(
-    client: Arc<Shared>,
-    chat: String,
-    addr: SocketAddr,
-    pid: u32,
-    wrapped: Option<String>,
-    stop: CancellationToken,
-) -> Link {
+pub(crate) fn spawn(client: Arc<Shared>, to: Peer, pid: u32, wrapped: Option<String>, stop: CancellationToken) -> Link {
     let (tx, rx) = mpsc::channel(QUEUE);
     let rejoin = Arc::new(Notify::new());
     let (s, r) = (stop.clone(), rejoin.clone());
-    let key = wrapped.and_then(|w| auth::unwrap_link_key(&Key::from_hex(&client.token)?, &chat, &w));
-    tokio::spawn(async move { run(client, chat, addr, key, rx, r, s).await });
+    let key = wrapped.and_then(|w| auth::unwrap_link_key(&Key::from_hex(&client.token)?, &to.chat, &w));
+    let addr = to.addr;
+    tokio::spawn(async move { run(client, to, key, rx, r, s).await });
     Link { addr, pid, tx, rejoin, stop }
 }
 
 async fn run(
     client: Arc<Shared>,
-    chat: String,
-    addr: SocketAddr,
+    to: Peer,
     key: Option<Key>,
     mut rx: mpsc::Receiver<Queued>,
     rejoin: Arc<Notify>,
@@ -169,13 +170,13 @@ async fn run(
         let started = Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = connect_and_serve(&client, &chat, addr, key.as_ref(), &mut rx, &rejoin) => r,
+            r = connect_and_serve(&client, &to, key.as_ref(), &mut rx, &rejoin) => r,
         };
         if started.elapsed() >= HEALTHY {
             backoff = FIRST;
         }
         if let Err(e) = result {
-            tracing::warn!("rpc link to `{chat}` at {addr}: {e}; reconnecting in {backoff:?}");
+            tracing::warn!("rpc link to `{}` at {}: {e}; reconnecting in {backoff:?}", to.chat, to.addr);
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -187,20 +188,20 @@ async fn run(
 
 async fn connect_and_serve(
     client: &Shared,
-    chat: &str,
-    addr: SocketAddr,
+    to: &Peer,
     key: Option<&Key>,
     rx: &mut mpsc::Receiver<Queued>,
     rejoin: &Notify,
 ) -> anyhow::Result<()> {
-    let inner = client;
+    let (inner, chat, addr) = (client, to.chat.as_str(), to.addr);
     let key =
         key.ok_or_else(|| anyhow::anyhow!("the membership holds no link key for this connector with `{chat}`"))?;
     let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
     stream.set_nodelay(true).ok();
-    let stream = tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, pomelo_proto::tls::worker_connect(stream, addr.ip()))
-        .await
-        .map_err(|_| anyhow::anyhow!("no TLS handshake with `{chat}` within 5s"))??;
+    let stream =
+        tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, pomelo_proto::tls::worker_connect_to(stream, &to.tls_name))
+            .await
+            .map_err(|_| anyhow::anyhow!("no TLS handshake with `{chat}` within 5s"))??;
     let mut codec = pomelo_proto::link::cluster_codec();
     codec.set_max_frame_length(auth::HANDSHAKE_MAX_FRAME);
     let mut framed = Framed::new(stream, codec);

@@ -206,14 +206,17 @@ impl ChatClient {
     /// (new and restarted links re-join when they connect).
     fn follow(&self, m: &Membership) {
         let connector = &self.inner.shared.connector;
-        let live: Vec<(String, SocketAddr, u32, Option<String>)> = route::chat_servers(m)
-            .filter_map(|s| Some((s.id.clone(), s.addrs.rpc?, s.pid, s.link_keys.get(connector).cloned())))
+        let live: Vec<(String, SocketAddr, u32, Option<String>, String)> = route::chat_servers(m)
+            .filter_map(|s| {
+                let addr = s.addrs.rpc?;
+                Some((s.id.clone(), addr, s.pid, s.link_keys.get(connector).cloned(), tls_name(&s.host, addr)))
+            })
             .collect();
         let new_chats: Vec<String> = live.iter().map(|(id, ..)| id.clone()).collect();
         let old_chats = std::mem::replace(&mut *lock(&self.inner.chats), new_chats.clone());
         let mut links = lock(&self.inner.links);
         links.retain(|id, l| {
-            let keep = live.iter().any(|(i, a, p, _)| i == id && *a == l.addr && *p == l.pid);
+            let keep = live.iter().any(|(i, a, p, ..)| i == id && *a == l.addr && *p == l.pid);
             if !keep {
                 l.stop.cancel();
             }
@@ -222,11 +225,12 @@ impl ChatClient {
         for l in links.values() {
             l.rejoin.notify_one();
         }
-        for (id, addr, pid, wrapped) in &live {
+        for (id, addr, pid, wrapped, name) in &live {
             if !links.contains_key(id) {
                 let stop = self.inner.shutdown.child_token();
                 let shared = self.inner.shared.clone();
-                links.insert(id.clone(), link::spawn(shared, id.clone(), *addr, *pid, wrapped.clone(), stop));
+                let to = link::Peer { chat: id.clone(), addr: *addr, tls_name: name.clone() };
+                links.insert(id.clone(), link::spawn(shared, to, *pid, wrapped.clone(), stop));
             }
         }
         if old_chats != new_chats {
@@ -234,5 +238,14 @@ impl ChatClient {
                 tracing::info!("{} members' rooms moved to `{chat}`: its re-join takes them there", members.len());
             }
         }
+    }
+}
+
+/// The name a chat server's certificate is checked against: its `host` (an address, or the DNS name
+/// its certificate was issued for), or the address dialled when `host` is an unspecified address.
+fn tls_name(host: &str, addr: SocketAddr) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => addr.ip().to_string(),
+        _ => host.to_string(),
     }
 }

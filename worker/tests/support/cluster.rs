@@ -167,6 +167,7 @@ fn server(id: &str, t: ServerType, rpc: Option<SocketAddr>) -> ServerInfo {
         id: id.into(),
         server_type: t,
         host: "127.0.0.1".into(),
+        client_host: None,
         pid: 1,
         addrs: BoundAddrs { rpc, client: None },
         link_keys: match t {
