@@ -36,10 +36,10 @@ impl Platform {
         self.started += 1;
         let path = self.dir.join(format!("{id}.{}.out", self.started));
         let out = std::fs::File::create(&path).expect("out");
-        let child = Command::new(bin())
-            .args(["worker", "--join", &self.control, "--id", id, "--join-timeout", "20"])
-            .arg("--credential")
-            .arg(self.dir.join(format!("{id}.cred")))
+        let cred = self.dir.join(format!("{id}.cred"));
+        let line = unit_command(id, &self.control, &cred);
+        let child = Command::new(&line[0])
+            .args(&line[1..])
             .stdout(Stdio::null())
             .stderr(out)
             .process_group(0)
@@ -73,6 +73,52 @@ impl Drop for Platform {
             let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait();
         }
+    }
+}
+
+/// The `ExecStart` of deploy/systemd/pomelo-worker@.service for server `id`, as systemd would run it
+/// (the instance, the master's address from worker.env, the credential systemd hands over).
+fn unit_command(id: &str, control: &str, cred: &Path) -> Vec<String> {
+    let unit = std::fs::read_to_string(crate::harness::repo().join("deploy/systemd/pomelo-worker@.service"))
+        .expect("the systemd unit");
+    let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart");
+    line.split_whitespace()
+        .map(|w| {
+            w.replace("/usr/local/bin/pomelo-rs", &bin().to_string_lossy())
+                .replace("%i", id)
+                .replace("${POMELO_MASTER}", control)
+                .replace("${CREDENTIALS_DIRECTORY}/join", &cred.to_string_lossy())
+        })
+        .collect()
+}
+
+#[test]
+fn the_deploy_examples_are_valid() {
+    // The Kubernetes example's servers.yaml passes `pomelo-rs check`.
+    let k8s = crate::harness::repo().join("deploy/kubernetes/servers.yaml");
+    let out = Command::new(bin()).arg("check").arg("-c").arg(&k8s).output().expect("check");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Its pods run the same command line as the systemd unit: `worker --join ... --id $(POD_NAME) --credential`.
+    let manifest = std::fs::read_to_string(crate::harness::repo().join("deploy/kubernetes/pomelo.yaml")).expect("yaml");
+    assert_eq!(
+        manifest
+            .matches("args: [worker, --join, \"pomelo-master.pomelo.svc.cluster.local:3005\", --id, \"$(POD_NAME)\"")
+            .count(),
+        3
+    );
+    // The systemd units pass `systemd-analyze verify` (with the binary where they expect it).
+    if !crate::harness::have(Command::new("systemd-analyze").arg("--version").output().is_ok(), "systemd-analyze") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for unit in ["pomelo-master.service", "pomelo-worker@.service"] {
+        let text = std::fs::read_to_string(crate::harness::repo().join("deploy/systemd").join(unit)).expect("unit");
+        let text = text.replace("/usr/local/bin/pomelo-rs", &bin().to_string_lossy());
+        let name = unit.replace("@.", "@chat-3.");
+        std::fs::write(dir.path().join(&name), text).expect("write unit");
+        let out = Command::new("systemd-analyze").arg("verify").arg(dir.path().join(&name)).output().expect("verify");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && said.trim().is_empty(), "{unit}: {said}");
     }
 }
 
