@@ -13,6 +13,9 @@ use serde_json::json;
 use crate::harness::{self, wait_until, Cluster};
 use crate::pomelo_client::Client;
 
+/// Workers cut off from the master this long stop by themselves.
+const ORPHAN: Duration = Duration::from_secs(6);
+
 fn yaml(h: &net::Hosts, dir: &std::path::Path) -> String {
     let ssh = format!(
         "  ssh:\n    identity: {}\n    options: [StrictHostKeyChecking=no, UserKnownHostsFile=/dev/null, ConnectTimeout=2, LogLevel=ERROR]\n    bin: {}\n    dir: {}\n",
@@ -27,6 +30,7 @@ fn yaml(h: &net::Hosts, dir: &std::path::Path) -> String {
     );
     harness::yaml(&servers, &ssh)
         .replace("host: 127.0.0.1\n  controlPort", &format!("host: {}\n  controlPort", h.ip[0]))
+        .replace("orphanTimeout: 30s", &format!("orphanTimeout: {}s", ORPHAN.as_secs()))
 }
 
 /// Asks the gate for `name`'s connector: its address.
@@ -193,6 +197,27 @@ fn one_cluster_across_three_hosts_over_ssh() {
     users.push(user_on(gate, &hosts.ip[2], "cx", rid));
     wait_until(Duration::from_secs(10), "one room across B and the new servers on C", || {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "six"))).ok()
+    });
+
+    // The master's host drops off (B and C lose A) for longer than orphanTimeout: every worker there stops
+    // by itself; when A is back the master starts them again over ssh and the room works again.
+    let before: Vec<u32> = [1, 2].iter().flat_map(|i| hosts.workers(*i)).collect();
+    assert_eq!(before.len(), 4, "two workers on each of B and C: {before:?}");
+    hosts.link(1, false);
+    hosts.link(2, false);
+    let cut = std::time::Instant::now();
+    wait_until(ORPHAN + Duration::from_secs(10), "B's and C's workers to stop by themselves", || {
+        before.iter().all(|p| !harness::alive(*p)).then_some(())
+    });
+    assert!(cut.elapsed() >= ORPHAN - Duration::from_secs(1), "they stopped before orphanTimeout: {:?}", cut.elapsed());
+    hosts.link(1, true);
+    hosts.link(2, true);
+    wait_until(Duration::from_secs(60), "every server running again after the master's host came back", || {
+        c.servers().iter().all(|s| s["state"] == "running").then_some(())
+    });
+    let mut users = vec![user_on(gate, &hosts.ip[1], "bo", rid), user_on(gate, &hosts.ip[2], "co", rid)];
+    wait_until(Duration::from_secs(10), "the room across B and C after the master's host came back", || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "seven"))).ok()
     });
 
     // `stop` stops everything on every host, and nothing else on A.

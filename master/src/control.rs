@@ -233,6 +233,9 @@ async fn serve(
                     if events.send(LinkEvent::Heartbeat { conn, id: id.clone(), stats }).await.is_err() {
                         return;
                     }
+                    if framed.send(&ToWorker::HeartbeatAck).await.is_err() {
+                        break;
+                    }
                 }
                 Ok(ToMaster::Leaving { reason }) => {
                     let _ = events.send(LinkEvent::Leaving { conn, id: id.clone(), reason }).await;

@@ -149,6 +149,8 @@ pub enum ToWorker {
         reason: String,
     },
     Membership(Membership),
+    /// The answer to every heartbeat: a worker that hears nothing for a while knows the link is dead.
+    HeartbeatAck,
     /// The answer to `Join`: the spec this server runs with.
     Spec {
         spec: Box<crate::config::WorkerSpec>,

@@ -57,6 +57,8 @@ pub struct Link<'a> {
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The shortest silence from the master that ends a session (see [`session`]).
+const MIN_SILENCE: Duration = Duration::from_secs(3);
 /// The most [`register_delay`] waits: below the master's registration timeout, so the link survives it.
 const MAX_REGISTER_DELAY: Duration = Duration::from_secs(4);
 
@@ -178,35 +180,48 @@ async fn session(
     };
     *last_contact = Instant::now();
     let mut tick = tokio::time::interval(interval);
+    // The master acknowledges every heartbeat: a link that carries nothing back for this long is dead
+    // even if its socket still takes writes (a partition drops packets without resetting anything).
+    let silence = (interval * 5).max(MIN_SILENCE);
+    let mut heard = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = framed.send(&ToMaster::Leaving { reason: "shutting down".into() }).await;
+                let _ = tokio::time::timeout(silence, framed.send(&ToMaster::Leaving { reason: "shutting down".into() })).await;
                 return Ok(Exit::Shutdown);
             }
             _ = tick.tick() => {
+                if heard.elapsed() > silence {
+                    return Err(format!("the master has not answered for {:?}", heard.elapsed()));
+                }
                 let mut stats = Stats::new();
                 stats.insert("uptime_seconds".into(), started.elapsed().as_secs_f64());
                 own_process(&mut stats);
                 for source in &link.stats {
                     source(&mut stats);
                 }
-                framed.send(&ToMaster::Heartbeat { stats }).await.map_err(|e| e.to_string())?;
+                match tokio::time::timeout(silence, framed.send(&ToMaster::Heartbeat { stats })).await {
+                    Ok(sent) => sent.map_err(|e| e.to_string())?,
+                    Err(_) => return Err(format!("a heartbeat to the master did not go out within {silence:?}")),
+                }
             }
-            msg = framed.recv::<ToWorker>() => match msg {
-                Ok(ToWorker::Membership(m)) => {
-                    *last_contact = Instant::now();
-                    link.membership.send_replace(Arc::new(m));
+            msg = framed.recv::<ToWorker>() => {
+                heard = Instant::now();
+                *last_contact = heard;
+                match msg {
+                    Ok(ToWorker::Membership(m)) => {
+                        link.membership.send_replace(Arc::new(m));
+                    }
+                    Ok(ToWorker::Stop { reason }) => return Ok(Exit::Stop(reason)),
+                    Ok(ToWorker::Rejected { reason }) => return Ok(Exit::Rejected(reason)),
+                    Ok(ToWorker::HeartbeatAck
+                        | ToWorker::Welcome { .. }
+                        | ToWorker::Challenge { .. }
+                        | ToWorker::Spec { .. }) => {}
+                    Err(e) => return Err(format!("lost the master: {e}")),
                 }
-                Ok(ToWorker::Stop { reason }) => return Ok(Exit::Stop(reason)),
-                Ok(ToWorker::Rejected { reason }) => return Ok(Exit::Rejected(reason)),
-                Ok(ToWorker::Welcome { .. } | ToWorker::Challenge { .. } | ToWorker::Spec { .. }) => {
-                    *last_contact = Instant::now()
-                }
-                Err(e) => return Err(format!("lost the master: {e}")),
-            },
+            }
         }
-        *last_contact = Instant::now();
     }
 }
 

@@ -124,5 +124,6 @@ fn kind(msg: &ToWorker) -> &'static str {
         ToWorker::Membership(_) => "membership",
         ToWorker::Stop { .. } => "stop",
         ToWorker::Spec { .. } => "spec",
+        ToWorker::HeartbeatAck => "heartbeat ack",
     }
 }
