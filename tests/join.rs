@@ -201,6 +201,10 @@ fn external_servers_join_with_a_credential_carry_chat_and_are_asked_never_signal
         assert_eq!(s["pid"].as_u64(), Some(pid as u64), "{id}: {s}");
     }
 
+    let (_, metrics) = c.http("GET", "/metrics", Some(&c.token()));
+    let info = metrics.lines().find(|l| l.starts_with("pomelo_server_info{") && l.contains("server_id=\"chat-2\""));
+    assert!(info.is_some_and(|l| l.contains("supervisor=\"external\"")), "{info:?}");
+
     // Chat under load over both connectors and both chat servers, half WebSocket and half TCP.
     let gate: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");

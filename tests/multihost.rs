@@ -141,6 +141,38 @@ fn one_cluster_across_three_hosts_over_ssh() {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "two"))).ok()
     });
 
+    // SIGSTOP of C's chat server: the master notices it is silent, kills it on C over ssh (the verified
+    // kill, since a stopped worker cannot answer its link) and starts a new one there.
+    harness::signal(new, 19);
+    let again = wait_until(Duration::from_secs(30), "the hung chat-c replaced", || {
+        let s = state(&c, "chat-c");
+        let pid = s["pid"].as_u64()? as u32;
+        (s["state"] == "running" && pid != new).then_some(pid)
+    });
+    assert!(hosts.pid_in(again, 2), "the new chat-c (pid {again}) runs on C");
+    wait_until(Duration::from_secs(10), "the hung chat-c gone", || (!harness::alive(new)).then_some(()));
+    wait_until(Duration::from_secs(10), "the room to work after the hung chat server", || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "two-b"))).ok()
+    });
+    // /metrics says where each server runs and who starts it.
+    let (status, metrics) = c.http("GET", "/metrics", Some(&c.token()));
+    assert_eq!(status, 200);
+    let info = |id: &str| -> String {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("pomelo_server_info{") && l.contains(&format!("server_id=\"{id}\"")))
+            .unwrap_or("")
+            .to_string()
+    };
+    let line = info("chat-c");
+    assert!(
+        line.contains(&format!("host=\"{}\"", hosts.ip[2]))
+            && line.contains("supervisor=\"ssh\"")
+            && line.ends_with(" 1"),
+        "{line}"
+    );
+    assert!(info("gate-1").contains("supervisor=\"local\""), "{}", info("gate-1"));
+
     // C drops off: its servers leave within the heartbeat timeout; B's users keep chatting.
     let mut b_only: Vec<(String, Client)> = users.drain(..).filter(|(n, _)| n.starts_with('b')).collect();
     hosts.link(2, false);

@@ -5,6 +5,7 @@
 //! (labels `server_id`, `server_type`):
 //!
 //! - from the master: `pomelo_server_up`, `pomelo_server_state{state}` (1, for the current state only),
+//!   `pomelo_server_info{host, supervisor}` (1),
 //!   `pomelo_server_restarts_total`, `pomelo_server_uptime_seconds`, `pomelo_server_cpu_seconds_total`,
 //!   `pomelo_server_resident_memory_bytes`, `pomelo_server_open_fds`;
 //! - from the worker's stats (0 when a server does not report one): `pomelo_server_connections`,
@@ -144,7 +145,19 @@ fn per_server(registry: &Registry, servers: &[ServerView]) -> prometheus::Result
     for s in servers {
         state.with_label_values(&[s.id.as_str(), s.server_type.as_str(), s.state.as_str()]).set(1.0);
     }
-    registry.register(Box::new(state))
+    registry.register(Box::new(state))?;
+    let info = GaugeVec::new(
+        Opts::new(
+            "pomelo_server_info",
+            "Always 1: where the server runs (`host` from servers.yaml) and who starts it (`supervisor`: local, ssh, external).",
+        ),
+        &["server_id", "server_type", "host", "supervisor"],
+    )?;
+    for s in servers {
+        info.with_label_values(&[s.id.as_str(), s.server_type.as_str(), s.host.as_str(), s.supervisor.as_str()])
+            .set(1.0);
+    }
+    registry.register(Box::new(info))
 }
 
 fn cluster(registry: &Registry, view: &ClusterView, sse_clients: usize) -> prometheus::Result<()> {
