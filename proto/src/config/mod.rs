@@ -181,6 +181,9 @@ pub struct MasterConfig {
     /// How servers on other hosts are started (`master.ssh`).
     #[serde(default)]
     pub ssh: SshConfig,
+    /// `externalHosts`: every server on these hosts is `supervise: external` (a platform starts it).
+    #[serde(default)]
+    pub external_hosts: Vec<String>,
 }
 
 /// One server entry.

@@ -72,7 +72,10 @@ pub(super) fn parse(text: &str, env: &str) -> Result<(MasterConfig, Vec<ServerSp
         envs.insert(0, (DEFAULT_ENV.to_string(), base_master.clone(), mpath.clone(), None));
     }
     for (name, master, mp, servers) in envs {
-        let servers = servers.or_else(|| base_servers.clone()).unwrap_or_default();
+        let mut servers = servers.or_else(|| base_servers.clone()).unwrap_or_default();
+        for (s, _) in &mut servers {
+            s.external |= master.external_hosts.contains(&s.host);
+        }
         check_master(&mut ctx, &master, &mp);
         check_unique(&mut ctx, &master, &servers, &mp);
         if name == env {

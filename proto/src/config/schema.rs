@@ -78,6 +78,20 @@ const MASTER: &[Row<MasterConfig>] = &[
     Row("logs", |c, m, v, p| apply(c, &mut m.logs, v, p, LOGS)),
     Row("runDir", |c, m, v, p| set(&mut m.run_dir, c.string(v, p).map(PathBuf::from))),
     Row("ssh", |c, m, v, p| super::ssh::apply_ssh(c, &mut m.ssh, v, p)),
+    Row("externalHosts", |c, m, v, p| match v {
+        Value::Sequence(items) => {
+            m.external_hosts.clear();
+            for (i, h) in items.iter().enumerate() {
+                let at = item(p, i);
+                match c.string(h, &at) {
+                    Some(h) if valid_host_name(&h) || h.parse::<std::net::IpAddr>().is_ok() => m.external_hosts.push(h),
+                    Some(h) => c.err(&at, format!("`{h}` is not a host (an address or a name)")),
+                    None => {}
+                }
+            }
+        }
+        other => c.err(p, format!("expected a list of hosts, found {}", describe(other))),
+    }),
 ];
 
 const RESTART: &[Row<RestartPolicy>] = &[
@@ -124,6 +138,7 @@ pub(super) fn default_master() -> MasterConfig {
         logs: LogConfig { dir: PathBuf::from("logs"), max_bytes: 10 << 20, keep: 3 },
         run_dir: PathBuf::from(".pomelo"),
         ssh: Default::default(),
+        external_hosts: Vec::new(),
     }
 }
 

@@ -264,3 +264,23 @@ servers:
         assert!(e.contains(&format!("servers.yaml:{line}:")) && e.contains(what), "{what} at {line} in {e}");
     }
 }
+
+#[test]
+fn external_hosts_make_every_server_there_external() {
+    let text = "\
+master:
+  externalHosts: [10.0.0.7, chat-0.chat.pomelo.svc.cluster.local]
+servers:
+  chat:
+    - {id: chat-a, host: 10.0.0.7, port: 6050}
+    - {id: chat-b, host: 10.0.0.8, port: 6050}
+    - {id: chat-c, host: chat-0.chat.pomelo.svc.cluster.local, port: 6050}
+";
+    let t = parse(text).expect("valid");
+    let launch: Vec<Launch> = t.servers.iter().map(|s| s.launch()).collect();
+    assert_eq!(launch, [Launch::External, Launch::Ssh, Launch::External]);
+    let e = parse("master:\n  externalHosts: ['not a host']\nservers:\n  chat:\n    - {id: c, port: 1}\n")
+        .expect_err("invalid")
+        .to_string();
+    assert!(e.contains("servers.yaml:2:") && e.contains("not a host"), "{e}");
+}
