@@ -302,6 +302,23 @@ fn external_servers_join_with_a_credential_carry_chat_and_are_asked_never_signal
         u.task.abort();
     }
 
+    // `stop chat-2`: asked to exit; the master then refuses it (exit 3, which the unit does not restart)
+    // until `start chat-2`.
+    let out = c.run(&["stop", "chat-2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (st, said) = platform.wait_exit("chat-2", Duration::from_secs(10));
+    asked_not_signalled("chat-2", st, &said);
+    c.wait_state("chat-2", "stopped", Duration::from_secs(10));
+    platform.start("chat-2");
+    let (st, said) = platform.wait_exit("chat-2", Duration::from_secs(20));
+    assert_eq!(st.code(), Some(3), "a stopped external server came back: {said}");
+    assert!(said.contains("stopped here"), "{said}");
+    let out = c.run(&["start", "chat-2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pid = platform.start("chat-2");
+    let s = c.wait_state("chat-2", "running", Duration::from_secs(20));
+    assert_eq!(s["pid"].as_u64(), Some(pid as u64), "{s}");
+
     // `pomelo-rs stop` asks both external workers to exit and signals neither.
     let out = c.run(&["stop"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
