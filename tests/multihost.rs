@@ -78,6 +78,41 @@ fn chat_round(users: &mut [(String, Client)], rid: &str, tag: &str) {
     }
 }
 
+/// Runs the real worker on B as `chat-c`, with chat-c's server key and TLS material for C's address, and a
+/// spec (a local worker's, re-labelled) that makes it listen on B: it must be refused for its address.
+fn forged_worker_on_b_is_refused(c: &Cluster, hosts: &net::Hosts) {
+    let chat_c = state(c, "chat-c")["pid"].as_u64();
+    let gate = state(c, "gate-1")["pid"].as_u64().expect("gate pid") as u32;
+    let env = pomelo_master::procstat::environ(gate).expect("gate-1's environment");
+    let spec = env.get(std::ffi::OsStr::new(pomelo_master::child::SPEC_ENV)).expect("spec").to_string_lossy();
+    let mut spec: serde_json::Value = serde_json::from_str(&spec).expect("spec json");
+    let server = &mut spec["server"];
+    server["id"] = json!("chat-c");
+    server["server_type"] = json!("chat");
+    server["host"] = json!(hosts.ip[1]);
+    server["port"] = json!(0);
+    server["client_port"] = json!(null);
+    spec["log_file"] = json!(c.dir.path().join("forged.log"));
+    let secret = std::fs::read_to_string(c.dir.path().join(".pomelo/cluster-token")).expect("secret");
+    let key = pomelo_proto::auth::server_key(secret.trim(), "chat-c").to_hex();
+    let ca = pomelo_proto::tls::Authority::load_or_create(&c.dir.path().join(".pomelo/tls")).expect("ca");
+    let material = ca.issue("chat-c", &hosts.ip[2]).expect("issue");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &hosts.ns[1]])
+        .arg(harness::bin())
+        .args(["worker", "--id", "chat-c", "--type", "chat"])
+        .env(pomelo_master::child::SPEC_ENV, spec.to_string())
+        .env(pomelo_master::child::KEY_ENV, key)
+        .env(pomelo_proto::tls::TLS_ENV, serde_json::to_string(&material).expect("material"))
+        .output()
+        .expect("run the forged worker");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "the forged chat-c on B was not refused: {said}");
+    assert!(said.contains("must connect from"), "refused for another reason: {said}");
+    assert_eq!(state(c, "chat-c")["pid"].as_u64(), chat_c, "the real chat-c was disturbed");
+    assert_eq!(state(c, "chat-c")["state"], "running");
+}
+
 fn state(c: &Cluster, id: &str) -> serde_json::Value {
     c.server(id)
 }
@@ -118,6 +153,10 @@ fn one_cluster_across_three_hosts_over_ssh() {
     wait_until(Duration::from_secs(5), "remote process figures", || {
         (state(&c, "chat-c")["rss_bytes"].as_u64().unwrap_or(0) > 0).then_some(())
     });
+
+    // Issue 14's peer check across hosts: a process on B holding chat-c's key and a certificate of the
+    // cluster CA (as if both were stolen from C) is refused as chat-c, because it connects from B.
+    forged_worker_on_b_is_refused(&c, &hosts);
 
     // Clients on B's and on C's connector chat in one room.
     let rid = "lobby";
