@@ -326,12 +326,9 @@ pub fn credential(cfg: &ConfigArgs, id: &str, output: Option<&Path>) -> anyhow::
     let run_dir = topology.run_dir();
     let secret = runstate::secret(&run_dir, "cluster-token")
         .with_context(|| format!("cannot read the cluster secret in {}", run_dir.display()))?;
-    let tls = if topology.cluster_tls() {
-        let ca = pomelo_proto::tls::Authority::load_or_create(&run_dir.join("tls"))
-            .with_context(|| format!("cannot open the cluster CA in {}", run_dir.join("tls").display()))?;
-        Some(ca.issue(id, &server.host)?)
-    } else {
-        None
+    let tls = match pomelo_master::cluster_authority(&topology)? {
+        Some(ca) => Some(ca.issue(id, &server.host)?),
+        None => None,
     };
     let key = pomelo_proto::auth::server_key(&secret, id).to_hex();
     let mut text =

@@ -125,3 +125,52 @@ fn with_cluster_tls_the_cluster_chats_and_plain_or_foreign_peers_get_nothing() {
         assert!(m.cert.contains("BEGIN CERTIFICATE") && m.key.contains("PRIVATE KEY"), "{id}");
     }
 }
+
+#[test]
+fn operator_certificates_are_used_and_the_master_needs_no_ca_key() {
+    // The operator's PKI: a CA whose key stays here, and a certificate per server and for the master.
+    let pki = tempfile::tempdir().expect("tempdir");
+    let ca = Authority::load_or_create(&pki.path().join("ca")).expect("operator ca");
+    let certs = pki.path().join("certs");
+    std::fs::create_dir(&certs).expect("certs dir");
+    for id in ["master", "gate-1", "connector-1", "connector-2", "chat-1", "chat-2"] {
+        let m = ca.issue(id, "127.0.0.1").expect("issue");
+        std::fs::write(certs.join(format!("{id}.pem")), &m.cert).expect("cert");
+        std::fs::write(certs.join(format!("{id}.key")), &m.key).expect("key");
+        std::fs::set_permissions(certs.join(format!("{id}.key")), std::fs::Permissions::from_mode(0o600))
+            .expect("mode");
+    }
+    let extra =
+        format!("  clusterTls: {{ca: {}, certs: {}}}\n", pki.path().join("ca/ca.pem").display(), certs.display());
+    let c = Cluster::start(&yaml(SMALL, &extra));
+    let running = c.wait_running();
+    let gate: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
+    let (mut a, _) = wait_until(Duration::from_secs(10), "a login to work", || {
+        let (cl, reply) = login(gate, "alice", "pki-room");
+        reply.get("users").is_some().then_some((cl, reply))
+    });
+    let (mut b, reply) = login(gate, "bob", "pki-room");
+    assert!(reply["users"].as_array().is_some_and(|u| u.len() == 2), "{reply}");
+    let sent = a
+        .request("chat.chatHandler.send", json!({"rid": "pki-room", "content": "pki", "from": "alice", "target": "*"}));
+    assert!(sent.get("code").is_none(), "{sent}");
+    for cl in [&mut a, &mut b] {
+        let got = cl.collect("onChat", 1, Duration::from_secs(5), Duration::from_millis(100));
+        assert_eq!(got.len(), 1, "{got:?}");
+    }
+    // Each worker was given its own certificate from the directory; the master made no CA of its own.
+    for (id, pid) in running {
+        let env = procstat::environ(pid).expect("environment");
+        let m: Material =
+            serde_json::from_str(&env[std::ffi::OsStr::new(tls::TLS_ENV)].to_string_lossy()).expect("tls");
+        let want = std::fs::read_to_string(certs.join(format!("{id}.pem"))).expect("cert");
+        assert_eq!(m.cert, want, "{id} got another certificate");
+    }
+    assert!(!c.dir.path().join(".pomelo/tls").exists(), "the master created a CA of its own");
+    // A peer with a certificate the master would have issued from its own CA is a stranger here.
+    let control: SocketAddr =
+        c.master_json().and_then(|m| m["control_addr"].as_str()?.parse().ok()).expect("control address");
+    let other = tempfile::tempdir().expect("tempdir");
+    let foreign = Authority::load_or_create(other.path()).expect("ca").issue("chat-1", "127.0.0.1").expect("issue");
+    assert!(tls_hello(control, &foreign).is_err(), "a certificate of another CA was accepted");
+}

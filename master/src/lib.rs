@@ -99,14 +99,7 @@ pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
             }
         })
         .collect();
-    let tls = if topology.cluster_tls() {
-        let dir = run_dir.join("tls");
-        let ca = pomelo_proto::tls::Authority::load_or_create(&dir)
-            .with_context(|| format!("cannot load or create the cluster CA in {}", dir.display()))?;
-        Some(Arc::new(ca))
-    } else {
-        None
-    };
+    let tls = cluster_authority(&topology)?.map(Arc::new);
     Ok(Prepared { topology, run_dir, cluster_token, tls, adopt })
 }
 
@@ -265,4 +258,25 @@ fn advertised(bound: SocketAddr, host: &str) -> SocketAddr {
         _ if bound.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], bound.port())),
         _ => bound,
     }
+}
+
+/// Where cluster certificates come from when links run over TLS: the operator's files (`clusterTls: {ca,
+/// certs}`), or the CA the master keeps in the run directory (created on first use). `None` without TLS.
+pub fn cluster_authority(
+    topology: &pomelo_proto::config::Topology,
+) -> anyhow::Result<Option<pomelo_proto::tls::Authority>> {
+    use pomelo_proto::tls::Authority;
+    if !topology.cluster_tls() {
+        return Ok(None);
+    }
+    let ca = match &topology.master.cluster_tls_files {
+        Some(f) => Authority::provided(&f.ca, &f.certs)
+            .with_context(|| format!("cannot use the cluster certificates in {}", f.certs.display()))?,
+        None => {
+            let dir = topology.run_dir().join("tls");
+            Authority::load_or_create(&dir)
+                .with_context(|| format!("cannot load or create the cluster CA in {}", dir.display()))?
+        }
+    };
+    Ok(Some(ca))
 }

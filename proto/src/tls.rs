@@ -253,10 +253,17 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// The cluster CA, kept by the master.
+/// Where the master gets each process's certificate: the cluster CA it keeps, or the operator's files.
 pub struct Authority {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    source: Source,
     pem: String,
+}
+
+enum Source {
+    /// The master's own CA: it issues a fresh certificate at every spawn.
+    Own(Box<rcgen::Issuer<'static, rcgen::KeyPair>>),
+    /// The operator's: `<id>.pem` and `<id>.key` in this directory, the CA's key elsewhere.
+    Provided(std::path::PathBuf),
 }
 
 fn ca_params() -> rcgen::CertificateParams {
@@ -281,13 +288,28 @@ impl Authority {
         if key_path.exists() && cert_path.exists() {
             let key = rcgen::KeyPair::from_pem(&files::read_to_string(&key_path, 1 << 20)?).map_err(bad)?;
             let pem = files::read_to_string(&cert_path, 1 << 20)?;
-            return Ok(Authority { issuer: rcgen::Issuer::new(ca_params(), key), pem });
+            return Ok(Authority { source: Source::Own(Box::new(rcgen::Issuer::new(ca_params(), key))), pem });
         }
         let key = rcgen::KeyPair::generate().map_err(bad)?;
         let cert = ca_params().self_signed(&key).map_err(bad)?;
         write_private(&key_path, &key.serialize_pem())?;
         write_private(&cert_path, &cert.pem())?;
-        Ok(Authority { issuer: rcgen::Issuer::new(ca_params(), key), pem: cert.pem() })
+        Ok(Authority { source: Source::Own(Box::new(rcgen::Issuer::new(ca_params(), key))), pem: cert.pem() })
+    }
+
+    /// The operator's certificates: `ca` (PEM) is the CA every link trusts, and `certs` holds `<id>.pem` and
+    /// `<id>.key` for each server (`master.pem`, `master.key` for the master), each naming the server's
+    /// `host`. The CA's key is never needed here. Fails if `ca` holds no certificate.
+    pub fn provided(ca: &Path, certs: &Path) -> io::Result<Authority> {
+        let pem = files::read_to_string(ca, 1 << 20)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", ca.display())))?;
+        if CertificateDer::pem_slice_iter(pem.as_bytes()).next().is_none() {
+            return Err(bad(format!("{}: no certificate in it", ca.display())));
+        }
+        if !certs.is_dir() {
+            return Err(bad(format!("{} is not a directory", certs.display())));
+        }
+        Ok(Authority { source: Source::Provided(certs.to_path_buf()), pem })
     }
 
     /// A certificate and fresh key for server (or master) `id` on `host`: its names are `host` and, for a
@@ -299,6 +321,10 @@ impl Authority {
     /// [`issue`](Self::issue) with more names: the master's also carries the address its control port is
     /// bound to, so workers that dial that address (not `host`'s DNS name) can check it.
     pub fn issue_with(&self, id: &str, host: &str, also: &[IpAddr]) -> io::Result<Material> {
+        let issuer = match &self.source {
+            Source::Own(issuer) => issuer,
+            Source::Provided(dir) => return self.provided_material(dir, id),
+        };
         let mut names: Vec<String> = vec![host.to_string()];
         names.extend(also.iter().map(|ip| ip.to_string()));
         if crate::config::is_local_host(host) {
@@ -312,8 +338,25 @@ impl Authority {
         params.extended_key_usages =
             vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let key = rcgen::KeyPair::generate().map_err(bad)?;
-        let cert = params.signed_by(&key, &self.issuer).map_err(bad)?;
+        let cert = params.signed_by(&key, issuer.as_ref()).map_err(bad)?;
         Ok(Material { ca: self.pem.clone(), cert: cert.pem(), key: key.serialize_pem() })
+    }
+
+    /// `id`'s files from the operator's directory, checked to parse (as a listener and as a dialler).
+    fn provided_material(&self, dir: &Path, id: &str) -> io::Result<Material> {
+        if !crate::auth::valid_id(id) {
+            return Err(bad(format!("`{}` is not a server id", crate::link::printable(id))));
+        }
+        let read = |ext: &str| {
+            let path = dir.join(format!("{id}.{ext}"));
+            files::read_to_string(&path, 1 << 20)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        };
+        let m = Material { ca: self.pem.clone(), cert: read("pem")?, key: read("key")? };
+        m.acceptor()
+            .and_then(|_| m.connector())
+            .map_err(|e| bad(format!("{id}'s certificate in {}: {e}", dir.display())))?;
+        Ok(m)
     }
 }
 

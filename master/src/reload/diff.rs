@@ -56,7 +56,10 @@ const RESTART_ONLY: &[RestartOnly] = &[
     ("admin", |new, old| std::mem::replace(&mut new.admin, old.admin) != old.admin),
     ("adminToken", |new, old| std::mem::replace(&mut new.admin_token, old.admin_token.clone()) != old.admin_token),
     ("adminHosts", |new, old| std::mem::replace(&mut new.admin_hosts, old.admin_hosts.clone()) != old.admin_hosts),
-    ("clusterTls", |new, old| std::mem::replace(&mut new.cluster_tls, old.cluster_tls) != old.cluster_tls),
+    ("clusterTls", |new, old| {
+        let files = std::mem::replace(&mut new.cluster_tls_files, old.cluster_tls_files.clone());
+        std::mem::replace(&mut new.cluster_tls, old.cluster_tls) != old.cluster_tls || files != old.cluster_tls_files
+    }),
     ("runDir", |new, old| std::mem::replace(&mut new.run_dir, old.run_dir.clone()) != old.run_dir),
     ("heartbeatInterval (running workers keep the old one until restarted)", |new, old| {
         std::mem::replace(&mut new.heartbeat_interval, old.heartbeat_interval) != old.heartbeat_interval

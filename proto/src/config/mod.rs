@@ -164,6 +164,10 @@ pub struct MasterConfig {
     /// TLS on control and RPC links: on, off, or (unset) on exactly when some host is not loopback.
     #[serde(default)]
     pub cluster_tls: Option<bool>,
+    /// `clusterTls: {ca, certs}`: the operator's CA certificate and a directory of per-server certificates
+    /// (`<id>.pem`, `<id>.key`; `master.pem`/`master.key` for the master) instead of the CA the master keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_tls_files: Option<ClusterTlsFiles>,
     pub restart: RestartPolicy,
     /// SIGTERM, then this long, then SIGKILL.
     pub stop_grace: Duration,
@@ -184,6 +188,13 @@ pub struct MasterConfig {
     /// `externalHosts`: every server on these hosts is `supervise: external` (a platform starts it).
     #[serde(default)]
     pub external_hosts: Vec<String>,
+}
+
+/// Operator-provided cluster certificates (`clusterTls: {ca, certs}`), resolved against servers.yaml's directory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterTlsFiles {
+    pub ca: PathBuf,
+    pub certs: PathBuf,
 }
 
 /// One server entry.
@@ -352,6 +363,10 @@ impl Topology {
                 for ssl in t.servers.iter_mut().filter_map(|s| s.ssl.as_mut()) {
                     ssl.cert = base.join(&ssl.cert);
                     ssl.key = base.join(&ssl.key);
+                }
+                if let Some(f) = t.master.cluster_tls_files.as_mut() {
+                    f.ca = base.join(&f.ca);
+                    f.certs = base.join(&f.certs);
                 }
                 t
             })

@@ -67,7 +67,17 @@ const MASTER: &[Row<MasterConfig>] = &[
     }),
     Row("clusterTls", |c, m, v, p| match v {
         Value::Bool(b) => m.cluster_tls = Some(*b),
-        other => c.err(p, format!("expected true or false, found {}", describe(other))),
+        Value::Mapping(_) => {
+            let mut f = super::ClusterTlsFiles::default();
+            apply(c, &mut f, v, p, CLUSTER_TLS);
+            if f.ca.as_os_str().is_empty() || f.certs.as_os_str().is_empty() {
+                c.err(p, "`clusterTls` as a mapping needs both `ca` (a PEM file) and `certs` (a directory)");
+            } else {
+                m.cluster_tls = Some(true);
+                m.cluster_tls_files = Some(f);
+            }
+        }
+        other => c.err(p, format!("expected true, false or {{ca, certs}}, found {}", describe(other))),
     }),
     Row("restart", |c, m, v, p| apply(c, &mut m.restart, v, p, RESTART)),
     Row("stopGrace", |c, m, v, p| set(&mut m.stop_grace, c.duration(v, p))),
@@ -129,6 +139,7 @@ pub(super) fn default_master() -> MasterConfig {
         admin_token: None,
         admin_hosts: Vec::new(),
         cluster_tls: None,
+        cluster_tls_files: None,
         restart: RestartPolicy::default(),
         stop_grace: Duration::from_secs(10),
         heartbeat_interval: Duration::from_secs(1),
@@ -170,6 +181,11 @@ fn typed_key(c: &mut Ctx, d: &Draft, only: ServerType, key: &str, p: &[Seg]) -> 
     }
     t == only
 }
+
+const CLUSTER_TLS: &[Row<super::ClusterTlsFiles>] = &[
+    Row("ca", |c, f, v, p| set(&mut f.ca, c.string(v, p).map(PathBuf::from))),
+    Row("certs", |c, f, v, p| set(&mut f.certs, c.string(v, p).map(PathBuf::from))),
+];
 
 const SSL: &[Row<SslFiles>] = &[
     Row("cert", |c, s, v, p| set(&mut s.cert, c.string(v, p).map(PathBuf::from))),
