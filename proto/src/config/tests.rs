@@ -284,3 +284,17 @@ servers:
         .to_string();
     assert!(e.contains("servers.yaml:2:") && e.contains("not a host"), "{e}");
 }
+
+#[test]
+fn cluster_tls_takes_operator_files() {
+    let t =
+        parse("master:\n  clusterTls: {ca: pki/ca.pem, certs: pki/certs}\nservers:\n  chat:\n    - {id: c, port: 1}\n")
+            .expect("valid");
+    assert!(t.cluster_tls());
+    let f = t.master.cluster_tls_files.expect("files");
+    assert!(f.ca.ends_with("pki/ca.pem") && f.certs.ends_with("pki/certs"), "{f:?}");
+    let e = parse("master:\n  clusterTls: {ca: pki/ca.pem, cert: x}\nservers:\n  chat:\n    - {id: c, port: 1}\n")
+        .expect_err("invalid")
+        .to_string();
+    assert!(e.contains("servers.yaml:2:") && e.contains("needs both"), "{e}");
+}
