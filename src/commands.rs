@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use pomelo_master::runstate;
 use pomelo_proto::config::{Topology, WorkerSpec};
+use pomelo_proto::control::JoinCredential;
 use tokio_util::sync::CancellationToken;
 
 use crate::ConfigArgs;
@@ -331,8 +332,7 @@ pub fn credential(cfg: &ConfigArgs, id: &str, output: Option<&Path>) -> anyhow::
         None => None,
     };
     let key = pomelo_proto::auth::server_key(&secret, id).to_hex();
-    let mut text =
-        serde_json::to_string_pretty(&pomelo_proto::control::JoinCredential { id: id.to_string(), key, tls })?;
+    let mut text = serde_json::to_string_pretty(&JoinCredential { id: id.to_string(), key, tls })?;
     text.push('\n');
     match output {
         Some(path) => {
@@ -347,18 +347,30 @@ pub fn credential(cfg: &ConfigArgs, id: &str, output: Option<&Path>) -> anyhow::
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads a join credential (capped at 1 MiB) and checks it is for `id`.
-fn read_credential(path: &Path, id: &str) -> anyhow::Result<pomelo_proto::control::JoinCredential> {
-    use std::os::unix::fs::PermissionsExt;
-    let text = pomelo_proto::files::read_to_string(path, 1 << 20)
-        .with_context(|| format!("cannot read the credential {}", path.display()))?;
-    let c: pomelo_proto::control::JoinCredential =
+/// Reads a join credential (capped at 1 MiB) and checks it is for `id`. Symlinks are followed and a file
+/// of root's is accepted (Kubernetes Secret volumes, systemd's `LoadCredential` are both), but not one
+/// another user owns or anyone may write.
+fn read_credential(path: &Path, id: &str) -> anyhow::Result<JoinCredential> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read the credential {}", path.display()))?;
+    let meta = file.metadata()?;
+    let me = nix::unistd::getuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        bail!("{} belongs to uid {}, not to this user or root: refusing it", path.display(), meta.uid());
+    }
+    if meta.permissions().mode() & 0o002 != 0 {
+        bail!("{} can be written by any user: refusing it (make it 0600)", path.display());
+    }
+    if meta.permissions().mode() & 0o004 != 0 {
+        eprintln!("pomelo-rs: warning: {} can be read by any user; make it 0600", path.display());
+    }
+    let mut text = String::new();
+    file.take(1 << 20).read_to_string(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
+    let c: JoinCredential =
         serde_json::from_str(&text).with_context(|| format!("{} is not a join credential", path.display()))?;
     if c.id != id {
         bail!("{} is the credential of `{}`, not of `{id}`", path.display(), pomelo_proto::link::printable(&c.id));
-    }
-    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o006 != 0) {
-        eprintln!("pomelo-rs: warning: {} can be read or written by any user; make it 0600", path.display());
     }
     Ok(c)
 }
@@ -371,6 +383,7 @@ fn join(addr: &str, id: &str, key: &str, patience: Duration) -> anyhow::Result<W
     match fetched {
         Ok(mut spec) => {
             spec.control_addr = addr.to_string();
+            spec.joined = true;
             Ok(spec)
         }
         Err(pomelo_worker::control::JoinError::Refused(why)) => Err(Refused(why).into()),

@@ -145,3 +145,39 @@ fn pomelo_s_npm_client_reads_the_history_fields_and_recovers() {
     assert_eq!(seen["first"]["msg"], "one", "{seen}");
     assert_eq!(seen["missed"].as_array().map(Vec::len), Some(2), "{seen}");
 }
+
+#[test]
+fn servers_yaml_bounds_each_room_s_history() {
+    let cluster =
+        CLUSTER.replace("{id: chat-1, port: 0}", "{id: chat-1, port: 0, history: {backend: memory, maxMessages: 3}}");
+    let c = Cluster::start(&yaml(&cluster, ""));
+    c.wait_running();
+    let g: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
+    let (mut ann, r) = enter(g, "ann", "h", None);
+    let epoch = r["epoch"].clone();
+    for t in ["h1", "h2", "h3", "h4", "h5"] {
+        assert_eq!(send(&mut ann, t), json!({}));
+    }
+    let got = chats(&mut ann, 5);
+    let page = ann.request("chat.chatHandler.history", json!({"rid": "h", "since": {"epoch": epoch, "offset": 0}}));
+    // Only the last 3 are kept: from offset 0 the gap is not covered, and the page says so.
+    assert_eq!(page["recovered"], false, "{page}");
+    let page = ann.request(
+        "chat.chatHandler.history",
+        json!({"rid": "h", "since": {"epoch": epoch, "offset": got[1]["offset"]}}),
+    );
+    assert_eq!(page["recovered"], true, "{page}");
+    let kept: Vec<&str> =
+        page["messages"].as_array().expect("messages").iter().filter_map(|m| m["msg"].as_str()).collect();
+    assert_eq!(kept, ["h3", "h4", "h5"], "{page}");
+    // A backend that is not built is a clear configuration error, not a silent memory backend.
+    let bad = CLUSTER.replace("{id: chat-1, port: 0}", "{id: chat-1, port: 0, history: {backend: redis}}");
+    std::fs::write(c.config(), yaml(&bad, "")).expect("write");
+    let out = c.run(&["check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not built yet")
+            || String::from_utf8_lossy(&out.stderr).contains("not built yet"),
+        "{out:?}"
+    );
+}

@@ -180,6 +180,12 @@ fn external_servers_join_with_a_credential_carry_chat_and_are_asked_never_signal
     let out = run_join(&control, "chat-2", &dir.join("connector-2.cred"));
     assert!(!out.status.success(), "a credential of connector-2 joined as chat-2");
     assert!(String::from_utf8_lossy(&out.stderr).contains("credential of `connector-2`"), "{out:?}");
+    // A credential anyone may write is refused before it is used.
+    let open = dir.join("open.cred");
+    std::fs::copy(dir.join("chat-2.cred"), &open).expect("copy");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let out = run_join(&control, "chat-2", &open);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("can be written by any user"));
     // The right key of a server the master starts: the master proves itself, then refuses (exit 3).
     let forged = dir.join("chat-1.cred");
     let key = pomelo_proto::auth::server_key(secret.trim(), "chat-1").to_hex();

@@ -63,6 +63,8 @@ pub struct Prepared {
     pub tls: Option<Arc<pomelo_proto::tls::Authority>>,
     /// Live workers of an earlier master: id → pid.
     pub adopt: HashMap<String, u32>,
+    /// External servers an earlier master had running: awaited (by id) before the first membership.
+    pub rejoin: Vec<String>,
 }
 
 /// Refuses to run beside a live master of the same file; finds workers to adopt.
@@ -85,7 +87,13 @@ pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
     let cluster_token = runstate::secret(&run_dir, "cluster-token").context("cannot create the cluster token")?;
     let exe = std::env::current_exe().context("cannot find this program's own path")?;
     let abs_run_dir = std::path::absolute(&run_dir).unwrap_or_else(|_| run_dir.clone());
-    let adopt = runstate::read_workers(&run_dir)
+    let recorded = runstate::read_workers(&run_dir);
+    let rejoin = recorded
+        .keys()
+        .filter(|id| topology.server(id).is_some_and(|s| s.launch() == pomelo_proto::config::Launch::External))
+        .cloned()
+        .collect();
+    let adopt = recorded
         .into_iter()
         .filter(|(id, w)| {
             let local = topology.server(id).is_some_and(|s| s.launch() == pomelo_proto::config::Launch::Local);
@@ -100,7 +108,7 @@ pub fn prepare(topology: Topology) -> anyhow::Result<Prepared> {
         })
         .collect();
     let tls = cluster_authority(&topology)?.map(Arc::new);
-    Ok(Prepared { topology, run_dir, cluster_token, tls, adopt })
+    Ok(Prepared { topology, run_dir, cluster_token, tls, adopt, rejoin })
 }
 
 /// How the dashboard and CLI reach the supervisor.
@@ -232,6 +240,7 @@ pub fn start(
         tls: prepared.tls,
         echo,
         adopt: prepared.adopt,
+        rejoin: prepared.rejoin,
     };
     let channels = supervisor::Channels { links: links_rx, commands: cmd_rx, view_tx, events_tx };
     let run_dir = prepared.run_dir;

@@ -121,6 +121,9 @@ pub async fn run(link: Link<'_>, shutdown: CancellationToken) -> Exit {
 /// The address from the spec, then the one in master.json if it differs.
 fn candidates(spec: &WorkerSpec) -> Vec<String> {
     let mut out = vec![spec.control_addr.clone()];
+    if spec.joined {
+        return out;
+    }
     if let Some(addr) = master_json_addr(&spec.run_dir) {
         if addr != spec.control_addr {
             out.insert(0, addr);
@@ -308,7 +311,8 @@ pub enum JoinError {
 /// answers or `patience` runs out (retrying with a bounded backoff, for a platform that starts the
 /// worker before the master).
 pub async fn fetch_spec(addr: &str, id: &str, key: &Key, patience: Duration) -> Result<WorkerSpec, JoinError> {
-    let deadline = Instant::now() + patience;
+    // A patience too large for the clock is forever (bounded by the platform, which sees no exit).
+    let deadline = Instant::now().checked_add(patience);
     let mut retry = RETRY_MIN;
     let mut last = String::new();
     loop {
@@ -322,7 +326,7 @@ pub async fn fetch_spec(addr: &str, id: &str, key: &Key, patience: Duration) -> 
                 }
             }
         }
-        if Instant::now() + retry > deadline {
+        if deadline.is_some_and(|d| Instant::now() + retry > d) {
             return Err(JoinError::NoMaster(format!("no master at {addr} answered within {patience:?}: {last}")));
         }
         tokio::time::sleep(retry).await;

@@ -144,6 +144,7 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
             ChatServer {
                 id: spec.id.clone(),
                 limits: Limits { room_members: spec.max_room_members, rooms: spec.max_rooms },
+                history: spec.history,
                 token: ctx.token.clone(),
                 dict: Some(Arc::new(chat_dictionary())),
                 membership: ctx.membership.clone(),

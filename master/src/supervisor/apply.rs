@@ -126,7 +126,14 @@ impl Core {
         }
         for id in &d.changed {
             let (Some(i), Some(spec)) = (self.index(id), new.server(id)) else { continue };
-            self.slots[i].server.spec = spec.clone();
+            let slot = &mut self.slots[i];
+            if slot.server.spec.launch() != spec.launch() && !slot.server.is_down_for_good() {
+                // Stopped as it was started (a signal only to a child of ours), started the new way.
+                slot.pending = Some(spec.clone());
+            } else {
+                slot.server.spec = spec.clone();
+                slot.pending = None;
+            }
             // Any server: one on another host restarts over ssh, an external one is asked to exit
             // and fetches its new spec when its platform starts it again.
             if !self.slots[i].server.is_down_for_good() {
@@ -139,7 +146,12 @@ impl Core {
             let Some(spec) = new.server(id) else { continue };
             // A server removed a moment ago and still stopping comes back with its new spec.
             if let Some(i) = self.index(id) {
-                self.slots[i].server.spec = spec.clone();
+                let slot = &mut self.slots[i];
+                if slot.server.spec.launch() != spec.launch() && slot.server.pid.is_some() {
+                    slot.pending = Some(spec.clone());
+                } else {
+                    slot.server.spec = spec.clone();
+                }
                 let actions = self.slots[i].server.stop(now, &cfg, AfterStop::Restart);
                 self.apply(i, actions, out);
                 continue;

@@ -49,6 +49,9 @@ pub(super) struct Slot {
     pub ssh_pid: Option<u32>,
     /// Another host: the pid the worker registered with (a number on that host, never signalled here).
     pub remote_pid: Option<u32>,
+    /// A new spec that starts the server another way (master ↔ external, local ↔ ssh): the running
+    /// process is stopped the way it was started, and this takes effect at the next spawn.
+    pub pending: Option<ServerSpec>,
 }
 
 impl Slot {
@@ -66,6 +69,7 @@ impl Slot {
             forget: false,
             ssh_pid: None,
             remote_pid: None,
+            pending: None,
         }
     }
 }
@@ -255,6 +259,11 @@ impl Core {
                 if self.slots[i].server.spec.external {
                     tracing::info!(server = %id, host = %self.slots[i].server.spec.host,
                         "supervised externally: waiting for it to join (`pomelo-rs worker --join`)");
+                    if self.setup.rejoin.contains(&id) {
+                        // It ran under the master before: the membership waits for it to re-register.
+                        self.slots[i].awaiting = true;
+                        self.adopting = Some(adopt_deadline);
+                    }
                 }
                 // An external server starts as `starting` too: its platform's process registers into it.
                 let actions = self.slots[i].server.start(now, &self.topo.master);
@@ -270,6 +279,12 @@ impl Core {
                 Action::Log(msg) => {
                     tracing::info!(server = %self.slots[i].server.spec.id, "{msg}");
                     self.event(i, msg, out);
+                }
+                Action::Spawn if self.slots[i].pending.is_some() => {
+                    let slot = &mut self.slots[i];
+                    slot.server.spec = slot.pending.take().unwrap_or_else(|| slot.server.spec.clone());
+                    slot.remote_pid = None;
+                    self.apply(i, vec![Action::Spawn], out);
                 }
                 Action::Spawn if self.slots[i].server.spec.external => {
                     self.event(i, "waiting for its platform to start it".into(), out);
@@ -337,6 +352,7 @@ impl Core {
             log_file: self.setup.log_dir.join(format!("{}.log", spec.id)),
             log_max_bytes: m.logs.max_bytes,
             threads: spec.threads.unwrap_or_else(|| pomelo_proto::config::auto_threads(self.setup.cores, local)),
+            joined: false,
             server: spec,
         };
         let ssh = (!worker.server.is_local()).then(|| m.ssh.for_host(&worker.server.host));

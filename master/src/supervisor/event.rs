@@ -145,6 +145,9 @@ pub struct Setup {
     pub log_dir: PathBuf,
     /// Live workers of an earlier master: id → pid.
     pub adopt: BTreeMap<String, u32>,
+    /// External servers an earlier master had running: their platforms' processes will re-register, so
+    /// the first membership waits for them as for adopted ones.
+    pub rejoin: std::collections::BTreeSet<String>,
     /// The content servers.yaml had when it was loaded (`None`: unreadable).
     pub text: Option<String>,
 }

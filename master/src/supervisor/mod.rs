@@ -47,6 +47,8 @@ pub struct Setup {
     pub echo: bool,
     /// Live workers of an earlier master: id → pid.
     pub adopt: HashMap<String, u32>,
+    /// External servers an earlier master had running (awaited before the first membership).
+    pub rejoin: Vec<String>,
 }
 
 pub struct Channels {
@@ -71,6 +73,7 @@ pub async fn run(setup: Setup, mut ch: Channels, tasks: TaskTracker, shutdown: C
         run_dir: absolute(&topo.run_dir()),
         log_dir: absolute(&topo.log_dir()),
         adopt: setup.adopt.into_iter().collect(),
+        rejoin: setup.rejoin.into_iter().collect(),
         // Read again here rather than passed from the load: an edit in between is missed until the next.
         text: std::fs::read_to_string(&topo.file).ok(),
         topology: topo.clone(),

@@ -12,8 +12,8 @@
 //!   is killed over ssh if it is still that worker; with no session, the exit is taken as done at once.
 //!
 //! External servers are never spawned or signalled: a stop asks over the link (`Stop`) and their platform
-//! restarts them; they register like any worker (`worker --join`, which would hand them their spec from
-//! the master, is not built yet: today their spec is given to them by hand).
+//! restarts them; `worker --join` fetches their spec from the master (see `Core::join_spec`), then they
+//! register like any worker.
 
 use std::time::Instant;
 

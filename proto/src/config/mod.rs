@@ -190,6 +190,21 @@ pub struct MasterConfig {
     pub external_hosts: Vec<String>,
 }
 
+/// A chat server's `history`: the `memory` backend (the only one built), bounded per room.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HistoryConfig {
+    /// Messages kept per room (`maxMessages`).
+    pub max_messages: usize,
+    /// Messages older than this are forgotten (`maxAge`).
+    pub max_age: Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig { max_messages: 1000, max_age: Duration::from_secs(300) }
+    }
+}
+
 /// Operator-provided cluster certificates (`clusterTls: {ca, certs}`), resolved against servers.yaml's directory.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterTlsFiles {
@@ -249,6 +264,9 @@ pub struct ServerSpec {
     /// Chat servers: most rooms one chat server may hold (`maxRooms`).
     #[serde(default = "default_max_rooms")]
     pub max_rooms: usize,
+    /// Chat servers: bounds of each room's history (`history`); `None` keeps the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryConfig>,
     /// Runtime threads of the worker; `None` shares the machine's cores among its servers.
     pub threads: Option<usize>,
     /// `supervise: external`: a platform (systemd, Kubernetes) starts it; the master never spawns or signals it.
@@ -418,6 +436,10 @@ pub struct WorkerSpec {
     pub log_max_bytes: u64,
     /// Runtime threads: the server's `threads`, or the cores shared among the servers of this machine.
     pub threads: usize,
+    /// Set by a worker that took this spec with `--join`: the master's run directory is not on its host,
+    /// so it dials `control_addr` only (never a `master.json` it would find at that path here).
+    #[serde(default)]
+    pub joined: bool,
 }
 
 /// Runtime threads for a server without `threads`: this machine's cores shared among the servers it

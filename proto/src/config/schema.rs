@@ -182,6 +182,26 @@ fn typed_key(c: &mut Ctx, d: &Draft, only: ServerType, key: &str, p: &[Seg]) -> 
     t == only
 }
 
+const HISTORY: &[Row<super::HistoryConfig>] = &[
+    Row("backend", |c, _, v, p| match c.string(v, p).as_deref() {
+        Some("memory") | None => {}
+        Some(b @ ("disk" | "redis")) => {
+            c.err(p, format!("the `{b}` history backend is not built yet; only `memory` is (see README, History)"))
+        }
+        Some(other) => c.err(p, format!("`{other}` is not a history backend: use `memory`")),
+    }),
+    Row("maxMessages", |c, h, v, p| match c.uint(v, p, 100_000) {
+        Some(0) => c.err(p, "must be at least 1"),
+        Some(n) => h.max_messages = n as usize,
+        None => {}
+    }),
+    Row("maxAge", |c, h, v, p| match c.duration(v, p) {
+        Some(d) if d < Duration::from_secs(1) || d > Duration::from_secs(86_400) => c.err(p, "must be from 1s to 24h"),
+        Some(d) => h.max_age = d,
+        None => {}
+    }),
+];
+
 const CLUSTER_TLS: &[Row<super::ClusterTlsFiles>] = &[
     Row("ca", |c, f, v, p| set(&mut f.ca, c.string(v, p).map(PathBuf::from))),
     Row("certs", |c, f, v, p| set(&mut f.certs, c.string(v, p).map(PathBuf::from))),
@@ -211,6 +231,9 @@ const SERVER: &[Row<Draft>] = &[
             d.has_id = true;
             if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
                 c.err(p, format!("`{id}` is not a valid id: use 1 to 64 of A-Z a-z 0-9 - _ ."));
+            }
+            if id == crate::auth::MASTER_ID {
+                c.err(p, format!("`{id}` is the master's own name (its certificate and key): pick another id"));
             }
             d.spec.id = id;
         }
@@ -372,6 +395,13 @@ const SERVER: &[Row<Draft>] = &[
             }
         }
     }),
+    Row("history", |c, d, v, p| {
+        if typed_key(c, d, ServerType::Chat, "history", p) {
+            let mut h = super::HistoryConfig::default();
+            apply(c, &mut h, v, p, HISTORY);
+            d.spec.history = Some(h);
+        }
+    }),
     Row("threads", |c, d, v, p| match c.uint(v, p, 256) {
         Some(0) => c.err(p, "must be at least 1"),
         Some(n) => d.spec.threads = Some(n as usize),
@@ -401,6 +431,7 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         max_name_bytes: super::DEFAULT_MAX_NAME_BYTES,
         max_room_members: super::DEFAULT_MAX_ROOM_MEMBERS,
         max_rooms: super::DEFAULT_MAX_ROOMS,
+        history: None,
         threads: None,
         external: false,
         ssl: None,

@@ -205,7 +205,7 @@ servers:
     let find = |needle: &str| {
         err.errors.iter().find(|e| e.message.contains(needle)).unwrap_or_else(|| panic!("no `{needle}` in {err:?}"))
     };
-    assert_eq!(find("expected true or false").line, Some(2));
+    assert_eq!(find("expected true, false or {ca, certs}").line, Some(2));
     assert_eq!(find("is not a host name").line, Some(3));
     assert_eq!(find("needs both `cert` and `key`").line, Some(6));
     assert_eq!(find("applies to gate and connector servers").line, Some(8));
@@ -297,4 +297,29 @@ fn cluster_tls_takes_operator_files() {
         .expect_err("invalid")
         .to_string();
     assert!(e.contains("servers.yaml:2:") && e.contains("needs both"), "{e}");
+}
+
+#[test]
+fn history_is_for_chat_servers_and_bounded() {
+    let t =
+        parse("servers:\n  chat:\n    - {id: c, port: 1, history: {maxMessages: 50, maxAge: 10m}}\n").expect("valid");
+    let h = t.servers[0].history.expect("history");
+    assert_eq!((h.max_messages, h.max_age), (50, Duration::from_secs(600)));
+    let bad = "\
+servers:
+  chat:
+    - {id: c, port: 1, history: {backend: disk, maxMessages: 0, maxAge: 2d}}
+  connector:
+    - {id: k, port: 2, clientPort: 3, history: {maxMessages: 5}}
+";
+    let e = parse(bad).expect_err("invalid").to_string();
+    for (line, what) in [(3, "not built yet"), (3, "at least 1"), (5, "applies to chat servers")] {
+        assert!(e.contains(&format!("servers.yaml:{line}:")) && e.contains(what), "{what} at {line} in {e}");
+    }
+}
+
+#[test]
+fn the_id_master_is_reserved() {
+    let e = parse("servers:\n  chat:\n    - {id: master, port: 1}\n").expect_err("invalid").to_string();
+    assert!(e.contains("servers.yaml:3:") && e.contains("the master's own name"), "{e}");
 }

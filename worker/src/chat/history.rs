@@ -44,6 +44,14 @@ impl Default for HistoryLimits {
 }
 
 impl HistoryLimits {
+    /// A chat server's `history` from servers.yaml, or (without one) [`from_env`](Self::from_env).
+    pub fn configured(h: Option<pomelo_proto::config::HistoryConfig>) -> HistoryLimits {
+        match h {
+            Some(h) => HistoryLimits { size: h.max_messages, ttl: h.max_age, ..HistoryLimits::default() },
+            None => HistoryLimits::from_env(),
+        }
+    }
+
     /// The defaults, overridden by `POMELO_HISTORY_SIZE` (messages per room, 1..=100000) and
     /// `POMELO_HISTORY_TTL_S` (seconds, 1..=86400) in the chat server's environment.
     pub fn from_env() -> HistoryLimits {

@@ -76,6 +76,12 @@ fn flush_delay() -> Duration {
     }
 }
 
+/// What the rooms task keeps within: rooms and members, and each room's history.
+pub(super) struct Bounds {
+    pub rooms: Limits,
+    pub history: HistoryLimits,
+}
+
 pub(super) async fn rooms_task(
     id: String,
     dict: Option<Arc<Dictionary>>,
@@ -83,12 +89,12 @@ pub(super) async fn rooms_task(
     metrics: Arc<ChatMetrics>,
     mut inbox: mpsc::Receiver<Inbox>,
     stop: CancellationToken,
-    limits: Limits,
+    bounds: Bounds,
 ) {
     let mut st = State {
         me: id,
-        rooms: RoomTable::new(dict).with_limits(limits),
-        history: Box::new(MemoryHistory::new(HistoryLimits::from_env())),
+        rooms: RoomTable::new(dict).with_limits(bounds.rooms),
+        history: Box::new(MemoryHistory::new(bounds.history)),
         links: HashMap::new(),
         presence: Presence::default(),
         chats: None,

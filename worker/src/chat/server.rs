@@ -27,9 +27,10 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::history::HistoryLimits;
 use super::outbox::{outbox, OUTBOX_BYTES};
 use super::room_table::Limits;
-use super::rooms_task::{rooms_task, Inbox};
+use super::rooms_task::{rooms_task, Bounds, Inbox};
 
 /// Frames queued for one connector.
 const OUTBOX: usize = 16 * 1024;
@@ -68,6 +69,8 @@ pub struct ChatServer {
     pub id: String,
     /// `maxRoomMembers` and `maxRooms`.
     pub limits: Limits,
+    /// `history` from servers.yaml (`None`: the defaults, or the environment's `POMELO_HISTORY_*`).
+    pub history: Option<pomelo_proto::config::HistoryConfig>,
     /// This server's key (hex).
     pub token: String,
     pub dict: Option<Arc<Dictionary>>,
@@ -89,9 +92,9 @@ impl ChatServer {
         let unauthenticated = Arc::new(Semaphore::new(auth::MAX_UNAUTHENTICATED));
         let metrics = self.metrics.clone();
         let tasks = self.tasks.clone();
-        let limits = self.limits;
+        let bounds = Bounds { rooms: self.limits, history: HistoryLimits::configured(self.history) };
         let members = self.membership.clone();
-        self.tasks.spawn(rooms_task(self.id, self.dict, self.membership, self.metrics, rx, stop.clone(), limits));
+        self.tasks.spawn(rooms_task(self.id, self.dict, self.membership, self.metrics, rx, stop.clone(), bounds));
         tasks.clone().spawn(async move {
             let mut next = 0u64;
             let stopping = stop.clone();

@@ -188,6 +188,7 @@ impl MiniCluster {
         let chat = Arc::new(ChatMetrics::default());
         ChatServer {
             limits: Default::default(),
+            history: None,
             id: "chat-1".into(),
             token: key("chat-1"),
             dict: Some(Arc::new(chat_dictionary())),

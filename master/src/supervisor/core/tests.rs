@@ -33,6 +33,11 @@ pub(super) struct Sim {
 impl Sim {
     /// A master for `servers`, adopting `adopt` (id → pid); spawns are answered with fresh pids.
     pub fn new(servers: &str, adopt: &[(&str, u32)]) -> Sim {
+        Sim::build(servers, adopt, &[])
+    }
+
+    /// As [`new`](Self::new), with external servers an earlier master had running.
+    pub fn build(servers: &str, adopt: &[(&str, u32)], rejoin: &[&str]) -> Sim {
         let text = yaml(servers);
         let topology = Topology::parse(Path::new("servers.yaml"), &text, DEFAULT_ENV).expect("valid");
         let setup = Setup {
@@ -46,6 +51,7 @@ impl Sim {
             run_dir: "/run".into(),
             log_dir: "/logs".into(),
             adopt: adopt.iter().map(|(id, pid)| (id.to_string(), *pid)).collect(),
+            rejoin: rejoin.iter().map(|id| id.to_string()).collect(),
             text: Some(text),
         };
         let now = Instant::now();
@@ -381,3 +387,45 @@ fn a_late_exit_of_an_old_pid_does_not_touch_its_replacement() {
 
 #[path = "tests_more.rs"]
 mod more;
+
+#[test]
+fn an_external_server_made_local_is_asked_to_stop_never_signalled_then_spawned_here() {
+    let ext = "servers:\n  chat:\n    - {id: chat-1, port: 0, supervise: external}\n";
+    let mut sim = Sim::new(ext, &[]);
+    assert!(spawns(&sim.log).is_empty(), "an external server is never spawned");
+    // Its platform's process registers, claiming pid 4242 (any number: the master did not start it).
+    let (conn, _) = sim.register_as("chat-1", 4242, None);
+    assert_eq!(sim.phase("chat-1"), Phase::Running);
+    let local = "servers:\n  chat:\n    - {id: chat-1, port: 0}\n";
+    let out = sim.ev(Event::Reload { forced: true, text: Ok(yaml(local)) });
+    assert!(signals(&out).is_empty(), "signalled a pid it did not start: {:?}", signals(&out));
+    assert!(
+        out.iter().any(|e| matches!(e, Effect::Send { conn: c, msg: ToWorker::Stop { .. } } if *c == conn)),
+        "{out:?}"
+    );
+    assert!(spawns(&out).is_empty(), "spawned before the external process left");
+    // The worker leaves (its link closes): now the master starts it as its own child.
+    let out = sim.ev(Event::Closed { conn, id: "chat-1".into() });
+    let out = [out, sim.advance(Duration::from_secs(1))].concat();
+    assert_eq!(spawns(&out), ["chat-1"], "{out:?}");
+    assert!(signals(&sim.log).iter().all(|(pid, _)| *pid != 4242));
+    // And the grace running out signals nothing either.
+    let out = sim.advance(Duration::from_secs(5));
+    assert!(signals(&out).iter().all(|(pid, _)| *pid != 4242), "{out:?}");
+}
+
+#[test]
+fn a_new_master_waits_for_the_external_servers_that_were_running_before_it_announces() {
+    let servers = "servers:\n  connector:\n    - {id: connector-1, port: 0, clientPort: 0}\n  chat:\n    - {id: chat-1, port: 0, supervise: external}\n";
+    let mut sim = Sim::build(servers, &[], &["chat-1"]);
+    let (_, out) = sim.register("connector-1");
+    assert!(memberships(&out).is_empty(), "announced before chat-1 re-registered: {out:?}");
+    let (_, out) = sim.register_as("chat-1", 4242, None);
+    let m = memberships(&out);
+    assert!(!m.is_empty() && m.iter().all(|(_, m)| ids(m) == ["connector-1", "chat-1"]), "{m:?}");
+    // Never coming back: the membership goes out without it at the deadline.
+    let mut sim = Sim::build(servers, &[], &["chat-1"]);
+    sim.register("connector-1");
+    let out = sim.advance(Duration::from_secs(5));
+    assert!(memberships(&out).iter().any(|(_, m)| ids(m) == ["connector-1"]), "{out:?}");
+}
