@@ -442,7 +442,13 @@ pub fn worker(
                 .with_target(false)
                 .init();
             tracing::info!("`{id}` joining the master at {addr}");
-            (join(&addr, id, &c.key, patience)?, c.key)
+            let spec = join(&addr, id, &c.key, patience)?;
+            // servers.yaml's `env:` for this server, as a spawned worker gets it in its environment
+            // (set here, before any runtime thread exists). Its `args` are the platform's to give.
+            for (k, v) in &spec.server.env {
+                std::env::set_var(k, v);
+            }
+            (spec, c.key)
         }
     };
     if spec.server.id != id || server_type.is_some_and(|t| t != spec.server.server_type.as_str()) {
@@ -461,7 +467,12 @@ pub fn worker(
     }
     // One thread: no work stealing and no wake-ups between threads, which on a machine shared by several
     // servers costs more than it gives.
-    let rt = match threads.unwrap_or(spec.threads) {
+    // The master sized `spec.threads` by its own cores; on another host (ssh or joined) a server without
+    // `threads` is sized by that host's.
+    let remote = spec.joined || !spec.server.is_local();
+    let own = || std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = if remote && spec.server.threads.is_none() { own() } else { spec.threads };
+    let rt = match threads.unwrap_or(default) {
         0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
     };
