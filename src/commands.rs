@@ -433,14 +433,7 @@ pub fn worker(
                 pomelo_proto::tls::give_worker_material(serde_json::to_string(m)?);
             }
             // Its platform keeps its output (the journal, `kubectl logs`): stderr only, no log file.
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
-            tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .with_ansi(false)
-                .with_target(false)
-                .init();
+            worker_logging(log_level, std::io::stderr);
             tracing::info!("`{id}` joining the master at {addr}");
             let spec = join(&addr, id, &c.key, patience)?;
             // servers.yaml's `env:` for this server, as a spawned worker gets it in its environment
@@ -456,14 +449,7 @@ pub fn worker(
     }
     if !joined {
         let writer = pomelo_worker::logwriter::FallbackWriter::new(spec.log_file.clone(), spec.log_max_bytes);
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(writer)
-            .with_ansi(false)
-            .with_target(false)
-            .init();
+        worker_logging(log_level, writer);
     }
     // One thread: no work stealing and no wake-ups between threads, which on a machine shared by several
     // servers costs more than it gives.
@@ -486,6 +472,16 @@ pub fn worker(
         pomelo_worker::control::Exit::Rejected(_) => ExitCode::from(3),
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// A worker's log lines: `RUST_LOG` or `level`, plain text, to `writer`.
+fn worker_logging<W>(level: &str, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(false).with_target(false).init();
 }
 
 /// Cancels `token` on the first SIGTERM or SIGINT, logging which with `doing` ("SIGTERM: stopping"). The

@@ -77,6 +77,39 @@ fn cluster_yaml(late: &[&str]) -> String {
     text.replace("heartbeatTimeout: 2s", "heartbeatTimeout: 8s")
 }
 
+/// Logs in `n` clients through `gate` (16 at a time), `u0`.. spread over `rooms` in turn, alternating
+/// WebSocket and TCP per round of rooms, their sends staggered over the second.
+pub(crate) fn log_in_all(
+    rt: &tokio::runtime::Runtime,
+    gate: SocketAddr,
+    n: usize,
+    rooms: &[String],
+    sending: &Arc<AtomicBool>,
+) -> Vec<User> {
+    rt.block_on(async {
+        let limit = Arc::new(tokio::sync::Semaphore::new(16));
+        let logins: Vec<_> = (0..n)
+            .map(|i| {
+                let kind = if (i / rooms.len()) % 2 == 0 { Kind::Ws } else { Kind::Tcp };
+                let (name, rid) = (format!("u{i}"), rooms[i % rooms.len()].clone());
+                let phase = Duration::from_millis((i * 1000 / n) as u64);
+                let (limit, sending) = (limit.clone(), sending.clone());
+                tokio::spawn(async move {
+                    let _permit = limit.acquire().await;
+                    let (u, reply) = login(kind, gate, name.clone(), rid, phase, sending).await.expect("login");
+                    assert!(reply["users"].as_array().is_some(), "{name} entered: {reply}");
+                    u
+                })
+            })
+            .collect();
+        let mut users = Vec::new();
+        for l in logins {
+            users.push(l.await.expect("login task"));
+        }
+        users
+    })
+}
+
 /// Ten rooms, five owned by each chat server.
 pub(crate) fn rooms() -> Vec<String> {
     let chats = ["chat-1", "chat-2"];
@@ -111,28 +144,7 @@ fn master_restart_under_load(late: &[&str]) {
         u.task.abort();
         reply.get("users").map(|_| ())
     });
-    let users: Vec<User> = rt.block_on(async {
-        let limit = Arc::new(tokio::sync::Semaphore::new(16));
-        let logins: Vec<_> = (0..CLIENTS)
-            .map(|i| {
-                let kind = if (i / ROOMS) % 2 == 0 { Kind::Ws } else { Kind::Tcp };
-                let (name, rid) = (format!("u{i}"), rooms[i % ROOMS].clone());
-                let phase = Duration::from_millis((i * 1000 / CLIENTS) as u64);
-                let (limit, sending) = (limit.clone(), sending.clone());
-                tokio::spawn(async move {
-                    let _permit = limit.acquire().await;
-                    let (u, reply) = login(kind, gate, name.clone(), rid, phase, sending).await.expect("login");
-                    assert!(reply["users"].as_array().is_some(), "{name} entered: {reply}");
-                    u
-                })
-            })
-            .collect();
-        let mut users = Vec::new();
-        for l in logins {
-            users.push(l.await.expect("login task"));
-        }
-        users
-    });
+    let users = log_in_all(&rt, gate, CLIENTS, &rooms, &sending);
     wait_until(Duration::from_secs(10), "clients on both connectors", || {
         let n = |id: &str| c.server(id)["stats"]["connections"].as_f64().unwrap_or(0.0);
         (n("connector-1") > 0.0 && n("connector-2") > 0.0).then_some(())

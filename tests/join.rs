@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::failover::client::{login, Kind, User};
-use crate::failover::{check, lock, missing, rooms, wait_until_or};
+use crate::failover::{check, lock, log_in_all, missing, rooms, wait_until_or};
 use crate::harness::{bin, wait_until, yaml, Cluster};
 
 const CLIENTS: usize = 120;
@@ -222,44 +222,13 @@ fn external_servers_join_with_a_credential_carry_chat_and_are_asked_never_signal
         reply.get("users").map(|_| ())
     });
     let rooms = rooms();
-    let users: Vec<User> = rt.block_on(async {
-        let limit = Arc::new(tokio::sync::Semaphore::new(16));
-        let logins: Vec<_> = (0..CLIENTS)
-            .map(|i| {
-                let kind = if (i / rooms.len()) % 2 == 0 { Kind::Ws } else { Kind::Tcp };
-                let (name, rid) = (format!("u{i}"), rooms[i % rooms.len()].clone());
-                let phase = Duration::from_millis((i * 1000 / CLIENTS) as u64);
-                let (limit, sending) = (limit.clone(), sending.clone());
-                tokio::spawn(async move {
-                    let _permit = limit.acquire().await;
-                    let (u, reply) = login(kind, gate, name.clone(), rid, phase, sending).await.expect("login");
-                    assert!(reply["users"].as_array().is_some(), "{name} entered: {reply}");
-                    u
-                })
-            })
-            .collect();
-        let mut users = Vec::new();
-        for l in logins {
-            users.push(l.await.expect("login task"));
-        }
-        users
-    });
+    let users = log_in_all(&rt, gate, CLIENTS, &rooms, &sending);
     let n = |id: &str| c.server(id)["stats"]["connections"].as_f64().unwrap_or(0.0);
     wait_until(Duration::from_secs(10), "clients on both connectors", || {
         (n("connector-1") > 0.0 && n("connector-2") > 0.0).then_some(())
     });
     std::thread::sleep(Duration::from_secs(1));
-    let counting = Instant::now();
-    sending.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_secs(6));
-    sending.store(false, Ordering::SeqCst);
-    let _ =
-        wait_until_or(Duration::from_secs(20), || users.iter().all(|u| lock(u).sent.iter().all(|s| s.reply.is_some())));
-    let _ = wait_until_or(Duration::from_secs(15), || missing(&users).0 == 0);
-    std::thread::sleep(Duration::from_millis(500));
-    // No fault in this window: no send may be refused (the window given to check() is empty).
-    let end = Instant::now();
-    let problems = check(&users, counting, end, end - Duration::from_secs(2));
+    let problems = chat_for(&users, &sending, Duration::from_secs(6));
     let acked: usize = users.iter().map(|u| lock(u).sent.len()).sum();
     assert!(acked > CLIENTS * 4, "only {acked} sends in 6 s of {CLIENTS} clients at 1/s");
     assert!(problems.is_empty(), "chat through the joined servers: {problems:#?}");
@@ -294,15 +263,7 @@ fn external_servers_join_with_a_credential_carry_chat_and_are_asked_never_signal
     });
     // Let every onAdd of these logins arrive first.
     std::thread::sleep(Duration::from_secs(1));
-    let counting = Instant::now();
-    sending.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_secs(3));
-    sending.store(false, Ordering::SeqCst);
-    let _ = wait_until_or(Duration::from_secs(20), || {
-        room_users.iter().all(|u| lock(u).sent.iter().all(|s| s.reply.is_some())) && missing(&room_users).0 == 0
-    });
-    let end = Instant::now();
-    let problems = check(&room_users, counting, end, end - Duration::from_secs(2));
+    let problems = chat_for(&room_users, &sending, Duration::from_secs(3));
     assert!(problems.is_empty(), "chat after chat-2's restart: {problems:#?}");
     for u in &room_users {
         u.task.abort();
@@ -332,6 +293,22 @@ fn external_servers_join_with_a_credential_carry_chat_and_are_asked_never_signal
         let (st, said) = platform.wait_exit(id, Duration::from_secs(15));
         asked_not_signalled(id, st, &said);
     }
+}
+
+/// Every client sends once a second for `how_long`; once every send is answered and delivered (at most
+/// 35 s), the problems `check` finds. No fault is injected, so no send may be refused (the window given
+/// to `check` is empty).
+fn chat_for(users: &[User], sending: &AtomicBool, how_long: Duration) -> Vec<String> {
+    let counting = Instant::now();
+    sending.store(true, Ordering::SeqCst);
+    std::thread::sleep(how_long);
+    sending.store(false, Ordering::SeqCst);
+    let _ =
+        wait_until_or(Duration::from_secs(20), || users.iter().all(|u| lock(u).sent.iter().all(|s| s.reply.is_some())));
+    let _ = wait_until_or(Duration::from_secs(15), || missing(users).0 == 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let end = Instant::now();
+    check(users, counting, end, end - Duration::from_secs(2))
 }
 
 /// The worker exited because the master asked over its link: status 0, and no signal reached it (a

@@ -113,6 +113,13 @@ fn forged_worker_on_b_is_refused(c: &Cluster, hosts: &net::Hosts) {
     assert_eq!(state(c, "chat-c")["state"], "running");
 }
 
+/// [`chat_round`] retried until it passes, for at most `within` (rooms move and links re-form after a fault).
+fn chat_round_within(within: Duration, what: &str, users: &mut [(String, Client)], rid: &str, tag: &str) {
+    wait_until(within, what, || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(users, rid, tag))).ok()
+    });
+}
+
 fn state(c: &Cluster, id: &str) -> serde_json::Value {
     c.server(id)
 }
@@ -176,9 +183,7 @@ fn one_cluster_across_three_hosts_over_ssh() {
         (s["state"] == "running" && pid != old).then_some(pid)
     });
     assert!(hosts.pid_in(new, 2), "the new chat-c (pid {new}) runs on C");
-    wait_until(Duration::from_secs(10), "the room to work again", || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "two"))).ok()
-    });
+    chat_round_within(Duration::from_secs(10), "the room to work again", &mut users, rid, "two");
 
     // SIGSTOP of C's chat server: the master notices it is silent, kills it on C over ssh (the verified
     // kill, since a stopped worker cannot answer its link) and starts a new one there.
@@ -190,9 +195,7 @@ fn one_cluster_across_three_hosts_over_ssh() {
     });
     assert!(hosts.pid_in(again, 2), "the new chat-c (pid {again}) runs on C");
     wait_until(Duration::from_secs(10), "the hung chat-c gone", || (!harness::alive(new)).then_some(()));
-    wait_until(Duration::from_secs(10), "the room to work after the hung chat server", || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "two-b"))).ok()
-    });
+    chat_round_within(Duration::from_secs(10), "the room to work after the hung chat server", &mut users, rid, "two-b");
     // /metrics says where each server runs and who starts it.
     let (status, metrics) = c.http("GET", "/metrics", Some(&c.token()));
     assert_eq!(status, 200);
@@ -219,9 +222,7 @@ fn one_cluster_across_three_hosts_over_ssh() {
         let (ch, co) = (state(&c, "chat-c"), state(&c, "connector-c"));
         (ch["state"] != "running" && co["state"] != "running").then_some(())
     });
-    wait_until(Duration::from_secs(10), "rooms moved to B", || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut b_only, rid, "three"))).ok()
-    });
+    chat_round_within(Duration::from_secs(10), "rooms moved to B", &mut b_only, rid, "three");
     // Back up: C's workers rejoin, with no duplicates.
     hosts.link(2, true);
     wait_until(Duration::from_secs(40), "C restored", || {
@@ -232,9 +233,7 @@ fn one_cluster_across_three_hosts_over_ssh() {
     assert_eq!(on_c.len(), 2, "exactly chat-c and connector-c run on C: {on_c:?}");
     let mut users = b_only;
     users.push(user_on(gate, &hosts.ip[2], "cc", rid));
-    wait_until(Duration::from_secs(10), "one room across B and C again", || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "four"))).ok()
-    });
+    chat_round_within(Duration::from_secs(10), "one room across B and C again", &mut users, rid, "four");
 
     // Edit servers.yaml: without C's servers, they drain and stop there; B keeps the room.
     let mut users: Vec<(String, Client)> = users.into_iter().filter(|(n, _)| n.starts_with('b')).collect();
@@ -248,9 +247,7 @@ fn one_cluster_across_three_hosts_over_ssh() {
         let gone = c.servers().iter().all(|s| !s["id"].as_str().unwrap_or("").ends_with("-c"));
         (gone && hosts.workers(2).is_empty()).then_some(())
     });
-    wait_until(Duration::from_secs(10), "the room on B alone", || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "five"))).ok()
-    });
+    chat_round_within(Duration::from_secs(10), "the room on B alone", &mut users, rid, "five");
     // Servers added on C by an edit are started there over ssh and join the room.
     let added = without_c.replace(
         "  chat:\n",
@@ -266,9 +263,7 @@ fn one_cluster_across_three_hosts_over_ssh() {
         assert!(hosts.pid_in(pid, 2), "{id} (pid {pid}) does not run on C");
     }
     users.push(user_on(gate, &hosts.ip[2], "cx", rid));
-    wait_until(Duration::from_secs(10), "one room across B and the new servers on C", || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "six"))).ok()
-    });
+    chat_round_within(Duration::from_secs(10), "one room across B and the new servers on C", &mut users, rid, "six");
 
     // The master's host drops off (B and C lose A) for longer than orphanTimeout: every worker there stops
     // by itself; when A is back the master starts them again over ssh and the room works again.
@@ -287,9 +282,13 @@ fn one_cluster_across_three_hosts_over_ssh() {
         c.servers().iter().all(|s| s["state"] == "running").then_some(())
     });
     let mut users = vec![user_on(gate, &hosts.ip[1], "bo", rid), user_on(gate, &hosts.ip[2], "co", rid)];
-    wait_until(Duration::from_secs(10), "the room across B and C after the master's host came back", || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chat_round(&mut users, rid, "seven"))).ok()
-    });
+    chat_round_within(
+        Duration::from_secs(10),
+        "the room across B and C after the master's host came back",
+        &mut users,
+        rid,
+        "seven",
+    );
 
     // `stop` stops everything on every host, and nothing else on A.
     let out = c.run(&["stop"]);

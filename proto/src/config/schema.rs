@@ -51,19 +51,10 @@ const MASTER: &[Row<MasterConfig>] = &[
             }
         }
     }),
-    Row("adminHosts", |c, m, v, p| match v {
-        Value::Sequence(items) => {
-            m.admin_hosts.clear();
-            for (i, h) in items.iter().enumerate() {
-                let at = item(p, i);
-                match c.string(h, &at) {
-                    Some(h) if valid_host_name(&h) => m.admin_hosts.push(h),
-                    Some(h) => c.err(&at, format!("`{h}` is not a host name (letters, digits, `-` and `.`)")),
-                    None => {}
-                }
-            }
+    Row("adminHosts", |c, m, v, p| {
+        if let Some(hosts) = host_list(c, v, p, valid_host_name, "a host name (letters, digits, `-` and `.`)") {
+            m.admin_hosts = hosts;
         }
-        other => c.err(p, format!("expected a list of host names, found {}", describe(other))),
     }),
     Row("clusterTls", |c, m, v, p| match v {
         Value::Bool(b) => m.cluster_tls = Some(*b),
@@ -88,19 +79,11 @@ const MASTER: &[Row<MasterConfig>] = &[
     Row("logs", |c, m, v, p| apply(c, &mut m.logs, v, p, LOGS)),
     Row("runDir", |c, m, v, p| set(&mut m.run_dir, c.string(v, p).map(PathBuf::from))),
     Row("ssh", |c, m, v, p| super::ssh::apply_ssh(c, &mut m.ssh, v, p)),
-    Row("externalHosts", |c, m, v, p| match v {
-        Value::Sequence(items) => {
-            m.external_hosts.clear();
-            for (i, h) in items.iter().enumerate() {
-                let at = item(p, i);
-                match c.string(h, &at) {
-                    Some(h) if valid_host_name(&h) || h.parse::<std::net::IpAddr>().is_ok() => m.external_hosts.push(h),
-                    Some(h) => c.err(&at, format!("`{h}` is not a host (an address or a name)")),
-                    None => {}
-                }
-            }
+    Row("externalHosts", |c, m, v, p| {
+        let valid = |h: &str| valid_host_name(h) || h.parse::<std::net::IpAddr>().is_ok();
+        if let Some(hosts) = host_list(c, v, p, valid, "a host (an address or a name)") {
+            m.external_hosts = hosts;
         }
-        other => c.err(p, format!("expected a list of hosts, found {}", describe(other))),
     }),
 ];
 
@@ -125,6 +108,24 @@ const LOGS: &[Row<LogConfig>] = &[
     }),
     Row("keep", |c, l, v, p| set(&mut l.keep, c.uint(v, p, 100).map(|n| n as u32))),
 ];
+
+/// A list of hosts, each passing `valid` (else reported as not `what`); `None` if it is not a list.
+fn host_list(c: &mut Ctx, v: &Value, p: &[Seg], valid: impl Fn(&str) -> bool, what: &str) -> Option<Vec<String>> {
+    let Value::Sequence(items) = v else {
+        c.err(p, format!("expected a list of hosts, found {}", describe(v)));
+        return None;
+    };
+    let mut hosts = Vec::new();
+    for (i, h) in items.iter().enumerate() {
+        let at = item(p, i);
+        match c.string(h, &at) {
+            Some(h) if valid(&h) => hosts.push(h),
+            Some(h) => c.err(&at, format!("`{h}` is not {what}")),
+            None => {}
+        }
+    }
+    Some(hosts)
+}
 
 /// A DNS name the admin server may be reached by (no port, no scheme).
 fn valid_host_name(h: &str) -> bool {
