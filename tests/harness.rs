@@ -49,7 +49,11 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 impl Cluster {
     /// Writes the file and starts the master in the foreground (as a child of the test).
     pub fn start(yaml: &str) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Cluster::start_in(tempfile::tempdir().expect("tempdir"), yaml)
+    }
+
+    /// [`Cluster::start`] in `dir`, which may hold files servers.yaml names (protos, certificates).
+    pub fn start_in(dir: tempfile::TempDir, yaml: &str) -> Cluster {
         std::fs::write(dir.path().join("servers.yaml"), yaml).expect("write servers.yaml");
         let mut c = Cluster { dir, master: None };
         c.spawn_master();

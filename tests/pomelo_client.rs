@@ -14,13 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use pomelo_proto::wire::protobuf::ProtoBundle;
 use pomelo_proto::wire::{package, Decoded, Message, MessageType, PackageDecoder, PackageType, Route};
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    Response { id: u32, body: Value },
-    Push { route: String, body: Value },
+    Response { id: u32, body: Value, raw: Vec<u8> },
+    Push { route: String, body: Value, raw: Vec<u8> },
     Kick(Value),
     Closed,
 }
@@ -34,6 +35,10 @@ pub struct Client {
     pub kicked: Option<Value>,
     pub closed: bool,
     alive: Arc<AtomicBool>,
+    /// The server's handshake reply.
+    pub handshake: Value,
+    /// With protobuf: the protos mirrored (`encode` with clientProtos, `decode` with serverProtos).
+    protos: Option<Arc<ProtoBundle>>,
 }
 
 fn write(stream: &Mutex<TcpStream>, bytes: &[u8]) -> bool {
@@ -43,9 +48,14 @@ fn write(stream: &Mutex<TcpStream>, bytes: &[u8]) -> bool {
 impl Client {
     /// Connects and completes the handshake; panics if the server refuses.
     pub fn connect(addr: SocketAddr) -> Client {
+        Client::connect_sys(addr, json!({"type": "rust-test", "version": "0.0.1", "rsa": {}, "protoVersion": 0}))
+    }
+
+    /// [`Client::connect`] sending `sys` as the handshake's `sys`.
+    pub fn connect_sys(addr: SocketAddr, sys: Value) -> Client {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
         s.set_nodelay(true).ok();
-        let hs = json!({"sys": {"type": "rust-test", "version": "0.0.1", "rsa": {}, "protoVersion": 0}, "user": {}});
+        let hs = json!({"sys": sys, "user": {}});
         let bytes = package::encode(PackageType::Handshake, hs.to_string().as_bytes()).expect("encode");
         s.write_all(&bytes).expect("send handshake");
         s.set_read_timeout(Some(Duration::from_secs(5))).ok();
@@ -97,6 +107,24 @@ impl Client {
             kicked: None,
             closed: false,
             alive,
+            handshake: reply,
+            protos: None,
+        }
+    }
+
+    /// Speaks protobuf from now on: requests of routes in `client` are encoded with it, and responses
+    /// and pushes of routes in `server` decoded with it (the raw files, as the server has them).
+    pub fn with_protos(mut self, server: &str, client: &str) -> Client {
+        // Mirrored: the bundle's server side is what this client writes, its client side what it reads.
+        self.protos = Some(Arc::new(ProtoBundle::new(Some(client), Some(server)).expect("protos compile")));
+        self
+    }
+
+    fn decoded(&self, route: &str, body: Value, raw: &[u8]) -> Value {
+        match self.protos.as_ref().and_then(|p| p.decode(route, raw)) {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => panic!("{route}: the body is not protobuf of its proto: {e} ({raw:02x?})"),
+            None => body,
         }
     }
 
@@ -112,10 +140,13 @@ impl Client {
         }
     }
 
-    fn take(&mut self, ev: Event) -> Option<(u32, Value)> {
+    fn take(&mut self, ev: Event) -> Option<(u32, Value, Vec<u8>)> {
         match ev {
-            Event::Response { id, body } => return Some((id, body)),
-            Event::Push { route, body } => self.pushes.push_back((route, body)),
+            Event::Response { id, body, raw } => return Some((id, body, raw)),
+            Event::Push { route, body, raw } => {
+                let body = self.decoded(&route, body, &raw);
+                self.pushes.push_back((route, body));
+            }
             Event::Kick(v) => self.kicked = Some(v),
             Event::Closed => self.closed = true,
         }
@@ -124,7 +155,11 @@ impl Client {
 
     /// Sends a request and waits (at most 10 s) for its response.
     pub fn request(&mut self, route: &str, body: Value) -> Value {
-        self.request_bytes(route, body.to_string().into_bytes())
+        let bytes = match self.protos.as_ref().and_then(|p| p.encode(route, &body)) {
+            Some(b) => b.expect("the request fits its proto"),
+            None => body.to_string().into_bytes(),
+        };
+        self.request_bytes(route, bytes)
     }
 
     /// A request whose body is exactly `body` (e.g. the CESU-8 bytes a JS client sends).
@@ -135,9 +170,9 @@ impl Client {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline && !self.closed {
             let Ok(ev) = self.events.recv_timeout(Duration::from_millis(50)) else { continue };
-            if let Some((rid, body)) = self.take(ev) {
+            if let Some((rid, body, raw)) = self.take(ev) {
                 if rid == id {
-                    return body;
+                    return self.decoded(route, body, &raw);
                 }
             }
         }
@@ -233,11 +268,12 @@ fn read_loop(
                         PackageType::Data => match Message::decode(&p.body) {
                             Ok(m) => {
                                 let body: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
+                                let raw = m.body.to_vec();
                                 match (m.kind, m.route) {
-                                    (MessageType::Response, _) => Event::Response { id: m.id, body },
-                                    (_, Some(Route::Plain(r))) => Event::Push { route: r, body },
+                                    (MessageType::Response, _) => Event::Response { id: m.id, body, raw },
+                                    (_, Some(Route::Plain(r))) => Event::Push { route: r, body, raw },
                                     (_, Some(Route::Code(c))) => {
-                                        Event::Push { route: codes.get(&c).cloned().unwrap_or_default(), body }
+                                        Event::Push { route: codes.get(&c).cloned().unwrap_or_default(), body, raw }
                                     }
                                     (_, None) => continue,
                                 }

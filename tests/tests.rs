@@ -18,6 +18,7 @@ mod join;
 mod limits;
 mod multihost;
 mod pomelo_client;
+mod protobuf;
 mod reload;
 mod supervision;
 mod trust;

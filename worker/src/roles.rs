@@ -64,6 +64,7 @@ pub fn frontend_config(spec: &ServerSpec) -> FrontendConfig {
 /// The frontend settings with the client port's TLS certificate loaded (`ssl`), if it has one.
 fn frontend_config_tls(spec: &ServerSpec) -> anyhow::Result<FrontendConfig> {
     let mut config = frontend_config(spec);
+    config.protobuf = protobuf(spec)?;
     if let Some(ssl) = &spec.ssl {
         let tls = crate::frontend::ClientTls::from_files(&ssl.cert, &ssl.key)
             .map_err(|e| anyhow::anyhow!("cannot load the client port's TLS certificate: {e}"))?;
@@ -71,6 +72,14 @@ fn frontend_config_tls(spec: &ServerSpec) -> anyhow::Result<FrontendConfig> {
         tracing::info!("client port serves TLS (wss:// and TLS over TCP) beside plain connections");
     }
     Ok(config)
+}
+
+/// The cluster's protos (servers.yaml `protobuf`), compiled, if it has any.
+fn protobuf(spec: &ServerSpec) -> anyhow::Result<pomelo_proto::wire::protobuf::Protobuf> {
+    let Some(texts) = &spec.protobuf else { return Ok(None) };
+    let bundle = texts.compile().map_err(|e| anyhow::anyhow!("cannot compile the protobuf files: {e}"))?;
+    tracing::info!(version = bundle.version(), "protobuf bodies for the routes in serverProtos and clientProtos");
+    Ok(Some(Arc::new(bundle)))
 }
 
 /// The KICK reason of a session whose messages a chat server had to drop.
@@ -147,6 +156,7 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
                 history: spec.history,
                 token: ctx.token.clone(),
                 dict: Some(Arc::new(chat_dictionary())),
+                protobuf: protobuf(&spec)?,
                 membership: ctx.membership.clone(),
                 metrics,
                 shutdown: ctx.shutdown.clone(),

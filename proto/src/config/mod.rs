@@ -272,6 +272,25 @@ pub struct ServerSpec {
     /// `supervise: external`: a platform (systemd, Kubernetes) starts it; the master never spawns or signals it.
     #[serde(default)]
     pub external: bool,
+    /// The root `protobuf` section's files, the same for every server: bodies of routes with a proto are
+    /// Pomelo protobuf, the rest JSON. Part of the spec, so editing a file restarts the servers on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protobuf: Option<ProtobufTexts>,
+}
+
+/// The texts of `serverProtos.json` and `clientProtos.json` (either may be absent: `{}`), checked to
+/// compile when servers.yaml was read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtobufTexts {
+    pub server: Option<String>,
+    pub client: Option<String>,
+}
+
+impl ProtobufTexts {
+    /// Compiles them (they compiled when servers.yaml was read; this is for the worker that gets them).
+    pub fn compile(&self) -> Result<crate::wire::protobuf::ProtoBundle, crate::wire::protobuf::BundleError> {
+        crate::wire::protobuf::ProtoBundle::new(self.server.as_deref(), self.client.as_deref())
+    }
 }
 
 impl ServerSpec {
@@ -374,7 +393,11 @@ impl Topology {
 
     /// Parses and validates `text` (named `file` in messages) for `env`.
     pub fn parse(file: &Path, text: &str, env: &str) -> Result<Topology, ConfigErrors> {
-        parse::parse(text, env)
+        let base = match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        parse::parse(text, env, &base)
             .map(|(master, servers)| {
                 let mut t = Topology { file: file.to_path_buf(), env: env.to_string(), master, servers };
                 let base = std::path::absolute(t.base_dir()).unwrap_or_else(|_| t.base_dir());

@@ -10,14 +10,19 @@ use serde_yaml::Value;
 
 use super::locate::{LineIndex, Seg};
 use super::rules::{check_master, check_unique};
-use super::schema::{apply_master, default_master, parse_servers, ENV_KEYS, ROOT_KEYS};
+use super::schema::{apply_master, default_master, parse_servers, protobuf_paths, ENV_KEYS, ROOT_KEYS};
 use super::walk::{child, Ctx};
-use super::{ConfigError, MasterConfig, ServerSpec, DEFAULT_ENV};
+use super::{ConfigError, MasterConfig, ProtobufTexts, ServerSpec, DEFAULT_ENV};
 
 /// One environment: its name, effective master settings, where they came from, and its own servers.
 type EnvSection = (String, MasterConfig, Vec<Seg>, Option<Vec<(ServerSpec, Vec<Seg>)>>);
 
-pub(super) fn parse(text: &str, env: &str) -> Result<(MasterConfig, Vec<ServerSpec>), Vec<ConfigError>> {
+/// Parses `text` for `env`; relative paths in it (the protos files) are read against `base`.
+pub(super) fn parse(
+    text: &str,
+    env: &str,
+    base: &std::path::Path,
+) -> Result<(MasterConfig, Vec<ServerSpec>), Vec<ConfigError>> {
     let mut ctx = Ctx { index: LineIndex::build(text), errors: Vec::new() };
     let doc: Value = match serde_yaml::from_str(text) {
         Ok(v) => v,
@@ -40,6 +45,8 @@ pub(super) fn parse(text: &str, env: &str) -> Result<(MasterConfig, Vec<ServerSp
     if let Some(m) = get("master") {
         apply_master(&mut ctx, &mut base_master, m, &mpath);
     }
+    let ppath = vec![Seg::Key("protobuf".into())];
+    let protobuf = get("protobuf").and_then(|v| read_protobuf(&mut ctx, v, &ppath, base));
     let spath = vec![Seg::Key("servers".into())];
     let base_servers = get("servers").map(|v| parse_servers(&mut ctx, v, &spath));
 
@@ -75,6 +82,7 @@ pub(super) fn parse(text: &str, env: &str) -> Result<(MasterConfig, Vec<ServerSp
         let mut servers = servers.or_else(|| base_servers.clone()).unwrap_or_default();
         for (s, _) in &mut servers {
             s.external |= master.external_hosts.contains(&s.host);
+            s.protobuf.clone_from(&protobuf);
         }
         check_master(&mut ctx, &master, &mp);
         check_unique(&mut ctx, &master, &servers, &mp);
@@ -97,6 +105,69 @@ pub(super) fn parse(text: &str, env: &str) -> Result<(MasterConfig, Vec<ServerSp
         _ => {
             ctx.errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
             Err(ctx.errors)
+        }
+    }
+}
+
+/// Reads and compiles the `protobuf` files: every gate, connector and chat server gets their texts (so
+/// an edited file changes those servers' specs, and a reload restarts them with it). A missing, oversized
+/// or invalid file is a problem at the key that names it.
+fn read_protobuf(ctx: &mut Ctx, value: &Value, path: &[Seg], base: &std::path::Path) -> Option<ProtobufTexts> {
+    use crate::wire::protobuf::{ProtoBundle, Side, MAX_PROTOS_BYTES};
+    let paths = protobuf_paths(ctx, value, path);
+    if paths.server.is_none() && paths.client.is_none() {
+        return None;
+    }
+    let mut read = |file: &Option<String>, key: &str| -> Result<Option<String>, ()> {
+        let Some(file) = file else { return Ok(None) };
+        let kp = child(path, key);
+        let full = base.join(file);
+        let text = match std::fs::metadata(&full) {
+            Ok(m) if m.len() > MAX_PROTOS_BYTES as u64 => {
+                ctx.err(&kp, format!("{}: {} bytes; at most {MAX_PROTOS_BYTES}", full.display(), m.len()));
+                return Err(());
+            }
+            _ => std::fs::read_to_string(&full),
+        };
+        match text {
+            Ok(t) => Ok(Some(t)),
+            Err(e) => {
+                ctx.err(&kp, format!("cannot read {}: {e}", full.display()));
+                Err(())
+            }
+        }
+    };
+    let server = read(&paths.server, "serverProtos");
+    let client = read(&paths.client, "clientProtos");
+    let (Ok(server), Ok(client)) = (server, client) else { return None };
+    match ProtoBundle::new(server.as_deref(), client.as_deref()) {
+        Ok(bundle) => {
+            // The chat server's pushes must fit their protos: found now, not as pushes that never leave.
+            let sample = |route| match route {
+                "onChat" => serde_json::json!({"msg": "", "from": "", "target": "*", "epoch": "", "offset": 1}),
+                _ => serde_json::json!({"route": route, "user": ""}),
+            };
+            let mut fits = true;
+            for route in ["onChat", "onAdd", "onLeave"] {
+                if let Some(Err(e)) = bundle.encode(route, &sample(route)) {
+                    let sends = if route == "onChat" {
+                        "{msg, from, target, epoch} (strings) and offset (a number)"
+                    } else {
+                        "{route, user} (strings)"
+                    };
+                    ctx.err(&child(path, "serverProtos"), format!("{e}: the chat server sends {route} {sends}"));
+                    fits = false;
+                }
+            }
+            fits.then_some(ProtobufTexts { server, client })
+        }
+        Err(e) => {
+            let key = match e.side {
+                Side::Server => "serverProtos",
+                Side::Client => "clientProtos",
+            };
+            ctx.err(&child(path, key), e.error.to_string());
+            None
         }
     }
 }

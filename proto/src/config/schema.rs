@@ -15,7 +15,7 @@ use super::walk::{child, describe, item, set, Ctx};
 use super::{LogConfig, MasterConfig, RestartPolicy, ServerSpec, SslFiles};
 use crate::control::ServerType;
 
-pub(super) const ROOT_KEYS: &[&str] = &["master", "servers", "environments"];
+pub(super) const ROOT_KEYS: &[&str] = &["master", "servers", "environments", "protobuf"];
 pub(super) const ENV_KEYS: &[&str] = &["master", "servers"];
 
 /// One key: its name, and how its value (at the path given) is read into `T`.
@@ -212,6 +212,28 @@ const SSL: &[Row<SslFiles>] = &[
     Row("cert", |c, s, v, p| set(&mut s.cert, c.string(v, p).map(PathBuf::from))),
     Row("key", |c, s, v, p| set(&mut s.key, c.string(v, p).map(PathBuf::from))),
 ];
+
+/// `protobuf: {serverProtos, clientProtos}`: the two files' paths, as written.
+#[derive(Default)]
+pub(super) struct ProtobufPaths {
+    pub(super) server: Option<String>,
+    pub(super) client: Option<String>,
+}
+
+const PROTOBUF: &[Row<ProtobufPaths>] = &[
+    Row("serverProtos", |c, s, v, p| s.server = c.string(v, p)),
+    Row("clientProtos", |c, s, v, p| s.client = c.string(v, p)),
+];
+
+/// Reads the `protobuf` section's paths (the files are read and compiled by the caller).
+pub(super) fn protobuf_paths(ctx: &mut Ctx, value: &Value, path: &[Seg]) -> ProtobufPaths {
+    let mut paths = ProtobufPaths::default();
+    apply(ctx, &mut paths, value, path, PROTOBUF);
+    if paths.server.is_none() && paths.client.is_none() && ctx.mapping(value, path).is_some() {
+        ctx.err(path, "`protobuf` needs `serverProtos`, `clientProtos` or both (JSON files, as in Pomelo's config/)");
+    }
+    paths
+}
 
 const SERVER: &[Row<Draft>] = &[
     Row("ssl", |c, d, v, p| {
@@ -435,6 +457,7 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         history: None,
         threads: None,
         external: false,
+        protobuf: None,
         ssl: None,
     }
 }

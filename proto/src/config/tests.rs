@@ -323,3 +323,48 @@ fn the_id_master_is_reserved() {
     let e = parse("servers:\n  chat:\n    - {id: master, port: 1}\n").expect_err("invalid").to_string();
     assert!(e.contains("servers.yaml:3:") && e.contains("the master's own name"), "{e}");
 }
+
+#[test]
+fn protobuf_files_are_read_compiled_and_given_to_every_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("servers.yaml");
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+    let yaml = |protobuf: &str| {
+        format!(
+            "{protobuf}\nservers:\n  gate:\n    - {{id: g, clientPort: 0}}\n  connector:\n    - {{id: c, port: 0, clientPort: 0}}\n  chat:\n    - {{id: h, port: 0}}\n"
+        )
+    };
+    let chat = r#"{"onChat": {"required string msg": 1, "required string from": 2, "optional uInt32 offset": 5}}"#;
+    write("serverProtos.json", chat);
+    write("clientProtos.json", r#"{"chat.chatHandler.send": {"required string content": 1}}"#);
+    let t = Topology::parse(
+        &file,
+        &yaml("protobuf: {serverProtos: serverProtos.json, clientProtos: clientProtos.json}"),
+        DEFAULT_ENV,
+    )
+    .expect("valid");
+    for s in &t.servers {
+        let texts = s.protobuf.as_ref().expect("every server has the protos");
+        assert_eq!(texts.server.as_deref(), Some(chat));
+        assert!(texts.compile().expect("compiles").decodes("chat.chatHandler.send"));
+    }
+    // Only one of the two files is fine; neither is not.
+    let t = Topology::parse(&file, &yaml("protobuf: {serverProtos: serverProtos.json}"), DEFAULT_ENV).expect("valid");
+    assert_eq!(t.servers[0].protobuf.as_ref().expect("protos").client, None);
+    let errors = |protobuf: &str| {
+        let e = Topology::parse(&file, &yaml(protobuf), DEFAULT_ENV).expect_err("refused");
+        e.errors.iter().map(|e| format!("{}: {}", e.path, e.message)).collect::<Vec<_>>().join("\n")
+    };
+    assert!(errors("protobuf: {}").contains("needs `serverProtos`, `clientProtos` or both"));
+    assert!(errors("protobuf: {serverProtos: missing.json}").contains("protobuf.serverProtos: cannot read"));
+    write("bad.json", r#"{"onX": {"required strin x": 1}}"#);
+    let e = errors("protobuf: {clientProtos: bad.json}");
+    assert!(e.starts_with("protobuf.clientProtos: "), "{e}");
+    // A proto the chat server's pushes cannot fit is refused now, not at the first message.
+    write("strict.json", r#"{"onChat": {"required string msg": 1, "required uInt32 time": 2}}"#);
+    let e = errors("protobuf: {serverProtos: strict.json}");
+    assert!(e.contains("protobuf.serverProtos: ") && e.contains("the chat server sends onChat"), "{e}");
+    write("big.json", &" ".repeat(crate::wire::protobuf::MAX_PROTOS_BYTES + 1));
+    assert!(errors("protobuf: {serverProtos: big.json}").contains("at most"));
+    assert!(errors("protobuf: {serverProtoz: x.json}").contains("serverProtoz"));
+}

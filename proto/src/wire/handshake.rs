@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::dictionary::{CodeToRoute, Dictionary, RouteToCode};
 use super::package::{self, PackageError, PackageType};
+use super::protobuf::ProtoBundle;
 
 pub const CODE_OK: u16 = 200;
 /// Bad handshake (no `sys`) or the user hook failed.
@@ -91,6 +92,10 @@ struct Sys<'a> {
     dict_version: Option<&'a str>,
     #[serde(rename = "useDict", skip_serializing_if = "Option::is_none")]
     use_dict: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protos: Option<&'a serde_json::value::RawValue>,
+    #[serde(rename = "useProto", skip_serializing_if = "Option::is_none")]
+    use_proto: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -110,14 +115,22 @@ fn heartbeat_secs(d: Duration) -> Value {
     }
 }
 
-/// The JSON of a 200 reply. The dictionary is sent only when the client's `dictVersion` differs.
-pub fn ok_reply_json(
-    heartbeat: Option<Duration>,
-    dict: Option<&Dictionary>,
-    client_dict_version: Option<&str>,
-    user: Option<&Value>,
-) -> String {
-    let send_dict = dict.filter(|d| client_dict_version != Some(d.version()));
+/// What a frontend offers in its handshake: heartbeat, dictionary and protobuf, each when it is on.
+#[derive(Clone, Copy, Default)]
+pub struct Offer<'a> {
+    pub heartbeat: Option<Duration>,
+    pub dict: Option<&'a Dictionary>,
+    pub protos: Option<&'a ProtoBundle>,
+}
+
+/// The JSON of a 200 reply. The dictionary (`dict`, `routeToCode`, `codeToRoute`, `dictVersion`, always
+/// together) is sent only when the client's `dictVersion` differs, and the protos (`server`, `client`,
+/// `version`, always together) only when its `protoVersion` differs; `useDict` / `useProto` say either
+/// is on.
+pub fn ok_reply_json(offer: Offer<'_>, req: &HandshakeRequest, user: Option<&Value>) -> String {
+    let Offer { heartbeat, dict, protos } = offer;
+    let send_dict = dict.filter(|d| req.dict_version.as_deref() != Some(d.version()));
+    let send_protos = protos.filter(|p| !p.client_has(req.proto_version.as_ref()));
     let reply = Reply {
         code: CODE_OK,
         sys: Sys {
@@ -127,6 +140,8 @@ pub fn ok_reply_json(
             code_to_route: send_dict.map(Dictionary::code_to_route),
             dict_version: send_dict.map(Dictionary::version),
             use_dict: dict.map(|_| true),
+            protos: send_protos.map(ProtoBundle::handshake_json),
+            use_proto: protos.map(|_| true),
         },
         user,
     };
@@ -134,13 +149,8 @@ pub fn ok_reply_json(
 }
 
 /// A 200 reply as a HANDSHAKE package.
-pub fn ok_reply(
-    heartbeat: Option<Duration>,
-    dict: Option<&Dictionary>,
-    client_dict_version: Option<&str>,
-    user: Option<&Value>,
-) -> Result<Bytes, PackageError> {
-    package::encode(PackageType::Handshake, ok_reply_json(heartbeat, dict, client_dict_version, user).as_bytes())
+pub fn ok_reply(offer: Offer<'_>, req: &HandshakeRequest, user: Option<&Value>) -> Result<Bytes, PackageError> {
+    package::encode(PackageType::Handshake, ok_reply_json(offer, req, user).as_bytes())
 }
 
 /// An error reply `{"code":N}` as a HANDSHAKE package.
@@ -206,7 +216,8 @@ mod tests {
     #[test]
     fn connector_reply_key_order() {
         let d = demo();
-        let json = ok_reply_json(Some(Duration::from_secs(3)), Some(&d), None, None);
+        let offer = Offer { heartbeat: Some(Duration::from_secs(3)), dict: Some(&d), protos: None };
+        let json = ok_reply_json(offer, &HandshakeRequest::default(), None);
         assert_eq!(
             json,
             concat!(
@@ -218,19 +229,48 @@ mod tests {
             )
         );
         // A client that already has this dictionary gets only useDict.
-        let json = ok_reply_json(Some(Duration::from_secs(3)), Some(&d), Some(d.version()), None);
+        let cached = HandshakeRequest { dict_version: Some(d.version().to_owned()), ..Default::default() };
+        let json = ok_reply_json(offer, &cached, None);
         assert_eq!(json, r#"{"code":200,"sys":{"heartbeat":3,"useDict":true}}"#);
     }
 
     #[test]
     fn gate_reply_and_user_echo() {
-        assert_eq!(ok_reply_json(None, None, None, None), r#"{"code":200,"sys":{}}"#);
+        let none = HandshakeRequest::default();
+        assert_eq!(ok_reply_json(Offer::default(), &none, None), r#"{"code":200,"sys":{}}"#);
         let user = serde_json::json!({"a":1});
-        assert_eq!(ok_reply_json(None, None, None, Some(&user)), r#"{"code":200,"sys":{},"user":{"a":1}}"#);
+        assert_eq!(ok_reply_json(Offer::default(), &none, Some(&user)), r#"{"code":200,"sys":{},"user":{"a":1}}"#);
         assert_eq!(
-            ok_reply_json(Some(Duration::from_millis(1500)), None, None, None),
+            ok_reply_json(Offer { heartbeat: Some(Duration::from_millis(1500)), ..Offer::default() }, &none, None),
             r#"{"code":200,"sys":{"heartbeat":1.5}}"#
         );
+    }
+
+    #[test]
+    fn protos_go_after_the_dictionary_and_honour_the_cache() {
+        let d = demo();
+        let p = ProtoBundle::new(Some(r#"{"onChat": {"required string msg": 1}}"#), None).unwrap();
+        let offer = Offer { heartbeat: Some(Duration::from_secs(3)), dict: Some(&d), protos: Some(&p) };
+        let fresh = HandshakeRequest::parse(JS_CLIENT_HANDSHAKE.as_bytes());
+        let json = ok_reply_json(offer, &fresh, None);
+        let tail = format!(
+            r#""useDict":true,"protos":{{"server":{{"onChat":{{"msg":{{"option":"required","type":"string","tag":1}},"__messages":{{}},"__tags":{{"1":"msg"}}}}}},"client":{{}},"version":"{}"}},"useProto":true}}}}"#,
+            p.version()
+        );
+        assert!(json.ends_with(&tail), "{json}");
+        // A client holding both (libpomelo2 sends both versions) gets neither, only that they are on.
+        let cached = HandshakeRequest {
+            dict_version: Some(d.version().to_owned()),
+            proto_version: Some(Value::from(p.version())),
+            ..fresh.clone()
+        };
+        assert_eq!(
+            ok_reply_json(offer, &cached, None),
+            r#"{"code":200,"sys":{"heartbeat":3,"useDict":true,"useProto":true}}"#
+        );
+        // An old cached version gets the new protos, all three keys.
+        let old = HandshakeRequest { proto_version: Some(Value::from("c3RhbGU=")), ..fresh };
+        assert!(ok_reply_json(offer, &old, None).contains(r#""protos":{"server":"#));
     }
 
     #[test]

@@ -63,6 +63,44 @@ pub fn encode_push_json<T: Serialize + ?Sized>(
     encode_push(dict, route, &body)
 }
 
+/// Why a body could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    #[error(transparent)]
+    Protobuf(#[from] protobuf::EncodeError),
+    #[error("not JSON: {0}")]
+    Json(String),
+}
+
+/// The body the server sends under `route` (a push's route, or a response's request route): Pomelo
+/// protobuf when `protos` has a proto for it, else JSON as [`encode_push_json`] writes it.
+pub fn encode_body<T: Serialize + ?Sized>(
+    protos: Option<&protobuf::ProtoBundle>,
+    route: &str,
+    body: &T,
+) -> Result<Vec<u8>, BodyError> {
+    if let Some(p) = protos.filter(|p| p.encodes(route)) {
+        let value = serde_json::to_value(body).map_err(|e| BodyError::Json(e.to_string()))?;
+        return p.encode(route, &value).unwrap_or_else(|| Ok(Vec::new())).map_err(BodyError::from);
+    }
+    Ok(text::escape_non_bmp(serde_json::to_vec(body).map_err(|e| BodyError::Json(e.to_string()))?))
+}
+
+/// [`encode_push_json`] with protobuf bodies for the routes `protos` has.
+pub fn encode_push_with<T: Serialize + ?Sized>(
+    dict: Option<&Dictionary>,
+    protos: Option<&protobuf::ProtoBundle>,
+    route: &str,
+    body: &T,
+) -> Result<Bytes, BodyError> {
+    if protos.is_some_and(|p| p.encodes(route)) {
+        return Ok(encode_push(dict, route, &encode_body(protos, route, body)?)?);
+    }
+    Ok(encode_push_json(dict, route, body)?)
+}
+
 /// A whole RESPONSE package for request `id`.
 pub fn encode_response(id: u32, body: &[u8]) -> Result<Bytes, MessageError> {
     Message::response(id, Bytes::copy_from_slice(body)).encode_package()
@@ -90,6 +128,17 @@ mod tests {
         assert_eq!(&p[..], &[0x04, 0x00, 0x00, 0x05, 0x07, 0x00, 0x02, b'{', b'}']);
         let p = encode_push(None, "onPing", b"").unwrap();
         assert_eq!(&p[4..], &[0x06, 0x06, b'o', b'n', b'P', b'i', b'n', b'g']);
+    }
+
+    #[test]
+    fn pushes_with_a_proto_are_protobuf_the_rest_json() {
+        let p = protobuf::ProtoBundle::new(Some(r#"{"onChat": {"required string msg": 1}}"#), None).unwrap();
+        let chat = encode_push_with(None, Some(&p), "onChat", &serde_json::json!({"msg": "hi", "extra": 1})).unwrap();
+        assert_eq!(&chat[4..], &[0x06, 0x06, b'o', b'n', b'C', b'h', b'a', b't', 0x0a, 0x02, b'h', b'i']);
+        let add = encode_push_with(None, Some(&p), "onAdd", &serde_json::json!({"user": "😀"})).unwrap();
+        assert_eq!(&add[4..], &encode_push_json(None, "onAdd", &serde_json::json!({"user": "😀"})).unwrap()[4..]);
+        assert!(encode_push_with(None, Some(&p), "onChat", &serde_json::json!({"other": 1})).is_err());
+        assert!(encode_push_with(None, Some(&p), "onChat", &serde_json::json!([1])).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pomelo_proto::cluster::{ChatError, Member};
+use pomelo_proto::wire::protobuf::ProtoBundle;
 use pomelo_proto::wire::{self, Dictionary};
 use serde_json::json;
 
@@ -106,6 +107,8 @@ impl Room {
 pub struct RoomTable {
     rooms: HashMap<String, Room>,
     dict: Option<Arc<Dictionary>>,
+    /// Pushes of routes with a server proto are protobuf (servers.yaml `protobuf`).
+    protobuf: pomelo_proto::wire::protobuf::Protobuf,
     members: usize,
     limits: Limits,
 }
@@ -128,8 +131,13 @@ impl Default for Limits {
     }
 }
 
-fn push<T: serde::Serialize>(dict: Option<&Dictionary>, route: &str, body: &T) -> Option<Bytes> {
-    match wire::encode_push_json(dict, route, body) {
+fn push<T: serde::Serialize>(
+    dict: Option<&Dictionary>,
+    protobuf: Option<&ProtoBundle>,
+    route: &str,
+    body: &T,
+) -> Option<Bytes> {
+    match wire::encode_push_with(dict, protobuf, route, body) {
         Ok(b) => Some(b),
         Err(e) => {
             tracing::warn!("cannot encode {route} push: {e}");
@@ -153,7 +161,13 @@ fn deliveries(room: &Arc<str>, groups: &Groups, payload: Option<Bytes>) -> Vec<D
 
 impl RoomTable {
     pub fn new(dict: Option<Arc<Dictionary>>) -> RoomTable {
-        RoomTable { rooms: HashMap::new(), dict, members: 0, limits: Limits::default() }
+        RoomTable { rooms: HashMap::new(), dict, protobuf: None, members: 0, limits: Limits::default() }
+    }
+
+    /// Encodes pushes of the routes `protos` has as protobuf.
+    pub fn with_protobuf(mut self, protos: pomelo_proto::wire::protobuf::Protobuf) -> RoomTable {
+        self.protobuf = protos;
+        self
     }
 
     pub fn with_limits(mut self, limits: Limits) -> RoomTable {
@@ -202,7 +216,12 @@ impl RoomTable {
             Entry { username: m.username.clone(), connector: connector.clone(), session: m.session },
         );
         self.members += 1;
-        let payload = push(self.dict.as_deref(), "onAdd", &json!({"route": "onAdd", "user": m.username}));
+        let payload = push(
+            self.dict.as_deref(),
+            self.protobuf.as_deref(),
+            "onAdd",
+            &json!({"route": "onAdd", "user": m.username}),
+        );
         let out = deliveries(&room.rid, &room.by_connector(Some(&m.uid)), payload);
         Ok((room.users(), out))
     }
@@ -264,7 +283,12 @@ impl RoomTable {
             self.rooms.remove(rid);
             return Vec::new();
         }
-        let payload = push(self.dict.as_deref(), "onLeave", &json!({"route": "onLeave", "user": username}));
+        let payload = push(
+            self.dict.as_deref(),
+            self.protobuf.as_deref(),
+            "onLeave",
+            &json!({"route": "onLeave", "user": username}),
+        );
         deliveries(&room.rid.clone(), room.groups(), payload)
     }
 
@@ -295,7 +319,7 @@ impl RoomTable {
         let sessions: Arc<[u64]> = Arc::from([session]);
         messages
             .into_iter()
-            .filter_map(|m| push(self.dict.as_deref(), "onChat", &m))
+            .filter_map(|m| push(self.dict.as_deref(), self.protobuf.as_deref(), "onChat", &m))
             .map(|payload| Delivery {
                 connector: connector.clone(),
                 room: room.clone(),
@@ -311,7 +335,7 @@ impl RoomTable {
     pub fn send(&mut self, rid: &str, chat: OnChat<'_>) -> Result<Vec<Delivery>, ChatError> {
         let target = chat.target;
         let room = self.rooms.get_mut(rid).ok_or_else(|| ChatError::Other { msg: format!("no room `{rid}`") })?;
-        let payload = push(self.dict.as_deref(), "onChat", &chat);
+        let payload = push(self.dict.as_deref(), self.protobuf.as_deref(), "onChat", &chat);
         if target == "*" {
             return Ok(deliveries(&room.rid.clone(), room.groups(), payload));
         }

@@ -25,7 +25,6 @@ use std::time::Duration;
 use pomelo_proto::cluster::{self, ChatReply, ChatRequest, FromChat, Since};
 use pomelo_proto::control::{Membership, ServerType};
 use pomelo_proto::route;
-use pomelo_proto::wire::Dictionary;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -84,7 +83,7 @@ pub(super) struct Bounds {
 
 pub(super) async fn rooms_task(
     id: String,
-    dict: Option<Arc<Dictionary>>,
+    rooms: RoomTable,
     mut membership: watch::Receiver<Arc<Membership>>,
     metrics: Arc<ChatMetrics>,
     mut inbox: mpsc::Receiver<Inbox>,
@@ -93,7 +92,7 @@ pub(super) async fn rooms_task(
 ) {
     let mut st = State {
         me: id,
-        rooms: RoomTable::new(dict).with_limits(bounds.rooms),
+        rooms: rooms.with_limits(bounds.rooms),
         history: Box::new(MemoryHistory::new(bounds.history)),
         links: HashMap::new(),
         presence: Presence::default(),

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use super::history::HistoryLimits;
 use super::outbox::{outbox, OUTBOX_BYTES};
-use super::room_table::Limits;
+use super::room_table::{Limits, RoomTable};
 use super::rooms_task::{rooms_task, Bounds, Inbox};
 
 /// Frames queued for one connector.
@@ -74,6 +74,8 @@ pub struct ChatServer {
     /// This server's key (hex).
     pub token: String,
     pub dict: Option<Arc<Dictionary>>,
+    /// servers.yaml `protobuf`: pushes of routes with a server proto (onChat, onAdd, onLeave) are protobuf.
+    pub protobuf: pomelo_proto::wire::protobuf::Protobuf,
     pub membership: watch::Receiver<Arc<Membership>>,
     pub metrics: Arc<ChatMetrics>,
     pub shutdown: CancellationToken,
@@ -94,7 +96,8 @@ impl ChatServer {
         let tasks = self.tasks.clone();
         let bounds = Bounds { rooms: self.limits, history: HistoryLimits::configured(self.history) };
         let members = self.membership.clone();
-        self.tasks.spawn(rooms_task(self.id, self.dict, self.membership, self.metrics, rx, stop.clone(), bounds));
+        let rooms = RoomTable::new(self.dict).with_protobuf(self.protobuf);
+        self.tasks.spawn(rooms_task(self.id, rooms, self.membership, self.metrics, rx, stop.clone(), bounds));
         tasks.clone().spawn(async move {
             let mut next = 0u64;
             let stopping = stop.clone();

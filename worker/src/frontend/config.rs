@@ -50,6 +50,8 @@ pub struct FrontendConfig {
     pub check_client: std::collections::BTreeMap<String, String>,
     /// TLS for `wss://` and TLS over TCP on the same port (servers.yaml `ssl`); plain clients still work.
     pub tls: Option<ClientTls>,
+    /// Pomelo protobuf bodies for the routes with a proto (servers.yaml `protobuf`); JSON otherwise.
+    pub protobuf: pomelo_proto::wire::protobuf::Protobuf,
 }
 
 /// A client port's certificate and key, ready to accept TLS.
@@ -94,6 +96,7 @@ impl FrontendConfig {
             close_hook_timeout: Duration::from_secs(5),
             tls: None,
             check_client: Default::default(),
+            protobuf: None,
         }
     }
 

@@ -45,7 +45,9 @@ pub(crate) struct Shared {
     pub(crate) decoder: PackageDecoder,
 }
 
-type Inflight<'a> = FuturesUnordered<BoxFuture<'a, (Option<u32>, Result<Value, HandlerError>)>>;
+/// A request's id (none for a notify), its route when the response has a server proto, and its answer.
+type Answer = (Option<u32>, Option<String>, Result<Value, HandlerError>);
+type Inflight<'a> = FuturesUnordered<BoxFuture<'a, Answer>>;
 
 pub(crate) async fn run(
     stream: TcpStream,
@@ -204,7 +206,9 @@ impl<'a> Conn<'a> {
                         _ => "handshake timeout",
                     });
                 }
-                Some((id, res)) = inflight.next(), if !inflight.is_empty() => self.respond(id, res),
+                Some((id, route, res)) = inflight.next(), if !inflight.is_empty() => {
+                    self.respond(id, route.as_deref(), res)
+                }
                 r = reader.read(intake.tcp_buf()), if can_read => match r {
                     Ok(Inbound::Closed) => return End::PeerClosed,
                     Err(transport::ReadError::Malformed(e)) => return End::Protocol(e),
@@ -272,7 +276,7 @@ impl<'a> Conn<'a> {
     ) -> Option<End> {
         let cfg = &self.shared.config;
         let was_working = self.phase == Phase::Working;
-        let ctx = Ctx { dict: cfg.dict(), routes: &self.shared.routes };
+        let ctx = Ctx { dict: cfg.dict(), protos: cfg.protobuf.as_deref(), routes: &self.shared.routes };
         let action = state::on_package(&mut self.phase, pkg, &ctx);
         // Without heartbeats, any package keeps the connection alive; with them, only heartbeats do.
         if was_working && cfg.heartbeat.is_none() {
@@ -317,15 +321,17 @@ impl<'a> Conn<'a> {
                 metrics::inc(&self.shared.metrics.requests_total);
                 let kind = if id.is_some() { RequestKind::Request } else { RequestKind::Notify };
                 let session = Session::new(self.inner.clone(), self.shared.sessions.clone());
+                let proto_route = cfg.protobuf.as_ref().filter(|p| p.encodes(&route)).map(|_| route.clone());
                 let fut = AssertUnwindSafe(handler.handle(Request { session, route, body, kind })).catch_unwind();
                 inflight.push(Box::pin(async move {
                     // A panicking handler answers 500 instead of taking the connection task down.
-                    (id, fut.await.unwrap_or_else(|_| Err(HandlerError::new("handler panicked"))))
+                    (id, proto_route, fut.await.unwrap_or_else(|_| Err(HandlerError::new("handler panicked"))))
                 }));
             }
-            Action::Error500 { id, why } => {
+            Action::Error500 { id, why, route } => {
                 tracing::debug!(session = self.inner.id, "answering request {id} with 500: {why}");
-                self.send_response(id, br#"{"code":500}"#);
+                let body = self.error_body(route.as_deref());
+                self.send_response(id, &body);
             }
             Action::Kick(reason) => {
                 tracing::warn!(session = self.inner.id, peer = %self.inner.peer, "kicking client: {reason}");
@@ -349,8 +355,14 @@ impl<'a> Conn<'a> {
             Err(handshake::CODE_OLD_CLIENT)
         } else {
             match handler.handshake_user(req.user.as_ref()) {
-                Ok(user) => handshake::ok_reply(cfg.heartbeat, cfg.dict(), req.dict_version.as_deref(), user.as_ref())
-                    .map_err(|_| handshake::CODE_USE_ERROR),
+                Ok(user) => {
+                    let offer = handshake::Offer {
+                        heartbeat: cfg.heartbeat,
+                        dict: cfg.dict(),
+                        protos: cfg.protobuf.as_deref(),
+                    };
+                    handshake::ok_reply(offer, &req, user.as_ref()).map_err(|_| handshake::CODE_USE_ERROR)
+                }
                 Err(e) => {
                     tracing::info!(session = self.inner.id, "handshake hook refused the client: {:?}", e.to_string());
                     Err(handshake::CODE_USE_ERROR)
@@ -370,7 +382,20 @@ impl<'a> Conn<'a> {
         }
     }
 
-    fn respond(&mut self, id: Option<u32>, res: Result<Value, HandlerError>) {
+    /// `{"code":500}`, as protobuf when `route` has a server proto that can carry it; an empty body (which
+    /// a protobuf client reads as `{}`) when the proto cannot.
+    fn error_body(&self, route: Option<&str>) -> Vec<u8> {
+        let error = serde_json::json!({"code": 500});
+        match wire::encode_body(self.shared.config.protobuf.as_deref(), route.unwrap_or_default(), &error) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(session = self.inner.id, "cannot write {{\"code\":500}} in {route:?}'s proto: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn respond(&mut self, id: Option<u32>, route: Option<&str>, res: Result<Value, HandlerError>) {
         let Some(id) = id else {
             match res {
                 Ok(v) if !v.is_null() => tracing::warn!(session = self.inner.id, "handler answered a notify; dropped"),
@@ -379,15 +404,26 @@ impl<'a> Conn<'a> {
             }
             return;
         };
-        let body = match res {
-            Ok(Value::Null) => b"{}".to_vec(),
-            Ok(v) => pomelo_proto::wire::text::escape_non_bmp(
+        let protos = self.shared.config.protobuf.as_deref();
+        let body = match (res, route) {
+            (Ok(v), Some(route)) => {
+                let v = if v.is_null() { Value::Object(Default::default()) } else { v };
+                match wire::encode_body(protos, route, &v) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(session = self.inner.id, "response {id} does not fit {route}'s proto: {e}");
+                        self.error_body(Some(route))
+                    }
+                }
+            }
+            (Ok(Value::Null), None) => b"{}".to_vec(),
+            (Ok(v), None) => pomelo_proto::wire::text::escape_non_bmp(
                 serde_json::to_vec(&v).unwrap_or_else(|_| br#"{"code":500}"#.to_vec()),
             ),
-            Err(e) => {
+            (Err(e), route) => {
                 // Handler errors may quote what the client sent: Debug-quoted, so it cannot forge lines.
                 tracing::warn!(session = self.inner.id, "request {id} failed: {:?}", e.to_string());
-                br#"{"code":500}"#.to_vec()
+                self.error_body(route)
             }
         };
         self.send_response(id, &body);

@@ -203,6 +203,7 @@ pub struct Sessions {
     maps: Mutex<Maps>,
     next_id: AtomicU64,
     dict: Option<Arc<Dictionary>>,
+    protobuf: pomelo_proto::wire::protobuf::Protobuf,
     metrics: Arc<FrontendMetrics>,
 }
 
@@ -212,6 +213,7 @@ impl Sessions {
             maps: Mutex::default(),
             next_id: AtomicU64::new(1),
             dict: config.use_dict.then(|| config.dictionary.clone()),
+            protobuf: config.protobuf.clone(),
             metrics,
         })
     }
@@ -286,9 +288,12 @@ impl Sessions {
         targets.iter().filter(|s| s.send(pkg.clone())).count()
     }
 
-    /// Encodes a JSON push once, with this frontend's dictionary. `None` only for a route over 255 bytes.
+    /// Encodes a push once, with this frontend's dictionary and protos. `None` for a route over 255 bytes
+    /// or a body its proto cannot carry (logged).
     pub fn encode_push(&self, route: &str, body: &Value) -> Option<Bytes> {
-        wire::encode_push_json(self.dict.as_deref(), route, body).ok()
+        wire::encode_push_with(self.dict.as_deref(), self.protobuf.as_deref(), route, body)
+            .map_err(|e| tracing::warn!("cannot encode a {route:?} push: {e}"))
+            .ok()
     }
 
     pub fn kick_uid(&self, uid: &str, reason: &str) -> usize {

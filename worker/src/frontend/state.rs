@@ -5,6 +5,7 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 use pomelo_proto::wire::handshake::HandshakeRequest;
+use pomelo_proto::wire::protobuf::ProtoBundle;
 use pomelo_proto::wire::{Dictionary, Message, MessageType, Package, PackageType, Route};
 use serde_json::Value;
 
@@ -29,8 +30,8 @@ pub(crate) enum Action {
     Heartbeat,
     /// Run the handler; `id` is `None` for a notify.
     Dispatch { id: Option<u32>, route: String, body: Value },
-    /// Answer `{"code":500}` to request `id`.
-    Error500 { id: u32, why: &'static str },
+    /// Answer `{"code":500}` to request `id` (protobuf-encoded when `route` has a server proto).
+    Error500 { id: u32, why: &'static str, route: Option<String> },
     /// Kick the session with this reason (Pomelo's `constructor` guard).
     Kick(&'static str),
     /// Malformed input: close this connection and count a protocol error.
@@ -40,6 +41,8 @@ pub(crate) enum Action {
 /// What the state machine needs to know about the server.
 pub(crate) struct Ctx<'a> {
     pub(crate) dict: Option<&'a Dictionary>,
+    /// Routes with a client proto have protobuf bodies.
+    pub(crate) protos: Option<&'a ProtoBundle>,
     pub(crate) routes: &'a HashSet<String>,
 }
 
@@ -92,7 +95,7 @@ fn on_message(body: &Bytes, ctx: &Ctx<'_>) -> Action {
     }
     let segments: Vec<&str> = route.split('.').collect();
     let fail = |why| match id {
-        Some(id) => Action::Error500 { id, why },
+        Some(id) => Action::Error500 { id, why, route: None },
         None => Action::Ignore(why),
     };
     if segments.len() != 3 {
@@ -103,6 +106,16 @@ fn on_message(body: &Bytes, ctx: &Ctx<'_>) -> Action {
     }
     if !ctx.routes.contains(&route) {
         return fail("no handler for route");
+    }
+    if let Some(decoded) = ctx.protos.and_then(|p| p.decode(&route, &msg.body)) {
+        return match (decoded, id) {
+            (Ok(body), _) => Action::Dispatch { id, route, body },
+            (Err(e), Some(id)) => {
+                tracing::debug!("request {id}: {e}");
+                Action::Error500 { id, why: "protobuf body does not decode", route: Some(route) }
+            }
+            (Err(_), None) => Action::Ignore("notify whose protobuf body does not decode"),
+        };
     }
     // Pomelo: a body that is not JSON is `{}`. The JS client sends emoji as CESU-8 surrogate pairs, which
     // are not UTF-8: joined into real characters first.
@@ -126,7 +139,7 @@ mod tests {
     fn run(phase: &mut Phase, pkg: Package) -> Action {
         let dict = Dictionary::build(["chat.chatHandler.send", "connector.entryHandler.enter"], ["onX"]).unwrap();
         let routes: HashSet<String> = ["connector.entryHandler.enter".to_owned()].into();
-        on_package(phase, pkg, &Ctx { dict: Some(&dict), routes: &routes })
+        on_package(phase, pkg, &Ctx { dict: Some(&dict), protos: None, routes: &routes })
     }
 
     #[test]
@@ -190,7 +203,42 @@ mod tests {
     fn compressed_route_without_dictionary_is_dropped() {
         let routes: HashSet<String> = HashSet::new();
         let mut p = Phase::Working;
-        let a = on_package(&mut p, data(Message::request(1, Route::Code(1), "")), &Ctx { dict: None, routes: &routes });
+        let a = on_package(
+            &mut p,
+            data(Message::request(1, Route::Code(1), "")),
+            &Ctx { dict: None, protos: None, routes: &routes },
+        );
         assert!(matches!(a, Action::Ignore(_)));
+    }
+
+    #[test]
+    fn bodies_of_routes_with_a_client_proto_are_protobuf() {
+        let protos =
+            ProtoBundle::new(None, Some(r#"{"connector.entryHandler.enter": {"required string username": 1}}"#))
+                .unwrap();
+        let routes: HashSet<String> = ["connector.entryHandler.enter".to_owned(), "a.b.c".to_owned()].into();
+        let ctx = Ctx { dict: None, protos: Some(&protos), routes: &routes };
+        let mut p = Phase::Working;
+        let enter =
+            |body: &'static [u8]| data(Message::request(7, Route::Plain("connector.entryHandler.enter".into()), body));
+        assert_eq!(
+            on_package(&mut p, enter(&[0x0a, 3, b'a', b'n', b'n']), &ctx),
+            Action::Dispatch {
+                id: Some(7),
+                route: "connector.entryHandler.enter".into(),
+                body: json!({"username": "ann"})
+            }
+        );
+        // A body that is not this proto answers 500 (through the route's server proto, if any); JSON is not tried.
+        assert!(matches!(
+            on_package(&mut p, enter(br#"{"username":"ann"}"#), &ctx),
+            Action::Error500 { id: 7, route: Some(_), .. }
+        ));
+        // Other routes stay JSON.
+        let other = data(Message::request(8, Route::Plain("a.b.c".into()), &br#"{"x":1}"#[..]));
+        assert_eq!(
+            on_package(&mut p, other, &ctx),
+            Action::Dispatch { id: Some(8), route: "a.b.c".into(), body: json!({"x": 1}) }
+        );
     }
 }

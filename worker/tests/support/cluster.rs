@@ -192,6 +192,7 @@ impl MiniCluster {
             id: "chat-1".into(),
             token: key("chat-1"),
             dict: Some(Arc::new(chat_dictionary())),
+            protobuf: None,
             membership: rx.clone(),
             metrics: chat.clone(),
             shutdown: shutdown.clone(),

@@ -26,24 +26,20 @@
 //! Everything here is pure: no I/O, no tasks, nothing to shut down. Decoding is total and bounded:
 //! any bytes give a value or an error, never a panic, and output grows at most linearly with input.
 //!
-//! Left to integrate (not done here):
-//! - the handshake: send `sys.protos = {server, client, version}` when `useProtobuf` is on, with
-//!   [`handshake::parsed_json`] of each file (embedded as raw JSON, not re-serialised through a
-//!   `Value`, which would reorder keys) and [`handshake::version`];
-//! - `protoVersion` caching: leave `protos` out of the handshake (or send only the version) when the
-//!   client's `protoVersion` matches, as Pomelo does;
-//! - `servers.yaml`: paths of `serverProtos.json` (encodes pushes and responses) and `clientProtos.json`
-//!   (decodes requests and notifies), compiled at start and on reload (a bad file fails the reload);
-//! - the connector: a route with a proto uses these bodies, any other route stays JSON;
-//! - emoji: choose [`Strings::Cesu8`] for `js-websocket` clients (per client type, from the handshake)
-//!   and [`Strings::Utf8`] for the others.
+//! - [`bundle`]: [`ProtoBundle`], both files of a cluster compiled with the handshake's `sys.protos`
+//!   object, as the connector, the gate and the chat server use them (servers.yaml `protobuf`).
+//!
+//! Strings: servers write UTF-8, as Pomelo's server does (one encoding for every client, so a push is
+//! still encoded once), and read CESU-8 and UTF-8 alike.
 
+pub mod bundle;
 pub mod decode;
 pub mod encode;
 pub mod handshake;
 pub mod schema;
 pub mod strings;
 
+pub use bundle::{BundleError, ProtoBundle, Protobuf, Side, MAX_PROTOS_BYTES};
 pub use decode::{DecodeError, DecodeErrorKind};
 pub use encode::{EncodeError, EncodeErrorKind};
 pub use schema::{FieldType, Label, Protos, ProtosError, Scalar};
