@@ -39,6 +39,30 @@ pub struct Client {
     pub handshake: Value,
     /// With protobuf: the protos mirrored (`encode` with clientProtos, `decode` with serverProtos).
     protos: Option<Arc<ProtoBundle>>,
+    /// `useCrypto`: signs every JSON request body with this key, as the JS client does.
+    signer: Option<Arc<ring::signature::RsaKeyPair>>,
+}
+
+/// The test RSA key (tests/fixtures) and the `sys.rsa` a client holding it sends.
+pub fn test_key() -> (Arc<ring::signature::RsaKeyPair>, Value) {
+    let der = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/client-rsa-2048.pk8")).expect("key");
+    let kp = ring::signature::RsaKeyPair::from_pkcs8(&der).expect("a PKCS#8 RSA key");
+    let public: ring::signature::RsaPublicKeyComponents<Vec<u8>> = kp.public().into();
+    let n: String = public.n.iter().map(|b| format!("{b:02x}")).collect();
+    (Arc::new(kp), json!({"rsa_n": n, "rsa_e": 65537}))
+}
+
+/// `text` (a JSON object) signed with `key`, `__crypto__` added last, as the JS client sends it.
+pub fn sign(key: &ring::signature::RsaKeyPair, text: &str) -> String {
+    let mut sig = vec![0; key.public().modulus_len()];
+    key.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), text.as_bytes(), &mut sig)
+        .expect("sign");
+    let sig: String = sig.iter().map(|b| format!("{b:02x}")).collect();
+    match text.strip_suffix('}') {
+        Some("{") => format!(r#"{{"__crypto__":"{sig}"}}"#),
+        Some(head) => format!(r#"{head},"__crypto__":"{sig}"}}"#),
+        None => panic!("not an object: {text}"),
+    }
 }
 
 fn write(stream: &Mutex<TcpStream>, bytes: &[u8]) -> bool {
@@ -109,7 +133,14 @@ impl Client {
             alive,
             handshake: reply,
             protos: None,
+            signer: None,
         }
+    }
+
+    /// Signs every JSON request from now on (the handshake must have sent this key's `sys.rsa`).
+    pub fn signing(mut self, key: Arc<ring::signature::RsaKeyPair>) -> Client {
+        self.signer = Some(key);
+        self
     }
 
     /// Speaks protobuf from now on: requests of routes in `client` are encoded with it, and responses
@@ -155,9 +186,10 @@ impl Client {
 
     /// Sends a request and waits (at most 10 s) for its response.
     pub fn request(&mut self, route: &str, body: Value) -> Value {
-        let bytes = match self.protos.as_ref().and_then(|p| p.encode(route, &body)) {
-            Some(b) => b.expect("the request fits its proto"),
-            None => body.to_string().into_bytes(),
+        let bytes = match (self.protos.as_ref().and_then(|p| p.encode(route, &body)), &self.signer) {
+            (Some(b), _) => b.expect("the request fits its proto"),
+            (None, Some(key)) => sign(key, &body.to_string()).into_bytes(),
+            (None, None) => body.to_string().into_bytes(),
         };
         self.request_bytes(route, bytes)
     }

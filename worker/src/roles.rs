@@ -56,6 +56,7 @@ pub fn frontend_config(spec: &ServerSpec) -> FrontendConfig {
         idle_timeout: spec.idle_timeout,
         max_requests_per_second: spec.max_requests_per_second,
         check_client: spec.check_client.clone(),
+        use_crypto: spec.use_crypto,
         ..base
     }
     .with_max_message(spec.max_message_bytes)

@@ -255,6 +255,9 @@ pub struct ServerSpec {
     /// type); an older or missing version gets handshake code 501 (`checkClient`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub check_client: BTreeMap<String, String>,
+    /// Frontends: `useCrypto`: a client that sends an RSA key in its handshake must sign every request.
+    #[serde(default)]
+    pub use_crypto: bool,
     /// Connectors: longest username or room id, in bytes (`maxNameLength`).
     #[serde(default = "default_max_name")]
     pub max_name_bytes: usize,

@@ -373,6 +373,11 @@ const SERVER: &[Row<Draft>] = &[
             }
         }
     }),
+    Row("useCrypto", |c, d, v, p| {
+        if frontend_key(c, d, "useCrypto", p) {
+            set(&mut d.spec.use_crypto, c.boolean(v, p));
+        }
+    }),
     Row("checkClient", |c, d, v, p| {
         if !frontend_key(c, d, "checkClient", p) {
             return;
@@ -458,6 +463,7 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         threads: None,
         external: false,
         protobuf: None,
+        use_crypto: false,
         ssl: None,
     }
 }

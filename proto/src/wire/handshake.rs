@@ -49,6 +49,8 @@ pub struct HandshakeRequest {
     pub client_version: Option<String>,
     pub dict_version: Option<String>,
     pub proto_version: Option<Value>,
+    /// `sys.rsa`: `{rsa_n, rsa_e}` from a client that signs its messages (`useCrypto`), `{}` otherwise.
+    pub rsa: Option<Value>,
     pub user: Option<Value>,
 }
 
@@ -73,6 +75,7 @@ impl HandshakeRequest {
             client_version: field("version"),
             dict_version: field("dictVersion"),
             proto_version: sys.as_ref().and_then(|s| s.get("protoVersion")).cloned(),
+            rsa: sys.as_ref().and_then(|s| s.get("rsa")).cloned(),
             user,
         }
     }

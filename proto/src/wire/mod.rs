@@ -7,11 +7,13 @@
 //! - [`handshake`]: the client's request and the server's reply, with Pomelo's key order.
 //! - [`dictionary`]: route ↔ code table and its `dictVersion`.
 //! - [`digest`]: the MD5 and base64 behind `dictVersion`.
+//! - [`crypto`]: `useCrypto`, the RSA signatures of a client that sent a key.
 //!
 //! Everything here is pure: no I/O, no tasks, nothing to shut down. Decoding is total: any bytes give a
 //! value or an error, never a panic. Encoders return complete packages as [`bytes::Bytes`], so one
 //! encoded push can be shared by any number of sessions.
 
+pub mod crypto;
 pub mod dictionary;
 pub mod digest;
 pub mod handshake;

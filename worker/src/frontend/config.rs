@@ -52,6 +52,9 @@ pub struct FrontendConfig {
     pub tls: Option<ClientTls>,
     /// Pomelo protobuf bodies for the routes with a proto (servers.yaml `protobuf`); JSON otherwise.
     pub protobuf: pomelo_proto::wire::protobuf::Protobuf,
+    /// servers.yaml `useCrypto`: a client that sent an RSA key in its handshake signs every request
+    /// (`__crypto__`); one that does not, or signs wrongly, is answered `{"code":500}` and counted.
+    pub use_crypto: bool,
 }
 
 /// A client port's certificate and key, ready to accept TLS.
@@ -97,6 +100,7 @@ impl FrontendConfig {
             tls: None,
             check_client: Default::default(),
             protobuf: None,
+            use_crypto: false,
         }
     }
 

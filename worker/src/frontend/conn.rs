@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use super::close::{self, End};
 use super::config::FrontendConfig;
 use super::handler::{BoxFuture, Handler, HandlerError, Request, RequestKind};
+use pomelo_proto::wire::crypto::ClientKey;
+
 use super::intake::{Intake, IntakeError, RateLimit};
 use super::metrics::{self, FrontendMetrics};
 use super::session::{CloseReason, Session, SessionInner, Sessions};
@@ -96,7 +98,7 @@ pub(crate) async fn run(
     let mut writer_task = tokio::spawn(write_loop(writer, inner.clone(), shared.metrics.clone(), cfg.max_batch_bytes));
     let _guard = Teardown { inner: inner.clone(), sessions: shared.sessions.clone() };
 
-    let mut conn = Conn { shared: &shared, inner: &inner, phase: Phase::Inited, registered: false };
+    let mut conn = Conn { shared: &shared, inner: &inner, phase: Phase::Inited, registered: false, key: None };
     let end = conn.read_loop(&mut reader, started, &shutdown, &force).await;
     let registered = conn.registered;
 
@@ -169,6 +171,8 @@ struct Conn<'a> {
     inner: &'a Arc<SessionInner>,
     phase: Phase,
     registered: bool,
+    /// `useCrypto`: the key the client sent in its handshake; its messages must be signed with it.
+    key: Option<ClientKey>,
 }
 
 impl<'a> Conn<'a> {
@@ -276,7 +280,12 @@ impl<'a> Conn<'a> {
     ) -> Option<End> {
         let cfg = &self.shared.config;
         let was_working = self.phase == Phase::Working;
-        let ctx = Ctx { dict: cfg.dict(), protos: cfg.protobuf.as_deref(), routes: &self.shared.routes };
+        let ctx = Ctx {
+            dict: cfg.dict(),
+            protos: cfg.protobuf.as_deref(),
+            key: self.key.as_ref(),
+            routes: &self.shared.routes,
+        };
         let action = state::on_package(&mut self.phase, pkg, &ctx);
         // Without heartbeats, any package keeps the connection alive; with them, only heartbeats do.
         if was_working && cfg.heartbeat.is_none() {
@@ -333,6 +342,14 @@ impl<'a> Conn<'a> {
                 let body = self.error_body(route.as_deref());
                 self.send_response(id, &body);
             }
+            Action::BadSignature { id, why } => {
+                metrics::inc(&self.shared.metrics.bad_signatures_total);
+                tracing::warn!(session = self.inner.id, peer = %self.inner.peer, "refused a message: {why}");
+                if let Some(id) = id {
+                    let body = serde_json::json!({"code": 500, "message": format!("bad signature: {why}")});
+                    self.send_response(id, &serde_json::to_vec(&body).unwrap_or_default());
+                }
+            }
             Action::Kick(reason) => {
                 tracing::warn!(session = self.inner.id, peer = %self.inner.peer, "kicking client: {reason}");
                 self.inner.end(CloseReason::Kick(reason.to_owned()));
@@ -344,7 +361,15 @@ impl<'a> Conn<'a> {
 
     fn handshake(&mut self, req: handshake::HandshakeRequest, handler: &dyn Handler) {
         let cfg = &self.shared.config;
-        let reply = if !req.has_sys {
+        let key = match cfg.use_crypto.then(|| ClientKey::from_handshake(req.rsa.as_ref())) {
+            Some(Err(e)) => {
+                tracing::info!(session = self.inner.id, peer = %self.inner.peer, "handshake refused: {e}");
+                Err(())
+            }
+            Some(Ok(key)) => Ok(key),
+            None => Ok(None),
+        };
+        let reply = if !req.has_sys || key.is_err() {
             Err(handshake::CODE_USE_ERROR)
         } else if !handshake::client_allowed(
             &cfg.check_client,
@@ -371,6 +396,7 @@ impl<'a> Conn<'a> {
         };
         match reply {
             Ok(bytes) => {
+                self.key = key.ok().flatten();
                 metrics::inc(&self.shared.metrics.handshakes_total);
                 self.inner.send(bytes);
                 state::handshake_accepted(&mut self.phase);

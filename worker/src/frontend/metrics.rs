@@ -34,6 +34,8 @@ pub struct FrontendMetrics {
     pub outbound_queue_peak_bytes: AtomicU64,
     pub requests_total: AtomicU64,
     pub http_requests_total: AtomicU64,
+    /// Requests and notifies of a signing client (`useCrypto`) without a valid `__crypto__`.
+    pub bad_signatures_total: AtomicU64,
 }
 
 pub(crate) fn inc(c: &AtomicU64) {
@@ -55,7 +57,7 @@ impl FrontendMetrics {
 
     /// Writes every series under its Prometheus-style name (no `pomelo_` prefix).
     pub fn snapshot(&self, out: &mut Stats) {
-        let series: [(&str, &AtomicU64); 19] = [
+        let series: [(&str, &AtomicU64); 20] = [
             ("connections", &self.connections),
             ("connections_total", &self.connections_total),
             ("handshakes_total", &self.handshakes_total),
@@ -75,6 +77,7 @@ impl FrontendMetrics {
             ("outbound_queue_peak_bytes", &self.outbound_queue_peak_bytes),
             ("requests_total", &self.requests_total),
             ("http_requests_total", &self.http_requests_total),
+            ("bad_signatures_total", &self.bad_signatures_total),
         ];
         for (name, v) in series {
             out.insert(name.to_owned(), v.load(Ordering::Relaxed) as f64);

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
+use pomelo_proto::wire::crypto::ClientKey;
 use pomelo_proto::wire::handshake::HandshakeRequest;
 use pomelo_proto::wire::protobuf::ProtoBundle;
 use pomelo_proto::wire::{Dictionary, Message, MessageType, Package, PackageType, Route};
@@ -32,6 +33,8 @@ pub(crate) enum Action {
     Dispatch { id: Option<u32>, route: String, body: Value },
     /// Answer `{"code":500}` to request `id` (protobuf-encoded when `route` has a server proto).
     Error500 { id: u32, why: &'static str, route: Option<String> },
+    /// A signing client's message without a valid `__crypto__`: counted, and a request answered 500.
+    BadSignature { id: Option<u32>, why: String },
     /// Kick the session with this reason (Pomelo's `constructor` guard).
     Kick(&'static str),
     /// Malformed input: close this connection and count a protocol error.
@@ -43,6 +46,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) dict: Option<&'a Dictionary>,
     /// Routes with a client proto have protobuf bodies.
     pub(crate) protos: Option<&'a ProtoBundle>,
+    /// The key of a client that signs its messages (`useCrypto`).
+    pub(crate) key: Option<&'a ClientKey>,
     pub(crate) routes: &'a HashSet<String>,
 }
 
@@ -107,6 +112,18 @@ fn on_message(body: &Bytes, ctx: &Ctx<'_>) -> Action {
     if !ctx.routes.contains(&route) {
         return fail("no handler for route");
     }
+    if let Some(key) = ctx.key {
+        // Pomelo checks the signature of every message of a client that gave a key; a protobuf body has
+        // no `__crypto__`, so it fails there too.
+        let checked = match ctx.protos.is_some_and(|p| p.decodes(&route)) {
+            true => Err("a route with a client proto cannot carry __crypto__".to_owned()),
+            false => key.verify(&msg.body).map_err(|e| e.to_string()),
+        };
+        return match checked {
+            Ok(body) => Action::Dispatch { id, route, body },
+            Err(why) => Action::BadSignature { id, why },
+        };
+    }
     if let Some(decoded) = ctx.protos.and_then(|p| p.decode(&route, &msg.body)) {
         return match (decoded, id) {
             (Ok(body), _) => Action::Dispatch { id, route, body },
@@ -139,7 +156,7 @@ mod tests {
     fn run(phase: &mut Phase, pkg: Package) -> Action {
         let dict = Dictionary::build(["chat.chatHandler.send", "connector.entryHandler.enter"], ["onX"]).unwrap();
         let routes: HashSet<String> = ["connector.entryHandler.enter".to_owned()].into();
-        on_package(phase, pkg, &Ctx { dict: Some(&dict), protos: None, routes: &routes })
+        on_package(phase, pkg, &Ctx { dict: Some(&dict), protos: None, key: None, routes: &routes })
     }
 
     #[test]
@@ -206,7 +223,7 @@ mod tests {
         let a = on_package(
             &mut p,
             data(Message::request(1, Route::Code(1), "")),
-            &Ctx { dict: None, protos: None, routes: &routes },
+            &Ctx { dict: None, protos: None, key: None, routes: &routes },
         );
         assert!(matches!(a, Action::Ignore(_)));
     }
@@ -217,7 +234,7 @@ mod tests {
             ProtoBundle::new(None, Some(r#"{"connector.entryHandler.enter": {"required string username": 1}}"#))
                 .unwrap();
         let routes: HashSet<String> = ["connector.entryHandler.enter".to_owned(), "a.b.c".to_owned()].into();
-        let ctx = Ctx { dict: None, protos: Some(&protos), routes: &routes };
+        let ctx = Ctx { dict: None, protos: Some(&protos), key: None, routes: &routes };
         let mut p = Phase::Working;
         let enter =
             |body: &'static [u8]| data(Message::request(7, Route::Plain("connector.entryHandler.enter".into()), body));
