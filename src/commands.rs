@@ -26,6 +26,9 @@ pub fn check(cfg: &ConfigArgs) -> anyhow::Result<ExitCode> {
     for s in &t.servers {
         println!("  {:<24} {:<10} {}", s.id, s.server_type.as_str(), ports(s.port, s.client_port));
     }
+    for w in t.warnings() {
+        eprintln!("warning: {w}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -68,6 +71,9 @@ pub fn start(cfg: &ConfigArgs, daemon: bool) -> anyhow::Result<ExitCode> {
     if !daemon {
         // Before `prepare`, so what it says about workers it will not adopt is logged.
         init_logging("info", log_file);
+    }
+    for w in topology.warnings() {
+        tracing::warn!("{w}");
     }
     let prepared = pomelo_master::prepare(topology)?;
     if daemon {

@@ -5,6 +5,7 @@ mod chat;
 mod check_client;
 mod client_tls;
 mod cluster_tls;
+mod conformance;
 mod crypto;
 mod dashboard;
 mod failover;

@@ -26,7 +26,7 @@ use crate::connector::{ChatClient, ClusterRooms, Connector};
 use crate::control::StatsSource;
 use crate::frontend::{self, FrontendConfig, FrontendMetrics, Sessions};
 use crate::gate::Gate;
-use crate::routes::chat_dictionary;
+use crate::routes::chat_dictionary_with;
 
 /// What the role needs to start serving (built by [`crate::runtime::run`]).
 pub struct RoleContext {
@@ -46,8 +46,8 @@ pub const CHAT_PAGE: &str = include_str!("../assets/chat.html");
 /// The frontend settings of a servers.yaml entry.
 pub fn frontend_config(spec: &ServerSpec) -> FrontendConfig {
     let base = match spec.server_type {
-        ServerType::Connector => FrontendConfig::connector(Arc::new(chat_dictionary())),
-        _ => FrontendConfig { dictionary: Arc::new(chat_dictionary()), ..FrontendConfig::gate() },
+        ServerType::Connector => FrontendConfig::connector(Arc::new(chat_dictionary_with(&spec.dictionary))),
+        _ => FrontendConfig { dictionary: Arc::new(chat_dictionary_with(&spec.dictionary)), ..FrontendConfig::gate() },
     };
     FrontendConfig {
         heartbeat: spec.heartbeat,
@@ -156,7 +156,7 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
                 limits: Limits { room_members: spec.max_room_members, rooms: spec.max_rooms },
                 history: spec.history,
                 token: ctx.token.clone(),
-                dict: Some(Arc::new(chat_dictionary())),
+                dict: Some(Arc::new(chat_dictionary_with(&spec.dictionary))),
                 protobuf: protobuf(&spec)?,
                 membership: ctx.membership.clone(),
                 metrics,

@@ -13,12 +13,21 @@ pub const SEND: &str = "chat.chatHandler.send";
 pub const HISTORY: &str = "chat.chatHandler.history";
 
 /// Every handler route of the demo's server types.
-pub const ROUTES: &[&str] = &[QUERY_ENTRY, ENTER, SEND];
+pub const ROUTES: &[&str] = pomelo_proto::wire::dictionary::CHAT_HANDLER_ROUTES;
 
 /// The route dictionary of every server type: the demo's routes sorted (codes 3, 2, 1, as in the demo),
 /// then [`HISTORY`] as 4, so adding it moves no code a client may have cached.
 pub fn chat_dictionary() -> Dictionary {
-    Dictionary::build(ROUTES.iter().copied(), [HISTORY]).expect("four routes fit in a dictionary")
+    chat_dictionary_with(&[])
+}
+
+/// [`chat_dictionary`] then servers.yaml's `dictionary` entries (checked to fit when the file was read;
+/// an oversized one falls back to the routes alone rather than to no dictionary).
+pub fn chat_dictionary_with(extra: &[String]) -> Dictionary {
+    pomelo_proto::wire::dictionary::chat_dictionary(extra).unwrap_or_else(|e| {
+        tracing::error!("servers.yaml dictionary: {e}; using the handler routes alone");
+        pomelo_proto::wire::dictionary::chat_dictionary(&[]).unwrap_or_default()
+    })
 }
 
 /// The username part of a uid `username*rid` (usernames cannot contain `*`, see the connector's `enter`).
@@ -38,5 +47,8 @@ mod tests {
         assert_eq!(d.code(QUERY_ENTRY), Some(3));
         assert_eq!(d.code(HISTORY), Some(4));
         assert_eq!(username_of("bob*r1"), "bob");
+        assert_eq!((ROUTES, HISTORY), (&[QUERY_ENTRY, ENTER, SEND][..], "chat.chatHandler.history"));
+        let extra = chat_dictionary_with(&["onChat".to_owned(), "onAdd".to_owned()]);
+        assert_eq!((extra.code(HISTORY), extra.code("onChat"), extra.code("onAdd")), (Some(4), Some(5), Some(6)));
     }
 }

@@ -279,6 +279,10 @@ pub struct ServerSpec {
     /// Pomelo protobuf, the rest JSON. Part of the spec, so editing a file restarts the servers on reload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protobuf: Option<ProtobufTexts>,
+    /// The root `dictionary` entries (Pomelo's `config/dictionary.json`), the same for every server: routes
+    /// coded after the handler routes, so pushes such as `onChat` go out with a 2-byte code.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dictionary: Vec<String>,
 }
 
 /// The texts of `serverProtos.json` and `clientProtos.json` (either may be absent: `{}`), checked to
@@ -439,6 +443,20 @@ impl Topology {
 
     pub fn log_dir(&self) -> PathBuf {
         self.base_dir().join(&self.master.logs.dir)
+    }
+
+    /// What is valid but worth telling: a dictionary past 255 routes (libpomelo v1 reads codes with
+    /// `& 0xff`, so its clients would get the wrong routes).
+    pub fn warnings(&self) -> Vec<String> {
+        let extra = self.servers.first().map(|s| &s.dictionary[..]).unwrap_or_default();
+        match crate::wire::dictionary::chat_dictionary(extra) {
+            Ok(d) if d.len() > crate::wire::dictionary::ONE_BYTE_CODES => vec![format!(
+                "dictionary: {} routes; libpomelo v1 clients (cocos2d-x) read codes with `& 0xff` and mistake every \
+                 route past 255",
+                d.len()
+            )],
+            _ => Vec::new(),
+        }
     }
 
     pub fn server(&self, id: &str) -> Option<&ServerSpec> {

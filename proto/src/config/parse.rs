@@ -47,6 +47,8 @@ pub(super) fn parse(
     }
     let ppath = vec![Seg::Key("protobuf".into())];
     let protobuf = get("protobuf").and_then(|v| read_protobuf(&mut ctx, v, &ppath, base));
+    let dpath = vec![Seg::Key("dictionary".into())];
+    let dictionary = get("dictionary").map(|v| read_dictionary(&mut ctx, v, &dpath)).unwrap_or_default();
     let spath = vec![Seg::Key("servers".into())];
     let base_servers = get("servers").map(|v| parse_servers(&mut ctx, v, &spath));
 
@@ -83,6 +85,7 @@ pub(super) fn parse(
         for (s, _) in &mut servers {
             s.external |= master.external_hosts.contains(&s.host);
             s.protobuf.clone_from(&protobuf);
+            s.dictionary.clone_from(&dictionary);
         }
         check_master(&mut ctx, &master, &mp);
         check_unique(&mut ctx, &master, &servers, &mp);
@@ -170,4 +173,27 @@ fn read_protobuf(ctx: &mut Ctx, value: &Value, path: &[Seg], base: &std::path::P
             None
         }
     }
+}
+
+/// The `dictionary` entries: routes (1 to 255 bytes, a message's route length is one byte), the whole
+/// dictionary within 65,535 codes (two bytes).
+fn read_dictionary(ctx: &mut Ctx, value: &Value, path: &[Seg]) -> Vec<String> {
+    let Value::Sequence(items) = value else {
+        ctx.err(path, "expected a list of routes, as Pomelo's config/dictionary.json");
+        return Vec::new();
+    };
+    let mut routes = Vec::with_capacity(items.len());
+    for (i, v) in items.iter().enumerate() {
+        let p = super::walk::item(path, i);
+        match v.as_str() {
+            Some(r) if !r.is_empty() && r.len() <= 255 && !r.chars().any(char::is_control) => routes.push(r.to_owned()),
+            Some(_) => ctx.err(&p, "a route is 1 to 255 bytes, without control characters"),
+            None => ctx.err(&p, "expected a route (a string)"),
+        }
+    }
+    if let Err(e) = crate::wire::dictionary::chat_dictionary(&routes) {
+        ctx.err(path, e.to_string());
+        return Vec::new();
+    }
+    routes
 }

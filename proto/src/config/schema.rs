@@ -15,7 +15,7 @@ use super::walk::{child, describe, item, set, Ctx};
 use super::{LogConfig, MasterConfig, RestartPolicy, ServerSpec, SslFiles};
 use crate::control::ServerType;
 
-pub(super) const ROOT_KEYS: &[&str] = &["master", "servers", "environments", "protobuf"];
+pub(super) const ROOT_KEYS: &[&str] = &["master", "servers", "environments", "protobuf", "dictionary"];
 pub(super) const ENV_KEYS: &[&str] = &["master", "servers"];
 
 /// One key: its name, and how its value (at the path given) is read into `T`.
@@ -463,6 +463,7 @@ pub(super) fn default_server(t: ServerType) -> ServerSpec {
         threads: None,
         external: false,
         protobuf: None,
+        dictionary: Vec::new(),
         use_crypto: false,
         ssl: None,
     }

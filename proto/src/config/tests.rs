@@ -368,3 +368,27 @@ fn protobuf_files_are_read_compiled_and_given_to_every_server() {
     assert!(errors("protobuf: {serverProtos: big.json}").contains("at most"));
     assert!(errors("protobuf: {serverProtoz: x.json}").contains("serverProtoz"));
 }
+
+#[test]
+fn dictionary_entries_follow_the_handler_routes_and_are_bounded() {
+    let yaml = |dict: &str| {
+        format!("{dict}\nservers:\n  gate:\n    - {{id: g, clientPort: 0}}\n  chat:\n    - {{id: h, port: 0}}\n")
+    };
+    let t = parse(&yaml("dictionary: [onChat, onAdd, onLeave]")).expect("valid");
+    assert!(t.servers.iter().all(|s| s.dictionary == ["onChat", "onAdd", "onLeave"]));
+    let d = crate::wire::dictionary::chat_dictionary(&t.servers[0].dictionary).expect("fits");
+    assert_eq!((d.code("chat.chatHandler.history"), d.code("onChat"), d.code("onLeave")), (Some(4), Some(5), Some(7)));
+    assert!(t.warnings().is_empty());
+    // Past 255 routes: valid, with a warning for libpomelo v1; past 65,535: refused.
+    let many = |n: usize| format!("dictionary: [{}]", (0..n).map(|i| format!("on{i}")).collect::<Vec<_>>().join(", "));
+    let t = parse(&yaml(&many(252))).expect("valid");
+    assert_eq!(t.warnings().len(), 1, "4 + 252 = 256 routes");
+    assert!(t.warnings()[0].contains("libpomelo v1"), "{:?}", t.warnings());
+    assert!(parse(&yaml(&many(251))).expect("valid").warnings().is_empty(), "255 routes fit one byte");
+    let e = parse(&yaml(&many(65_532))).expect_err("too many");
+    assert!(e.to_string().contains("at most 65535"), "{e}");
+    assert!(parse(&yaml(&many(65_531))).is_ok(), "65,535 routes fit two bytes");
+    let e = parse(&yaml("dictionary: [\"\", 3]")).expect_err("bad entries");
+    assert!(e.to_string().contains("dictionary[0]") && e.to_string().contains("dictionary[1]"), "{e}");
+    assert!(parse(&yaml("dictionary: onChat")).expect_err("not a list").to_string().contains("a list of routes"));
+}

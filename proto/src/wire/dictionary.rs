@@ -9,6 +9,21 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use super::digest;
 
+/// The handler routes of the chat cluster's server types (the demo's three), numbered 1.. in sorted order.
+pub const CHAT_HANDLER_ROUTES: &[&str] =
+    &["gate.gateHandler.queryEntry", "connector.entryHandler.enter", "chat.chatHandler.send"];
+/// Routes pomelo-rs adds after the demo's, so that no code a client cached moves (room history).
+pub const CHAT_ADDED_ROUTES: &[&str] = &["chat.chatHandler.history"];
+/// libpomelo v1 reads route codes with `& 0xff`: past this many routes its codes go to the wrong route.
+pub const ONE_BYTE_CODES: usize = 255;
+
+/// The dictionary every server of the cluster uses: [`CHAT_HANDLER_ROUTES`], [`CHAT_ADDED_ROUTES`], then
+/// servers.yaml's `dictionary` entries (Pomelo's `config/dictionary.json`, typically push routes).
+pub fn chat_dictionary(extra: &[String]) -> Result<Dictionary, DictionaryError> {
+    let added = CHAT_ADDED_ROUTES.iter().map(|r| r.to_string()).chain(extra.iter().cloned());
+    Dictionary::build(CHAT_HANDLER_ROUTES.iter().copied(), added)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DictionaryError {
     #[error("the dictionary has {0} routes; codes are 2 bytes, so at most 65535 fit")]
@@ -38,9 +53,10 @@ impl Dictionary {
         // JavaScript sorts by UTF-16 code units; for the ASCII routes Pomelo builds this is byte order.
         routes.sort_by(|a, b| a.encode_utf16().cmp(b.encode_utf16()));
         routes.dedup();
+        let mut seen: std::collections::HashSet<String> = routes.iter().cloned().collect();
         for e in extra {
             let e = e.into();
-            if !routes.contains(&e) {
+            if seen.insert(e.clone()) {
                 routes.push(e);
             }
         }
