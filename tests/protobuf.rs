@@ -193,3 +193,32 @@ fn pomelo_s_npm_client_speaks_protobuf_with_the_cluster() {
     assert_eq!(seen["chat"]["from"], "bob", "{seen}");
     assert_eq!(seen["refused"]["code"], 500, "{seen}");
 }
+
+/// The chat page the gate serves, in a cluster with protobuf on: its send bodies must be protobuf (the
+/// clientProtos' required fields make a JSON body answer 500) and it must read protobuf onChat, onAdd and
+/// onLeave (JSON parsing of them gives `{}` and the page's checks fail): the whole page test, reload with
+/// recovery and a connector restart (the page then sends its cached protoVersion) included.
+#[test]
+fn the_chat_page_speaks_protobuf() {
+    use crate::harness::{browser_ready, repo};
+    if !browser_ready() {
+        return;
+    }
+    let (c, g) = start();
+    let shot = c.dir.path().join("chat-protobuf.png");
+    let out = std::process::Command::new("node")
+        .arg(repo().join("browser/chat.js"))
+        .arg(format!("http://{g}/"))
+        .arg(&shot)
+        .arg(format!("http://{}", c.admin_addr()))
+        .arg(c.token())
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+    assert_eq!(seen["ok"], true);
+    let log: Vec<String> = serde_json::from_value(seen["ada_log"].clone()).expect("log");
+    assert!(log.iter().any(|l| l.contains("while you were away")), "{log:?}");
+    assert!(log.iter().any(|l| l == "reconnected"), "{log:?}");
+}
