@@ -94,7 +94,8 @@ const send = (p, content, target) => p.evaluate(([content, target]) => new Promi
     const add = await ann.evaluate(() => window.adds[0]);
     check(add.user === "bob", "onAdd decoded as protobuf: " + JSON.stringify(add));
 
-    const text = "protobuf héllo 中文";
+    // An emoji both ways: the client writes it as a surrogate pair, and reads it only as one.
+    const text = "protobuf héllo 中文 😀";
     const ok = await send(bob, text, "*");
     check(JSON.stringify(ok) === "{}", "bob's send is acknowledged: " + JSON.stringify(ok));
     const last = await bob.evaluate(() => window.sent[window.sent.length - 1]);

@@ -83,9 +83,19 @@ pub fn encode_body<T: Serialize + ?Sized>(
     route: &str,
     body: &T,
 ) -> Result<Vec<u8>, BodyError> {
+    encode_body_with(protos, route, body, protobuf::Strings::Utf8)
+}
+
+/// [`encode_body`] writing protobuf strings in `mode` (JSON always escapes characters beyond U+FFFF).
+pub fn encode_body_with<T: Serialize + ?Sized>(
+    protos: Option<&protobuf::ProtoBundle>,
+    route: &str,
+    body: &T,
+    mode: protobuf::Strings,
+) -> Result<Vec<u8>, BodyError> {
     if let Some(p) = protos.filter(|p| p.encodes(route)) {
         let value = serde_json::to_value(body).map_err(|e| BodyError::Json(e.to_string()))?;
-        return p.encode(route, &value).unwrap_or_else(|| Ok(Vec::new())).map_err(BodyError::from);
+        return p.encode_with(route, &value, mode).unwrap_or_else(|| Ok(Vec::new())).map_err(BodyError::from);
     }
     Ok(text::escape_non_bmp(serde_json::to_vec(body).map_err(|e| BodyError::Json(e.to_string()))?))
 }

@@ -397,6 +397,11 @@ impl<'a> Conn<'a> {
         match reply {
             Ok(bytes) => {
                 self.key = key.ok().flatten();
+                // The JS client (browser, cocos2d-js) reads protobuf strings beyond U+FFFF only as surrogate pairs.
+                let js = req.client_type.as_deref().is_some_and(|t| t.starts_with("js-"));
+                if js && cfg.protobuf.is_some() {
+                    self.inner.js_strings.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 metrics::inc(&self.shared.metrics.handshakes_total);
                 self.inner.send(bytes);
                 state::handshake_accepted(&mut self.phase);
@@ -408,11 +413,24 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// How this client reads protobuf strings.
+    fn strings(&self) -> pomelo_proto::wire::protobuf::Strings {
+        match self.inner.js_strings.load(std::sync::atomic::Ordering::Relaxed) {
+            true => pomelo_proto::wire::protobuf::Strings::Cesu8,
+            false => pomelo_proto::wire::protobuf::Strings::Utf8,
+        }
+    }
+
     /// `{"code":500}`, as protobuf when `route` has a server proto that can carry it; an empty body (which
     /// a protobuf client reads as `{}`) when the proto cannot.
     fn error_body(&self, route: Option<&str>) -> Vec<u8> {
         let error = serde_json::json!({"code": 500});
-        match wire::encode_body(self.shared.config.protobuf.as_deref(), route.unwrap_or_default(), &error) {
+        match wire::encode_body_with(
+            self.shared.config.protobuf.as_deref(),
+            route.unwrap_or_default(),
+            &error,
+            self.strings(),
+        ) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(session = self.inner.id, "cannot write {{\"code\":500}} in {route:?}'s proto: {e}");
@@ -434,7 +452,7 @@ impl<'a> Conn<'a> {
         let body = match (res, route) {
             (Ok(v), Some(route)) => {
                 let v = if v.is_null() { Value::Object(Default::default()) } else { v };
-                match wire::encode_body(protos, route, &v) {
+                match wire::encode_body_with(protos, route, &v, self.strings()) {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(session = self.inner.id, "response {id} does not fit {route}'s proto: {e}");

@@ -55,6 +55,8 @@ pub(crate) struct SessionInner {
     close: Mutex<Option<CloseReason>>,
     pub(crate) closing: CancellationToken,
     metrics: Arc<FrontendMetrics>,
+    /// A JS client with protobuf on: strings beyond U+FFFF in protobuf pushes go to it as surrogate pairs.
+    pub(crate) js_strings: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -72,7 +74,12 @@ impl SessionInner {
             close: Mutex::new(None),
             closing: CancellationToken::new(),
             metrics,
+            js_strings: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn wants_js_strings(&self) -> bool {
+        self.js_strings.load(Ordering::Relaxed)
     }
 
     /// Records why the session ends (the first reason wins) and wakes its connection task.
@@ -165,6 +172,10 @@ impl Session {
     /// Pushes `body` as JSON under `route` (dictionary-coded if the route is in the dictionary).
     pub fn push_json(&self, route: &str, body: &Value) -> bool {
         match self.registry.encode_push(route, body) {
+            Some(b) if self.inner.wants_js_strings() => {
+                let js = self.registry.js_copy(&b);
+                self.push_bytes(js.unwrap_or(b))
+            }
             Some(b) => self.push_bytes(b),
             None => false,
         }
@@ -285,7 +296,23 @@ impl Sessions {
             let m = lock(&self.maps);
             session_ids.iter().filter_map(|id| m.by_id.get(id).cloned()).collect()
         };
-        targets.iter().filter(|s| s.send(pkg.clone())).count()
+        if self.protobuf.is_none() {
+            return targets.iter().filter(|s| s.send(pkg.clone())).count();
+        }
+        // The JS clients' copy, made at most once per delivery and only when it differs.
+        let mut js: Option<Option<Bytes>> = None;
+        targets
+            .iter()
+            .filter(|s| match s.wants_js_strings() {
+                true => s.send(js.get_or_insert_with(|| self.js_copy(pkg)).clone().unwrap_or_else(|| pkg.clone())),
+                false => s.send(pkg.clone()),
+            })
+            .count()
+    }
+
+    /// What a JS client gets instead of `pkg` (see `ProtoBundle::js_strings`), if anything.
+    fn js_copy(&self, pkg: &Bytes) -> Option<Bytes> {
+        self.protobuf.as_ref()?.js_strings(self.dict.as_deref(), pkg)
     }
 
     /// Encodes a push once, with this frontend's dictionary and protos. `None` for a route over 255 bytes

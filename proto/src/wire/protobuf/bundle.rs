@@ -93,13 +93,67 @@ impl ProtoBundle {
 
     /// The body the server sends for `route`: `None` when the route has no proto (send JSON).
     pub fn encode(&self, route: &str, body: &Value) -> Option<Result<Vec<u8>, EncodeError>> {
-        self.encodes(route).then(|| self.server.encode(route, body))
+        self.encode_with(route, body, Strings::Utf8)
+    }
+
+    /// [`ProtoBundle::encode`] writing strings in `mode` ([`Strings::Cesu8`] for a JS browser client).
+    pub fn encode_with(&self, route: &str, body: &Value, mode: Strings) -> Option<Result<Vec<u8>, EncodeError>> {
+        self.encodes(route).then(|| {
+            let mut out = Vec::new();
+            self.server.encode_with(route, body, &mut out, mode).map(|()| out)
+        })
     }
 
     /// A client's body for `route`: `None` when the route has no proto (read JSON). Strings are read
     /// as CESU-8 or UTF-8 alike, so the JS client's emoji (surrogate pairs) arrive as real characters.
     pub fn decode(&self, route: &str, body: &[u8]) -> Option<Result<Value, DecodeError>> {
         self.decodes(route).then(|| self.client.decode_with(route, body, Strings::Cesu8))
+    }
+}
+
+impl ProtoBundle {
+    /// The JS browser client's copy of `packages` (one or more whole packages, as a chat server delivers
+    /// them): its protobuf decoder has no 4-byte UTF-8 branch, so strings with characters beyond U+FFFF
+    /// are rewritten as CESU-8 surrogate pairs, which it reads as the same characters. `None` when
+    /// nothing needs it (no 4-byte UTF-8 sequence anywhere: the common case, found with one scan); the
+    /// caller then sends the shared bytes. A package it cannot read is kept as it is.
+    pub fn js_strings(&self, dict: Option<&crate::wire::Dictionary>, packages: &bytes::Bytes) -> Option<bytes::Bytes> {
+        use crate::wire::{Message, MessageType, PackageType, Route};
+        if !packages.iter().any(|&b| b >= 0xf0) {
+            return None;
+        }
+        let mut out = bytes::BytesMut::with_capacity(packages.len() + 64);
+        let mut at = 0;
+        while packages.len() - at >= 4 {
+            let h = &packages[at..at + 4];
+            let len = (usize::from(h[1]) << 16) | (usize::from(h[2]) << 8) | usize::from(h[3]);
+            if packages.len() - at - 4 < len {
+                break;
+            }
+            let whole = packages.slice(at..at + 4 + len);
+            at += 4 + len;
+            let rewritten = (whole[0] == PackageType::Data.as_u8())
+                .then(|| Message::decode(&whole.slice(4..)).ok())
+                .flatten()
+                .filter(|m| m.kind == MessageType::Push)
+                .and_then(|m| {
+                    let route = match &m.route {
+                        Some(Route::Plain(r)) => r.clone(),
+                        Some(Route::Code(c)) => dict?.route(*c)?.to_owned(),
+                        None => return None,
+                    };
+                    let value = self.server.decode(&route, &m.body).ok()?;
+                    let mut body = Vec::with_capacity(m.body.len() + 8);
+                    self.server.encode_with(&route, &value, &mut body, Strings::Cesu8).ok()?;
+                    Message { body: body.into(), ..m }.encode_package().ok()
+                });
+            match rewritten {
+                Some(p) => out.extend_from_slice(&p),
+                None => out.extend_from_slice(&whole),
+            }
+        }
+        out.extend_from_slice(&packages[at..]);
+        Some(out.freeze())
     }
 }
 
@@ -144,6 +198,31 @@ mod tests {
         assert!(b.encode("onChat", &json!({"msg": "hi"})).unwrap().is_err(), "required fields missing");
         let req = [0x0a, 1, b'r', 0x12, 6, 0xed, 0xa0, 0xbd, 0xed, 0xb8, 0x80];
         assert_eq!(b.decode("chat.chatHandler.send", &req).unwrap().unwrap(), json!({"rid": "r", "content": "😀"}));
+    }
+
+    #[test]
+    fn js_clients_get_surrogate_pairs_in_protobuf_pushes() {
+        let b = ProtoBundle::new(Some(SERVER), None).unwrap();
+        let push = |msg: &str| {
+            let body = b.encode("onChat", &json!({"msg": msg, "from": "bob", "target": "*"})).unwrap().unwrap();
+            crate::wire::encode_push(None, "onChat", &body).unwrap()
+        };
+        assert_eq!(b.js_strings(None, &push("héllo 中文")), None, "nothing beyond U+FFFF: the shared bytes");
+        let mut two = push("a😀").to_vec();
+        two.extend_from_slice(&crate::wire::encode_push(None, "onAdd", r#"{"user":"😀"}"#.as_bytes()).unwrap());
+        let js = b.js_strings(None, &bytes::Bytes::from(two)).unwrap();
+        let decoder = crate::wire::PackageDecoder::new(1 << 20);
+        let mut buf = bytes::BytesMut::from(&js[..]);
+        let mut bodies = Vec::new();
+        while let Ok(crate::wire::Decoded::Package(p)) = decoder.decode(&mut buf) {
+            bodies.push(crate::wire::Message::decode(&p.body).unwrap().body);
+        }
+        assert_eq!(bodies.len(), 2);
+        let chat = b.server.decode_with("onChat", &bodies[0], Strings::Cesu8).unwrap();
+        assert_eq!(chat["msg"], "a😀");
+        let cesu = [b'a', 0xed, 0xa0, 0xbd, 0xed, 0xb8, 0x80];
+        assert!(bodies[0].windows(cesu.len()).any(|w| w == cesu), "{:02x?}", &bodies[0][..]);
+        assert_eq!(&bodies[1][..], r#"{"user":"😀"}"#.as_bytes(), "a JSON push is left as it is");
     }
 
     #[test]
