@@ -222,3 +222,44 @@ fn the_chat_page_speaks_protobuf() {
     assert!(log.iter().any(|l| l.contains("while you were away")), "{log:?}");
     assert!(log.iter().any(|l| l == "reconnected"), "{log:?}");
 }
+
+/// Chat load with protobuf bodies: 80 TCP clients in 4 rooms (two connectors' worth of sessions on one
+/// connector, rooms spread over the chat server's merged deliveries) each send 3 messages, each answered
+/// `{}` only once stored; every member then holds every message of its room exactly once, in the room's
+/// order (offsets 1..=60 without a gap), each sender's in the order sent, and nothing of another room.
+#[test]
+fn every_acknowledged_protobuf_message_reaches_every_member_once() {
+    const ROOMS: usize = 4;
+    const PER_ROOM: usize = 20;
+    const ROUNDS: usize = 3;
+    let (_c, g) = start();
+    let mut clients: Vec<(String, usize, Client)> = (0..ROOMS * PER_ROOM)
+        .map(|i| {
+            let name = format!("u{i}");
+            let (c, _) = enter(g, &name, &format!("load-{}", i % ROOMS));
+            (name, i % ROOMS, c)
+        })
+        .collect();
+    for k in 0..ROUNDS {
+        for (name, _, c) in clients.iter_mut() {
+            let r = c.request("chat.chatHandler.send", json!({"content": format!("{name}:{k}"), "target": "*"}));
+            assert_eq!(r, json!({}), "{name}'s message {k} acknowledged");
+        }
+    }
+    let want = PER_ROOM * ROUNDS;
+    for (name, room, c) in clients.iter_mut() {
+        let got = c.collect("onChat", want, Duration::from_secs(20), Duration::from_millis(50));
+        assert_eq!(got.len(), want, "{name} got {} of {want}", got.len());
+        let offsets: Vec<u64> = got.iter().map(|m| m["offset"].as_u64().expect("offset")).collect();
+        assert_eq!(offsets, (1..=want as u64).collect::<Vec<_>>(), "{name}: the room's order, no gap, no double");
+        let mut last: std::collections::HashMap<&str, usize> = Default::default();
+        for m in &got {
+            let (sender, k) = m["msg"].as_str().and_then(|s| s.split_once(':')).expect("name:k");
+            let k: usize = k.parse().expect("k");
+            let from: usize = sender[1..].parse().expect("u<i>");
+            assert_eq!(from % ROOMS, *room, "{name} got a message of another room: {m}");
+            assert_eq!(m["from"], sender, "{m}");
+            assert_eq!(last.insert(sender, k).map_or(0, |p| p + 1), k, "{name}: {sender}'s messages in order");
+        }
+    }
+}
