@@ -169,6 +169,17 @@ fn an_edited_protos_file_is_applied_by_reload_and_a_broken_one_changes_nothing()
     assert_eq!(ann.request("chat.chatHandler.send", json!({"content": "new", "target": "*"})), json!({}));
     let got = ann.collect("onChat", 1, Duration::from_secs(10), Duration::from_millis(100));
     assert_eq!(got[0]["msg"], "new");
+    drop(ann);
+
+    // Saving a protos file is enough, as in Pomelo, which watched them: no command.
+    let saved = SERVER_PROTOS
+        .replace("\"optional uInt32 offset\": 5", "\"optional uInt32 offset\": 5, \"optional string saved\": 7");
+    std::fs::write(&file, saved).expect("write");
+    wait_until(Duration::from_secs(20), "the servers restarted with the saved protos", || {
+        let g: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str()?.parse().ok()?;
+        let v = std::panic::catch_unwind(|| version(g)).ok()?;
+        (v != after).then_some(())
+    });
 }
 
 #[test]

@@ -209,7 +209,7 @@ pub fn start(
 
     let tasks = TaskTracker::new();
     let listener_stop = shutdown.child_token();
-    reload::triggers::spawn(&topology.file, cmd_tx, &tasks, listener_stop.clone());
+    reload::triggers::spawn(&topology.file, &topology.watched, cmd_tx, &tasks, listener_stop.clone());
     let acceptor = match &prepared.tls {
         Some(ca) => Some(
             ca.issue_with(

@@ -51,18 +51,30 @@ pub fn watch(file: &Path, tx: mpsc::Sender<()>) -> notify::Result<impl Drop> {
     Ok(debouncer)
 }
 
-/// Starts the trigger task: file events become [`Command::ReloadIfChanged`], SIGHUP [`Command::Reload`].
-pub fn spawn(file: &Path, commands: mpsc::Sender<(Command, Reply)>, tasks: &TaskTracker, stop: CancellationToken) {
+/// Starts the trigger task: events of servers.yaml become [`Command::ReloadIfChanged`], SIGHUP and saves of
+/// the `others` it names (the protobuf files, as Pomelo watched them) [`Command::Reload`]: the supervisor
+/// only compares servers.yaml's text, and a reload whose servers did not change restarts nothing.
+pub fn spawn(
+    file: &Path,
+    others: &[PathBuf],
+    commands: mpsc::Sender<(Command, Reply)>,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let watcher = match watch(file, tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!("cannot watch {} for changes ({e}); use `pomelo-rs reload` or SIGHUP", file.display());
-            None
+    let (dep_tx, mut dep_rx) = mpsc::channel::<()>(1);
+    let mut watchers = Vec::new();
+    for (f, tx) in std::iter::once((file, tx)).chain(others.iter().map(|o| (o.as_path(), dep_tx.clone()))) {
+        match watch(f, tx) {
+            Ok(w) => watchers.push(w),
+            Err(e) => {
+                tracing::warn!("cannot watch {} for changes ({e}); use `pomelo-rs reload` or SIGHUP", f.display())
+            }
         }
-    };
+    }
+    drop(dep_tx);
     tasks.spawn(async move {
-        let _watcher = watcher;
+        let _watchers = watchers;
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -74,6 +86,10 @@ pub fn spawn(file: &Path, commands: mpsc::Sender<(Command, Reply)>, tasks: &Task
             let cmd = tokio::select! {
                 _ = stop.cancelled() => return,
                 Some(()) = rx.recv() => Command::ReloadIfChanged,
+                Some(()) = dep_rx.recv() => {
+                    tracing::info!("a protobuf file changed: reloading");
+                    Command::Reload
+                }
                 Some(()) = async { hup.as_mut()?.recv().await } => {
                     tracing::info!("SIGHUP: reloading");
                     Command::Reload

@@ -386,6 +386,9 @@ pub struct Topology {
     pub master: MasterConfig,
     /// Every server, in file order (types in the order they appear, entries in order).
     pub servers: Vec<ServerSpec>,
+    /// Other files whose content is part of the configuration (the `protobuf` files), absolute: the master
+    /// reloads when one of them is saved.
+    pub watched: Vec<PathBuf>,
 }
 
 impl Topology {
@@ -405,8 +408,8 @@ impl Topology {
             _ => PathBuf::from("."),
         };
         parse::parse(text, env, &base)
-            .map(|(master, servers)| {
-                let mut t = Topology { file: file.to_path_buf(), env: env.to_string(), master, servers };
+            .map(|(master, servers, watched)| {
+                let mut t = Topology { file: file.to_path_buf(), env: env.to_string(), master, servers, watched };
                 let base = std::path::absolute(t.base_dir()).unwrap_or_else(|_| t.base_dir());
                 for ssl in t.servers.iter_mut().filter_map(|s| s.ssl.as_mut()) {
                     ssl.cert = base.join(&ssl.cert);

@@ -22,7 +22,7 @@ pub(super) fn parse(
     text: &str,
     env: &str,
     base: &std::path::Path,
-) -> Result<(MasterConfig, Vec<ServerSpec>), Vec<ConfigError>> {
+) -> Result<(MasterConfig, Vec<ServerSpec>, Vec<std::path::PathBuf>), Vec<ConfigError>> {
     let mut ctx = Ctx { index: LineIndex::build(text), errors: Vec::new() };
     let doc: Value = match serde_yaml::from_str(text) {
         Ok(v) => v,
@@ -46,7 +46,8 @@ pub(super) fn parse(
         apply_master(&mut ctx, &mut base_master, m, &mpath);
     }
     let ppath = vec![Seg::Key("protobuf".into())];
-    let protobuf = get("protobuf").and_then(|v| read_protobuf(&mut ctx, v, &ppath, base));
+    let mut watched = Vec::new();
+    let protobuf = get("protobuf").and_then(|v| read_protobuf(&mut ctx, v, &ppath, base, &mut watched));
     let dpath = vec![Seg::Key("dictionary".into())];
     let dictionary = get("dictionary").map(|v| read_dictionary(&mut ctx, v, &dpath)).unwrap_or_default();
     let spath = vec![Seg::Key("servers".into())];
@@ -104,7 +105,7 @@ pub(super) fn parse(
         }
     }
     match selected {
-        Some(sel) if ctx.errors.is_empty() => Ok(sel),
+        Some((master, servers)) if ctx.errors.is_empty() => Ok((master, servers, watched)),
         _ => {
             ctx.errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
             Err(ctx.errors)
@@ -115,7 +116,13 @@ pub(super) fn parse(
 /// Reads and compiles the `protobuf` files: every gate, connector and chat server gets their texts (so
 /// an edited file changes those servers' specs, and a reload restarts them with it). A missing, oversized
 /// or invalid file is a problem at the key that names it.
-fn read_protobuf(ctx: &mut Ctx, value: &Value, path: &[Seg], base: &std::path::Path) -> Option<ProtobufTexts> {
+fn read_protobuf(
+    ctx: &mut Ctx,
+    value: &Value,
+    path: &[Seg],
+    base: &std::path::Path,
+    watched: &mut Vec<std::path::PathBuf>,
+) -> Option<ProtobufTexts> {
     use crate::wire::protobuf::{ProtoBundle, Side, MAX_PROTOS_BYTES};
     let paths = protobuf_paths(ctx, value, path);
     if paths.server.is_none() && paths.client.is_none() {
@@ -125,6 +132,7 @@ fn read_protobuf(ctx: &mut Ctx, value: &Value, path: &[Seg], base: &std::path::P
         let Some(file) = file else { return Ok(None) };
         let kp = child(path, key);
         let full = base.join(file);
+        watched.push(std::path::absolute(&full).unwrap_or_else(|_| full.clone()));
         let text = match std::fs::metadata(&full) {
             Ok(m) if m.len() > MAX_PROTOS_BYTES as u64 => {
                 ctx.err(&kp, format!("{}: {} bytes; at most {MAX_PROTOS_BYTES}", full.display(), m.len()));
