@@ -130,57 +130,51 @@ fn read_protobuf(
     }
     let mut read = |file: &Option<String>, key: &str| -> Result<Option<String>, ()> {
         let Some(file) = file else { return Ok(None) };
-        let kp = child(path, key);
         let full = base.join(file);
         watched.push(std::path::absolute(&full).unwrap_or_else(|_| full.clone()));
-        let text = match std::fs::metadata(&full) {
-            Ok(m) if m.len() > MAX_PROTOS_BYTES as u64 => {
-                ctx.err(&kp, format!("{}: {} bytes; at most {MAX_PROTOS_BYTES}", full.display(), m.len()));
-                return Err(());
+        // One bounded read (one byte past the limit tells an oversized file).
+        let mut text = String::new();
+        let read = std::fs::File::open(&full).and_then(|f| {
+            std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_PROTOS_BYTES as u64 + 1), &mut text)
+        });
+        let problem = match read {
+            Ok(n) if n > MAX_PROTOS_BYTES => {
+                format!("{}: too large; a protos file is at most {MAX_PROTOS_BYTES} bytes", full.display())
             }
-            _ => std::fs::read_to_string(&full),
+            Ok(_) => return Ok(Some(text)),
+            Err(e) => format!("cannot read {}: {e}", full.display()),
         };
-        match text {
-            Ok(t) => Ok(Some(t)),
-            Err(e) => {
-                ctx.err(&kp, format!("cannot read {}: {e}", full.display()));
-                Err(())
-            }
+        ctx.err(&child(path, key), problem);
+        Err(())
+    };
+    let server = read(&paths.server, Side::Server.file_key());
+    let client = read(&paths.client, Side::Client.file_key());
+    let (Ok(server), Ok(client)) = (server, client) else { return None };
+    let bundle = match ProtoBundle::new(server.as_deref(), client.as_deref()) {
+        Ok(bundle) => bundle,
+        Err(e) => {
+            ctx.err(&child(path, e.side.file_key()), e.error.to_string());
+            return None;
         }
     };
-    let server = read(&paths.server, "serverProtos");
-    let client = read(&paths.client, "clientProtos");
-    let (Ok(server), Ok(client)) = (server, client) else { return None };
-    match ProtoBundle::new(server.as_deref(), client.as_deref()) {
-        Ok(bundle) => {
-            // The chat server's pushes must fit their protos: found now, not as pushes that never leave.
-            let sample = |route| match route {
-                "onChat" => serde_json::json!({"msg": "", "from": "", "target": "*", "epoch": "", "offset": 1}),
-                _ => serde_json::json!({"route": route, "user": ""}),
-            };
-            let mut fits = true;
-            for route in ["onChat", "onAdd", "onLeave"] {
-                if let Some(Err(e)) = bundle.encode(route, &sample(route)) {
-                    let sends = if route == "onChat" {
-                        "{msg, from, target, epoch} (strings) and offset (a number)"
-                    } else {
-                        "{route, user} (strings)"
-                    };
-                    ctx.err(&child(path, "serverProtos"), format!("{e}: the chat server sends {route} {sends}"));
-                    fits = false;
-                }
-            }
-            fits.then_some(ProtobufTexts { server, client })
-        }
-        Err(e) => {
-            let key = match e.side {
-                Side::Server => "serverProtos",
-                Side::Client => "clientProtos",
-            };
-            ctx.err(&child(path, key), e.error.to_string());
-            None
+    // The chat server's pushes must fit their protos: found now, not as pushes that never leave.
+    let pushes = [
+        (
+            "onChat",
+            serde_json::json!({"msg": "", "from": "", "target": "*", "epoch": "", "offset": 1}),
+            "{msg, from, target, epoch} (strings) and offset (a number)",
+        ),
+        ("onAdd", serde_json::json!({"route": "onAdd", "user": ""}), "{route, user} (strings)"),
+        ("onLeave", serde_json::json!({"route": "onLeave", "user": ""}), "{route, user} (strings)"),
+    ];
+    let mut fits = true;
+    for (route, sample, sends) in pushes {
+        if let Some(Err(e)) = bundle.encode(route, &sample) {
+            ctx.err(&child(path, Side::Server.file_key()), format!("{e}: the chat server sends {route} {sends}"));
+            fits = false;
         }
     }
+    fits.then_some(ProtobufTexts { server, client })
 }
 
 /// The `dictionary` entries: routes (1 to 255 bytes, a message's route length is one byte), the whole

@@ -45,13 +45,18 @@ pub enum SignatureError {
 #[derive(Debug, Clone)]
 pub struct ClientKey(RsaPublicKeyComponents<Vec<u8>>);
 
-fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
-    let hex = hex.trim_start_matches('0');
+/// Big-endian bytes of a hex number (an odd number of digits has an implied leading 0).
+fn unhex(hex: &str) -> Option<Vec<u8>> {
     if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let padded = if hex.len() % 2 == 1 { format!("0{hex}") } else { hex.to_owned() };
     (0..padded.len()).step_by(2).map(|i| u8::from_str_radix(&padded[i..i + 2], 16).ok()).collect()
+}
+
+/// [`unhex`] without leading zeros, as RSA key components are given to ring.
+fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
+    unhex(hex.trim_start_matches('0'))
 }
 
 impl ClientKey {
@@ -100,14 +105,7 @@ impl ClientKey {
         if sig.is_empty() || sig.len() > MAX_N_HEX + 2 {
             return Err(SignatureError::NotHex);
         }
-        let sig_bytes = {
-            let padded = if sig.len() % 2 == 1 { format!("0{sig}") } else { sig.clone() };
-            (0..padded.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(padded.get(i..i + 2)?, 16).ok())
-                .collect::<Option<Vec<u8>>>()
-                .ok_or(SignatureError::NotHex)?
-        };
+        let sig_bytes = unhex(&sig).ok_or(SignatureError::NotHex)?;
         let signed = strip_member(body, &sig).ok_or(SignatureError::Mismatch)?;
         self.0
             .verify(&RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY, &signed, &sig_bytes)
