@@ -280,17 +280,10 @@ fn the_chat_page_works_in_a_browser() {
     assert_eq!(status, 200);
     assert!(body.contains("<title>pomelo-rs chat</title>"));
     let shot = c.dir.path().join("chat.png");
-    let out = std::process::Command::new("node")
-        .arg(repo().join("browser/chat.js"))
-        .arg(format!("http://{g}/"))
-        .arg(&shot)
-        .arg(format!("http://{}", c.admin_addr()))
-        .arg(c.token())
-        .output()
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "browser test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+    let seen = crate::harness::browser_script(
+        "chat.js",
+        &[format!("http://{g}/"), shot.display().to_string(), format!("http://{}", c.admin_addr()), c.token()],
+    );
     assert_eq!(seen["ok"], true);
     assert_eq!(seen["ada_users"], json!(["ada"]), "bob has left ada's list");
     let log: Vec<String> = serde_json::from_value(seen["ada_log"].clone()).expect("log");

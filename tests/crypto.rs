@@ -108,15 +108,7 @@ fn pomelo_s_npm_client_signs_with_encrypt_on() {
         return;
     }
     let (c, g, _) = start();
-    let out = std::process::Command::new("node")
-        .arg(repo().join("browser/pomelo-npm-crypto.js"))
-        .arg(g.ip().to_string())
-        .arg(g.port().to_string())
-        .output()
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "npm client test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+    let seen = crate::harness::browser_script("pomelo-npm-crypto.js", &[g.ip().to_string(), g.port().to_string()]);
     assert_eq!(seen["ok"], true);
     wait_until(Duration::from_secs(10), "the refusal in /metrics", || (bad_signatures(&c) >= 1.0).then_some(()));
 }

@@ -247,6 +247,15 @@ pub fn have(ok: bool, what: &str) -> bool {
 
 /// Whether chromium (`CHROMIUM`, default /usr/bin/chromium) and playwright-core (npm ci in browser/) are there
 /// for a browser test; if not, the test is skipped, or fails under CI.
+/// Runs `browser/<script>` with node and `args`, asserts that it succeeded, and returns the one JSON line it
+/// printed (what it saw).
+pub fn browser_script(script: &str, args: &[String]) -> serde_json::Value {
+    let out = Command::new("node").arg(repo().join("browser").join(script)).args(args).output().expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.trim()).expect("the script's JSON")
+}
+
 pub fn browser_ready() -> bool {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     have(std::path::Path::new(&chromium).exists(), "chromium")

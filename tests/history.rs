@@ -132,15 +132,7 @@ fn pomelo_s_npm_client_reads_the_history_fields_and_recovers() {
         return;
     }
     let (_c, g) = start();
-    let out = std::process::Command::new("node")
-        .arg(repo().join("browser/pomelo-npm.js"))
-        .arg(g.ip().to_string())
-        .arg(g.port().to_string())
-        .output()
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "npm client test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+    let seen = crate::harness::browser_script("pomelo-npm.js", &[g.ip().to_string(), g.port().to_string()]);
     assert_eq!(seen["ok"], true);
     assert_eq!(seen["first"]["msg"], "one", "{seen}");
     assert_eq!(seen["missed"].as_array().map(Vec::len), Some(2), "{seen}");

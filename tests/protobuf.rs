@@ -191,15 +191,7 @@ fn pomelo_s_npm_client_speaks_protobuf_with_the_cluster() {
         return;
     }
     let (_c, g) = start();
-    let out = std::process::Command::new("node")
-        .arg(repo().join("browser/pomelo-npm-protobuf.js"))
-        .arg(g.ip().to_string())
-        .arg(g.port().to_string())
-        .output()
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "npm client test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+    let seen = crate::harness::browser_script("pomelo-npm-protobuf.js", &[g.ip().to_string(), g.port().to_string()]);
     assert_eq!(seen["ok"], true);
     assert_eq!(seen["chat"]["from"], "bob", "{seen}");
     assert_eq!(seen["refused"]["code"], 500, "{seen}");
@@ -211,23 +203,16 @@ fn pomelo_s_npm_client_speaks_protobuf_with_the_cluster() {
 /// recovery and a connector restart (the page then sends its cached protoVersion) included.
 #[test]
 fn the_chat_page_speaks_protobuf() {
-    use crate::harness::{browser_ready, repo};
+    use crate::harness::browser_ready;
     if !browser_ready() {
         return;
     }
     let (c, g) = start();
     let shot = c.dir.path().join("chat-protobuf.png");
-    let out = std::process::Command::new("node")
-        .arg(repo().join("browser/chat.js"))
-        .arg(format!("http://{g}/"))
-        .arg(&shot)
-        .arg(format!("http://{}", c.admin_addr()))
-        .arg(c.token())
-        .output()
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "browser test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let seen: Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+    let seen = crate::harness::browser_script(
+        "chat.js",
+        &[format!("http://{g}/"), shot.display().to_string(), format!("http://{}", c.admin_addr()), c.token()],
+    );
     assert_eq!(seen["ok"], true);
     let log: Vec<String> = serde_json::from_value(seen["ada_log"].clone()).expect("log");
     assert!(log.iter().any(|l| l.contains("while you were away")), "{log:?}");
