@@ -6,32 +6,17 @@
 // Usage: node pomelo-npm-crypto.js GATE_HOST GATE_PORT. Prints one JSON line; exits non-zero with the
 // reason on the first failed check.
 "use strict";
-const path = require("path");
-const { chromium } = require("playwright-core");
+const { gate, check, clientPage, run } = require("./npm-client");
 
-const [host, port] = process.argv.slice(2);
-if (!host || !port) {
-  console.error("usage: node pomelo-npm-crypto.js GATE_HOST GATE_PORT");
-  process.exit(2);
-}
-const check = (cond, what) => { if (!cond) throw new Error("check failed: " + what); };
-
-const EMITTER = `window.module = {};
-window.EventEmitter = function () {};
-EventEmitter.prototype.on = function (ev, fn) { (this._ev = this._ev || {}); (this._ev[ev] = this._ev[ev] || []).push(fn); return this; };
-EventEmitter.prototype.emit = function (ev, ...args) { ((this._ev || {})[ev] || []).slice().forEach((fn) => fn.apply(this, args)); return this; };
-EventEmitter.prototype.removeAllListeners = function () { this._ev = {}; return this; };`;
+const addr = gate("pomelo-npm-crypto.js");
+const { host, port } = addr;
 
 async function page(browser, name) {
-  const p = await browser.newPage();
-  p.on("pageerror", (e) => { if (!/module/.test(e.message)) console.error(`[${name}] page error: ${e.message}`); });
-  await p.goto(`http://${host}:${port}/npm-oracle`);
-  await p.addScriptTag({ path: require.resolve("jsrsasign/lib/jsrsasign-all-min.js") });
-  // The client reads window.rsa once, when it loads. jsrsasign renamed the demo's signString to sign.
-  await p.addScriptTag({ content: "window.rsa = new RSAKey(); rsa.signString = function (s, alg) { return rsa.sign(s, alg); };" });
-  await p.addScriptTag({ content: EMITTER });
-  await p.addScriptTag({ path: require.resolve("pomelo-protocol/lib/protocol.js") }).catch(() => {});
-  await p.addScriptTag({ path: path.join(path.dirname(require.resolve("pomelo-jsclient-websocket/package.json")), "lib/pomelo-client.js") });
+  const p = await clientPage(browser, addr, name, [
+    { path: require.resolve("jsrsasign/lib/jsrsasign-all-min.js") },
+    // The client reads window.rsa once, when it loads. jsrsasign renamed the demo's signString to sign.
+    { content: "window.rsa = new RSAKey(); rsa.signString = function (s, alg) { return rsa.sign(s, alg); };" },
+  ]);
   await p.evaluate(() => {
     window.chats = [];
     pomelo.on("onChat", (b) => window.chats.push(b));
@@ -61,40 +46,28 @@ const send = (p, content) => p.evaluate((content) => new Promise((resolve) => {
   pomelo.request("chat.chatHandler.send", { rid: "rsa", content, from: "", target: "*" }, resolve);
 }), content);
 
-(async () => {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-      "--disable-component-update", "--disable-sync"],
-  });
-  try {
-    const ann = await page(browser, "ann");
-    const bob = await page(browser, "bob");
-    const r = await login(ann, "ann");
-    check(Array.isArray(r.users), "ann's signed enter is accepted: " + JSON.stringify(r));
-    const handshake = await ann.evaluate(() => window.sent.find((s) => s.includes('"rsa_n"')));
-    check(handshake && /"rsa_e":65537/.test(handshake), "the handshake carried the client's key: " + handshake);
-    await login(bob, "bob");
-    const text = "signed héllo 中文 😀";
-    const ok = await send(bob, text);
-    check(JSON.stringify(ok) === "{}", "bob's signed send is acknowledged: " + JSON.stringify(ok));
-    const last = await bob.evaluate(() => window.sent[window.sent.length - 1]);
-    check(/"__crypto__":"[0-9a-f]+"\}$/.test(last), "the body carried __crypto__ last: " + last);
-    await ann.waitForFunction(() => window.chats.length >= 1, null, { timeout: 5000 });
-    const chat = await ann.evaluate(() => window.chats[0]);
-    check(chat.msg === text && chat.from === "bob" && !("__crypto__" in chat), "onChat as sent: " + JSON.stringify(chat));
-    // A signature of other text: refused with an answer, not dropped as Pomelo did.
-    await bob.evaluate(() => { rsa.signString = function (s, alg) { return rsa.sign(s + " ", alg); }; });
-    const refused = await send(bob, "tampered");
-    check(refused.code === 500 && /signature/.test(refused.message || ""), "a wrong signature is refused: " + JSON.stringify(refused));
-    await ann.waitForTimeout(300);
-    const after = await ann.evaluate(() => window.chats.length);
-    check(after === 1, "the refused message reached no one");
-    console.log(JSON.stringify({ ok: true, chat, refused }));
-  } finally {
-    await browser.close();
-  }
-})().catch((e) => {
-  console.error(e.message || String(e));
-  process.exit(1);
+run(async (browser) => {
+  const ann = await page(browser, "ann");
+  const bob = await page(browser, "bob");
+  const r = await login(ann, "ann");
+  check(Array.isArray(r.users), "ann's signed enter is accepted: " + JSON.stringify(r));
+  const handshake = await ann.evaluate(() => window.sent.find((s) => s.includes('"rsa_n"')));
+  check(handshake && /"rsa_e":65537/.test(handshake), "the handshake carried the client's key: " + handshake);
+  await login(bob, "bob");
+  const text = "signed héllo 中文 😀";
+  const ok = await send(bob, text);
+  check(JSON.stringify(ok) === "{}", "bob's signed send is acknowledged: " + JSON.stringify(ok));
+  const last = await bob.evaluate(() => window.sent[window.sent.length - 1]);
+  check(/"__crypto__":"[0-9a-f]+"\}$/.test(last), "the body carried __crypto__ last: " + last);
+  await ann.waitForFunction(() => window.chats.length >= 1, null, { timeout: 5000 });
+  const chat = await ann.evaluate(() => window.chats[0]);
+  check(chat.msg === text && chat.from === "bob" && !("__crypto__" in chat), "onChat as sent: " + JSON.stringify(chat));
+  // A signature of other text: refused with an answer, not dropped as Pomelo did.
+  await bob.evaluate(() => { rsa.signString = function (s, alg) { return rsa.sign(s + " ", alg); }; });
+  const refused = await send(bob, "tampered");
+  check(refused.code === 500 && /signature/.test(refused.message || ""), "a wrong signature is refused: " + JSON.stringify(refused));
+  await ann.waitForTimeout(300);
+  const after = await ann.evaluate(() => window.chats.length);
+  check(after === 1, "the refused message reached no one");
+  console.log(JSON.stringify({ ok: true, chat, refused }));
 });

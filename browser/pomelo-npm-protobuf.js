@@ -7,36 +7,21 @@
 // Usage: node pomelo-npm-protobuf.js GATE_HOST GATE_PORT. Prints one JSON line; exits non-zero with the
 // reason on the first failed check.
 "use strict";
-const path = require("path");
-const { chromium } = require("playwright-core");
+const { gate, check, clientPage, run } = require("./npm-client");
 
-const [host, port] = process.argv.slice(2);
-if (!host || !port) {
-  console.error("usage: node pomelo-npm-protobuf.js GATE_HOST GATE_PORT");
-  process.exit(2);
-}
-const check = (cond, what) => { if (!cond) throw new Error("check failed: " + what); };
-
-const EMITTER = `window.module = {};
-window.EventEmitter = function () {};
-EventEmitter.prototype.on = function (ev, fn) { (this._ev = this._ev || {}); (this._ev[ev] = this._ev[ev] || []).push(fn); return this; };
-EventEmitter.prototype.emit = function (ev, ...args) { ((this._ev || {})[ev] || []).slice().forEach((fn) => fn.apply(this, args)); return this; };
-EventEmitter.prototype.removeAllListeners = function () { this._ev = {}; return this; };`;
+const addr = gate("pomelo-npm-protobuf.js");
+const { host, port } = addr;
 
 async function page(browser, name) {
-  const p = await browser.newPage();
-  p.on("pageerror", (e) => { if (!/module/.test(e.message)) console.error(`[${name}] page error: ${e.message}`); });
-  await p.goto(`http://${host}:${port}/npm-oracle`);
-  // The codec's first part ends with `module.exports = Protobuf`, which throws where there is no `module`
-  // (and stops the rest of the file): loaded as a component build loads it, then made window.protobuf.
-  await p.addScriptTag({ content: "window.module = { exports: {} };" });
-  await p.addScriptTag({ path: require.resolve("pomelo-protobuf/lib/client/protobuf.js") });
-  // npm's 0.1.1 client calls protobuf.decodeStr(route, bytes); the browser codec (and the client's GitHub
-  // copy and the chat demo's bundle, which call protobuf.decode) name that function `decode`.
-  await p.addScriptTag({ content: "window.protobuf = window.module.exports; protobuf.decodeStr = protobuf.decode;" });
-  await p.addScriptTag({ content: EMITTER });
-  await p.addScriptTag({ path: require.resolve("pomelo-protocol/lib/protocol.js") }).catch(() => {});
-  await p.addScriptTag({ path: path.join(path.dirname(require.resolve("pomelo-jsclient-websocket/package.json")), "lib/pomelo-client.js") });
+  const p = await clientPage(browser, addr, name, [
+    // The codec's first part ends with `module.exports = Protobuf`, which throws where there is no `module`
+    // (and stops the rest of the file): loaded as a component build loads it, then made window.protobuf.
+    { content: "window.module = { exports: {} };" },
+    { path: require.resolve("pomelo-protobuf/lib/client/protobuf.js") },
+    // npm's 0.1.1 client calls protobuf.decodeStr(route, bytes); the browser codec (and the client's GitHub
+    // copy and the chat demo's bundle, which call protobuf.decode) name that function `decode`.
+    { content: "window.protobuf = window.module.exports; protobuf.decodeStr = protobuf.decode;" },
+  ]);
   const ready = await p.evaluate(() => typeof window.protobuf === "object" && typeof window.protobuf.encode === "function");
   check(ready, "pomelo-protobuf's browser codec is window.protobuf");
   await p.evaluate(() => {
@@ -73,46 +58,34 @@ const send = (p, content, target) => p.evaluate(([content, target]) => new Promi
   pomelo.request("chat.chatHandler.send", { rid: "pb", content, from: "", target }, resolve);
 }), [content, target]);
 
-(async () => {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-      "--disable-component-update", "--disable-sync"],
-  });
-  try {
-    const ann = await page(browser, "ann");
-    const bob = await page(browser, "bob");
-    const a = await login(ann, "ann");
-    check(a.before === null && a.atGate !== null, "a fresh page has the protos from the gate's handshake on");
-    check(a.stored === a.atGate, "the connector (sent their version) gave no other protos");
-    const protos = JSON.parse(a.stored || "null");
-    check(protos && typeof protos.version === "string" && protos.server.onChat && protos.client["chat.chatHandler.send"],
-      "the handshake gave the protos, kept in localStorage: " + a.stored);
-    check(Array.isArray(a.r.users) && typeof a.r.epoch === "string", "enter (no proto) answers JSON: " + JSON.stringify(a.r));
-    await login(bob, "bob");
-    await ann.waitForFunction(() => window.adds.length >= 1, null, { timeout: 5000 });
-    const add = await ann.evaluate(() => window.adds[0]);
-    check(add.user === "bob", "onAdd decoded as protobuf: " + JSON.stringify(add));
+run(async (browser) => {
+  const ann = await page(browser, "ann");
+  const bob = await page(browser, "bob");
+  const a = await login(ann, "ann");
+  check(a.before === null && a.atGate !== null, "a fresh page has the protos from the gate's handshake on");
+  check(a.stored === a.atGate, "the connector (sent their version) gave no other protos");
+  const protos = JSON.parse(a.stored || "null");
+  check(protos && typeof protos.version === "string" && protos.server.onChat && protos.client["chat.chatHandler.send"],
+    "the handshake gave the protos, kept in localStorage: " + a.stored);
+  check(Array.isArray(a.r.users) && typeof a.r.epoch === "string", "enter (no proto) answers JSON: " + JSON.stringify(a.r));
+  await login(bob, "bob");
+  await ann.waitForFunction(() => window.adds.length >= 1, null, { timeout: 5000 });
+  const add = await ann.evaluate(() => window.adds[0]);
+  check(add.user === "bob", "onAdd decoded as protobuf: " + JSON.stringify(add));
 
-    // An emoji both ways: the client writes it as a surrogate pair, and reads it only as one.
-    const text = "protobuf héllo 中文 😀";
-    const ok = await send(bob, text, "*");
-    check(JSON.stringify(ok) === "{}", "bob's send is acknowledged: " + JSON.stringify(ok));
-    const last = await bob.evaluate(() => window.sent[window.sent.length - 1]);
-    // JSON would have a '{'; none of these protobuf fields (rid, content, from, target) holds one.
-    check(last && !last.includes(0x7b) && last.includes(0x0a), "bob's request went out as protobuf: " + JSON.stringify(last));
-    await ann.waitForFunction(() => window.chats.length >= 1, null, { timeout: 5000 });
-    const chat = await ann.evaluate(() => window.chats[0]);
-    check(chat.msg === text && chat.from === "bob" && chat.target === "*", "onChat decoded as protobuf: " + JSON.stringify(chat));
-    check(chat.epoch === a.r.epoch && chat.offset === 1, "with its place in the history: " + JSON.stringify(chat));
+  // An emoji both ways: the client writes it as a surrogate pair, and reads it only as one.
+  const text = "protobuf héllo 中文 😀";
+  const ok = await send(bob, text, "*");
+  check(JSON.stringify(ok) === "{}", "bob's send is acknowledged: " + JSON.stringify(ok));
+  const last = await bob.evaluate(() => window.sent[window.sent.length - 1]);
+  // JSON would have a '{'; none of these protobuf fields (rid, content, from, target) holds one.
+  check(last && !last.includes(0x7b) && last.includes(0x0a), "bob's request went out as protobuf: " + JSON.stringify(last));
+  await ann.waitForFunction(() => window.chats.length >= 1, null, { timeout: 5000 });
+  const chat = await ann.evaluate(() => window.chats[0]);
+  check(chat.msg === text && chat.from === "bob" && chat.target === "*", "onChat decoded as protobuf: " + JSON.stringify(chat));
+  check(chat.epoch === a.r.epoch && chat.offset === 1, "with its place in the history: " + JSON.stringify(chat));
 
-    const refused = await send(bob, "to no one", "nobody");
-    check(refused.code === 500, "a refused send reads {code: 500} through the proto: " + JSON.stringify(refused));
-    console.log(JSON.stringify({ ok: true, chat, add, refused, version: protos.version }));
-  } finally {
-    await browser.close();
-  }
-})().catch((e) => {
-  console.error(e.message || String(e));
-  process.exit(1);
+  const refused = await send(bob, "to no one", "nobody");
+  check(refused.code === 500, "a refused send reads {code: 500} through the proto: " + JSON.stringify(refused));
+  console.log(JSON.stringify({ ok: true, chat, add, refused, version: protos.version }));
 });
