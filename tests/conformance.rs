@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::harness::{repo, yaml, Cluster};
+use crate::harness::repo;
 
 const CLUSTER: &str = "  gate:\n    - {id: gate-1, clientPort: 0}\n  connector:\n    - {id: connector-1, port: 0, clientPort: 0}\n  chat:\n    - {id: chat-1, port: 0}\n";
 const SERVER_PROTOS: &str =
@@ -194,15 +194,7 @@ async fn replay(client: &str, connector: SocketAddr) -> Option<Value> {
 
 #[test]
 fn every_client_s_first_bytes_are_served() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("serverProtos.json"), SERVER_PROTOS).expect("write");
-    std::fs::write(dir.path().join("clientProtos.json"), CLIENT_PROTOS).expect("write");
-    let text = format!(
-        "protobuf: {{serverProtos: serverProtos.json, clientProtos: clientProtos.json}}\ndictionary: [onChat]\n{}",
-        yaml(CLUSTER, "")
-    );
-    let c = Cluster::start_in(dir, &text);
-    c.wait_running();
+    let c = crate::protobuf::with_protos(SERVER_PROTOS, CLIENT_PROTOS, "dictionary: [onChat]\n", CLUSTER);
     let connector: SocketAddr =
         c.server("connector-1")["addrs"]["client"].as_str().expect("connector").parse().expect("addr");
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -28,16 +28,23 @@ const CLIENT_PROTOS: &str = r#"{
                             "required string target": 4}
 }"#;
 
-fn start() -> (Cluster, SocketAddr) {
+/// A running cluster of `servers` whose servers.yaml has `protobuf` with these two files, and `root`
+/// (more root keys) before its sections.
+pub(crate) fn with_protos(server_protos: &str, client_protos: &str, root: &str, servers: &str) -> Cluster {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("serverProtos.json"), SERVER_PROTOS).expect("write");
-    std::fs::write(dir.path().join("clientProtos.json"), CLIENT_PROTOS).expect("write");
+    std::fs::write(dir.path().join("serverProtos.json"), server_protos).expect("write");
+    std::fs::write(dir.path().join("clientProtos.json"), client_protos).expect("write");
     let text = format!(
-        "protobuf: {{serverProtos: serverProtos.json, clientProtos: clientProtos.json}}\n{}",
-        yaml(CLUSTER, "")
+        "protobuf: {{serverProtos: serverProtos.json, clientProtos: clientProtos.json}}\n{root}{}",
+        yaml(servers, "")
     );
     let c = Cluster::start_in(dir, &text);
     c.wait_running();
+    c
+}
+
+fn start() -> (Cluster, SocketAddr) {
+    let c = with_protos(SERVER_PROTOS, CLIENT_PROTOS, "", CLUSTER);
     let g: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
     (c, g)
 }
