@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::harness::{signal, wait_until, yaml, Cluster, SMALL};
-use crate::pomelo_client::{login, Client};
+use crate::pomelo_client::{login, try_login, Client};
 
 const ROOMS: [&str; 4] = ["r0", "r1", "r2", "r3"];
 
@@ -18,9 +18,7 @@ fn master_restart_keeps_every_room_with(late: &str) {
     c.wait_running();
     let gate = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
     wait_until(Duration::from_secs(10), "a login to work", || {
-        let (mut cl, reply) = login(gate, "probe", "probe-room");
-        cl.close();
-        reply.get("users").map(|_| ())
+        try_login(gate, "probe", "probe-room").map(|(mut cl, _)| cl.close())
     });
     let mut users: Vec<(String, &str, Client)> = (0..8)
         .map(|i| {

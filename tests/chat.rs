@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::harness::{signal, wait_until, yaml, Cluster};
-use crate::pomelo_client::{login, Client};
+use crate::pomelo_client::{login, try_login, Client};
 
 const CLUSTER: &str = "  gate:\n    - {id: gate-1, clientPort: 0}\n  connector:\n    - {id: connector-1, port: 0, clientPort: 0}\n    - {id: connector-2, port: 0, clientPort: 0}\n    - {id: connector-3, port: 0, clientPort: 0}\n  chat:\n    - {id: chat-1, port: 0}\n    - {id: chat-2, port: 0}\n";
 
@@ -45,9 +45,7 @@ fn start() -> (Cluster, SocketAddr) {
     // Connectors learn the chat servers from the membership; give it a moment to reach everyone.
     let g = gate(&c);
     wait_until(Duration::from_secs(10), "a login to work", || {
-        let (mut cl, reply) = login(g, "probe", "probe-room");
-        cl.close();
-        reply.get("users").map(|_| ())
+        try_login(g, "probe", "probe-room").map(|(mut cl, _)| cl.close())
     });
     (c, g)
 }

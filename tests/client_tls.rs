@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::harness::{wait_until, yaml, Cluster};
-use crate::pomelo_client::login;
+use crate::pomelo_client::try_login;
 
 /// A Pomelo client over TLS: raw TCP or WebSocket inside, the bytes read and not yet decoded, and the
 /// chat pushes that arrived while it waited for a response.
@@ -143,10 +143,8 @@ fn wss_and_tls_over_tcp_chat_beside_plain_clients_on_the_same_ports() {
     let connector: SocketAddr =
         c.server("connector-1")["addrs"]["client"].as_str().expect("connector").parse().expect("addr");
     // A plain client on the same ports first: it still works.
-    let (mut plain, reply) = wait_until(Duration::from_secs(10), "a plain login", || {
-        let (cl, reply) = login(gate, "plain", "tls-room");
-        reply.get("users").is_some().then_some((cl, reply))
-    });
+    let (mut plain, reply) =
+        wait_until(Duration::from_secs(10), "a plain login", || try_login(gate, "plain", "tls-room"));
     assert_eq!(reply["users"].as_array().map(Vec::len), Some(1), "{reply}");
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

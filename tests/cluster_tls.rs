@@ -13,7 +13,7 @@ use pomelo_proto::tls::{self, Authority, Material};
 use serde_json::json;
 
 use crate::harness::{wait_until, yaml, Cluster, SMALL};
-use crate::pomelo_client::login;
+use crate::pomelo_client::{login, try_login};
 
 /// What a plain-text peer reads after sending `hello` as a frame: every byte until the server closes.
 fn plain_hello(addr: SocketAddr, hello: serde_json::Value) -> (Vec<u8>, bool) {
@@ -65,10 +65,8 @@ fn with_cluster_tls_the_cluster_chats_and_plain_or_foreign_peers_get_nothing() {
     let gate: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
 
     // Chat end to end: every link (worker ↔ master, connector ↔ chat) is TLS now.
-    let (mut a, reply) = wait_until(Duration::from_secs(10), "a login to work", || {
-        let (cl, reply) = login(gate, "alice", "tls-room");
-        reply.get("users").is_some().then_some((cl, reply))
-    });
+    let (mut a, reply) =
+        wait_until(Duration::from_secs(10), "a login to work", || try_login(gate, "alice", "tls-room"));
     assert!(reply["users"].as_array().is_some_and(|u| u.len() == 1), "{reply}");
     let (mut b, reply) = login(gate, "bob", "tls-room");
     assert!(reply["users"].as_array().is_some_and(|u| u.len() == 2), "{reply}");
@@ -145,10 +143,7 @@ fn operator_certificates_are_used_and_the_master_needs_no_ca_key() {
     let c = Cluster::start(&yaml(SMALL, &extra));
     let running = c.wait_running();
     let gate: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
-    let (mut a, _) = wait_until(Duration::from_secs(10), "a login to work", || {
-        let (cl, reply) = login(gate, "alice", "pki-room");
-        reply.get("users").is_some().then_some((cl, reply))
-    });
+    let (mut a, _) = wait_until(Duration::from_secs(10), "a login to work", || try_login(gate, "alice", "pki-room"));
     let (mut b, reply) = login(gate, "bob", "pki-room");
     assert!(reply["users"].as_array().is_some_and(|u| u.len() == 2), "{reply}");
     let sent = a

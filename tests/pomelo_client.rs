@@ -77,11 +77,21 @@ impl Client {
 
     /// [`Client::connect`] sending `sys` as the handshake's `sys`.
     pub fn connect_sys(addr: SocketAddr, sys: Value) -> Client {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        Client::try_connect_sys(addr, sys).unwrap_or_else(|e| panic!("{addr}: {e}"))
+    }
+
+    /// [`Client::connect`], or why it could not: refused, closed, or a handshake answer other than 200.
+    pub fn try_connect(addr: SocketAddr) -> Result<Client, String> {
+        Client::try_connect_sys(addr, json!({"type": "rust-test", "version": "0.0.1", "rsa": {}, "protoVersion": 0}))
+    }
+
+    /// [`Client::connect_sys`], or why it could not.
+    pub fn try_connect_sys(addr: SocketAddr, sys: Value) -> Result<Client, String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
         s.set_nodelay(true).ok();
         let hs = json!({"sys": sys, "user": {}});
         let bytes = package::encode(PackageType::Handshake, hs.to_string().as_bytes()).expect("encode");
-        s.write_all(&bytes).expect("send handshake");
+        s.write_all(&bytes).map_err(|e| format!("send handshake: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok();
         let mut buf = BytesMut::new();
         let decoder = PackageDecoder::new(16 << 20);
@@ -90,19 +100,25 @@ impl Client {
                 break p;
             }
             let mut chunk = [0u8; 4096];
-            let n = s.read(&mut chunk).expect("read handshake reply");
-            assert!(n > 0, "closed during the handshake");
+            let n = s.read(&mut chunk).map_err(|e| format!("read handshake reply: {e}"))?;
+            if n == 0 {
+                return Err("closed during the handshake".into());
+            }
             buf.extend_from_slice(&chunk[..n]);
         };
-        assert_eq!(reply.kind, PackageType::Handshake);
-        let reply: Value = serde_json::from_slice(&reply.body).expect("handshake json");
-        assert_eq!(reply["code"], 200, "handshake refused: {reply}");
+        if reply.kind != PackageType::Handshake {
+            return Err(format!("a {:?} package instead of the handshake reply", reply.kind));
+        }
+        let reply: Value = serde_json::from_slice(&reply.body).map_err(|e| format!("handshake json: {e}"))?;
+        if reply["code"] != 200 {
+            return Err(format!("handshake refused: {reply}"));
+        }
         let route_to_code: HashMap<String, u16> = reply["sys"]["routeToCode"]
             .as_object()
             .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()? as u16))).collect())
             .unwrap_or_default();
         let code_to_route: HashMap<u16, String> = route_to_code.iter().map(|(k, v)| (*v, k.clone())).collect();
-        s.write_all(&package::empty(PackageType::HandshakeAck)).expect("ack");
+        s.write_all(&package::empty(PackageType::HandshakeAck)).map_err(|e| format!("ack: {e}"))?;
         s.set_read_timeout(None).ok();
         let alive = Arc::new(AtomicBool::new(true));
         let reader = s.try_clone().expect("clone");
@@ -122,7 +138,7 @@ impl Client {
                 }
             });
         }
-        Client {
+        Ok(Client {
             stream,
             events,
             pushes: VecDeque::new(),
@@ -134,7 +150,7 @@ impl Client {
             handshake: reply,
             protos: None,
             signer: None,
-        }
+        })
     }
 
     /// Signs every JSON request from now on (the handshake must have sent this key's `sys.rsa`).
@@ -335,6 +351,21 @@ fn read_loop(
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
+}
+
+/// [`login`], or `None` while the cluster cannot take it yet: the gate knows no connector (`{"code":500}`),
+/// the connector it named is not listening yet, or the enter answer has no `users`. For `wait_until`.
+pub fn try_login(gate: SocketAddr, username: &str, rid: &str) -> Option<(Client, Value)> {
+    let mut g = Client::try_connect(gate).ok()?;
+    let entry = g.request("gate.gateHandler.queryEntry", json!({"uid": username}));
+    g.close();
+    if entry["code"] != 200 {
+        return None;
+    }
+    let addr: SocketAddr = format!("{}:{}", entry["host"].as_str()?, entry["port"]).parse().ok()?;
+    let mut c = Client::try_connect(addr).ok()?;
+    let reply = c.request("connector.entryHandler.enter", json!({"username": username, "rid": rid}));
+    reply.get("users").is_some().then_some((c, reply))
 }
 
 /// Logs in as Pomelo's chat demo does: ask the gate for a connector, then enter the room there.
