@@ -269,3 +269,45 @@ pub fn browser_ready() -> bool {
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// A redis-server of the test's own on a free loopback port (no persistence), killed by pid on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+}
+
+impl Redis {
+    /// Whether redis-server is on the PATH.
+    pub fn installed() -> bool {
+        Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+
+    /// Starts one and waits until it answers PING; panics (with how to get one) when there is none.
+    pub fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package; .ci/run installs it)");
+        let r = Redis { port, child };
+        wait_until(Duration::from_secs(10), "redis-server to answer", || r.ping().then_some(()));
+        r
+    }
+
+    /// Whether it answers PING.
+    pub fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok();
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        signal(self.child.id(), 9);
+        let _ = self.child.wait();
+    }
+}

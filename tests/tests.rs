@@ -8,6 +8,7 @@ mod cluster_tls;
 mod conformance;
 mod crypto;
 mod dashboard;
+mod durability;
 mod failover;
 mod fuzz;
 mod fuzz_cluster;

@@ -138,6 +138,10 @@ pub enum ChatReply {
         /// Whether the join's `since` was recovered; `None` without `since`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        /// `recovered: false` because the gap is more than a join pushes, though the history covers it:
+        /// the client pages through `chat.chatHandler.history` from its `since`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        paged: bool,
     },
     Done,
     /// The answer to [`ChatRequest::History`]: `messages` are `onChat` bodies with their offsets, oldest first.

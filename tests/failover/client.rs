@@ -38,10 +38,10 @@ pub struct Conn {
     io: Io,
     pending: VecDeque<Package>,
     code_to_route: HashMap<u64, String>,
-    heartbeat: Option<Duration>,
+    pub heartbeat: Option<Duration>,
 }
 
-enum Event {
+pub enum Event {
     Response(u32, Value),
     Push(String, Value),
     Other,
@@ -50,7 +50,17 @@ enum Event {
 impl Conn {
     /// Connects and completes the handshake (as the JS client does).
     pub async fn connect(kind: Kind, addr: SocketAddr) -> anyhow::Result<Conn> {
-        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await??;
+        Conn::connect_with(kind, addr, None).await
+    }
+
+    /// [`Conn::connect`] with the socket's receive buffer set to `recv_buffer` bytes (a client that stops
+    /// reading then fills the server's queue, not the kernel's).
+    pub async fn connect_with(kind: Kind, addr: SocketAddr, recv_buffer: Option<u32>) -> anyhow::Result<Conn> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        if let Some(n) = recv_buffer {
+            socket.set_recv_buffer_size(n)?;
+        }
+        let tcp = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr)).await??;
         tcp.set_nodelay(true).ok();
         let io = match kind {
             Kind::Ws => Io::Ws(Box::new(tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp).await?.0)),
@@ -71,7 +81,7 @@ impl Conn {
         Ok(c)
     }
 
-    async fn send(&mut self, bytes: Bytes) -> anyhow::Result<()> {
+    pub async fn send(&mut self, bytes: Bytes) -> anyhow::Result<()> {
         match &mut self.io {
             Io::Ws(ws) => ws.send(WsMessage::Binary(bytes)).await?,
             Io::Tcp(s, _) => s.write_all(&bytes).await?,
@@ -79,13 +89,13 @@ impl Conn {
         Ok(())
     }
 
-    async fn send_request(&mut self, id: u32, route: &str, body: &Value) -> anyhow::Result<()> {
+    pub async fn send_request(&mut self, id: u32, route: &str, body: &Value) -> anyhow::Result<()> {
         let m = Message::request(id, Route::Plain(route.into()), Bytes::from(body.to_string()));
         self.send(m.encode_package()?).await
     }
 
     /// The next package; `None` once the server closed. Cancel-safe: its only awaits are reads.
-    async fn recv(&mut self) -> Option<Package> {
+    pub async fn recv(&mut self) -> Option<Package> {
         let dec = PackageDecoder::default();
         loop {
             if let Some(p) = self.pending.pop_front() {
@@ -109,7 +119,7 @@ impl Conn {
         }
     }
 
-    fn event(&self, p: &Package) -> Event {
+    pub fn event(&self, p: &Package) -> Event {
         if p.kind != PackageType::Data {
             return Event::Other;
         }

@@ -154,7 +154,8 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
             ChatServer {
                 id: spec.id.clone(),
                 limits: Limits { room_members: spec.max_room_members, rooms: spec.max_rooms },
-                history: spec.history,
+                history: spec.history.clone(),
+                fresh_history: ctx.spec.fresh_history,
                 token: ctx.token.clone(),
                 dict: Some(Arc::new(chat_dictionary_with(&spec.dictionary))),
                 protobuf: protobuf(&spec)?,
@@ -163,7 +164,8 @@ pub async fn start(ctx: RoleContext) -> anyhow::Result<Vec<StatsSource>> {
                 shutdown: ctx.shutdown.clone(),
                 tasks: ctx.tasks.clone(),
             }
-            .start(listener);
+            .start(listener)
+            .map_err(|e| anyhow::anyhow!("room history: {e}"))?;
         }
     }
     Ok(stats)

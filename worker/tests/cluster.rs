@@ -112,7 +112,7 @@ async fn a_request_the_chat_server_cannot_decode_fails_alone() {
         let err = response(&mut link, 7).await.expect_err("the undecodable request fails");
         assert!(err.to_string().contains("cannot read this request"), "{err}");
         match response(&mut link, 8).await {
-            Ok(ChatReply::Users { users, epoch, offset: 0, recovered: None }) => {
+            Ok(ChatReply::Users { users, epoch, offset: 0, recovered: None, .. }) => {
                 assert_eq!(users, ["ann"], "the next one is served");
                 assert!(!epoch.is_empty(), "the room has an epoch");
             }

@@ -52,9 +52,23 @@ pub(super) struct Slot {
     /// A new spec that starts the server another way (master ↔ external, local ↔ ssh): the running
     /// process is stopped the way it was started, and this takes effect at the next spawn.
     pub pending: Option<ServerSpec>,
+    /// A chat server with a `disk` history that was out of the membership while other chat servers were in
+    /// it: they owned its rooms meanwhile, so its next process starts its history anew.
+    pub rooms_moved: bool,
 }
 
 impl Slot {
+    /// A chat server whose room history is its own `disk` store.
+    pub fn keeps_disk_history(&self) -> bool {
+        self.server.spec.server_type == pomelo_proto::control::ServerType::Chat
+            && self
+                .server
+                .spec
+                .history
+                .as_ref()
+                .is_some_and(|h| h.backend == pomelo_proto::config::HistoryBackend::Disk)
+    }
+
     pub fn new(spec: ServerSpec) -> Slot {
         Slot {
             server: Server::new(spec),
@@ -70,6 +84,7 @@ impl Slot {
             ssh_pid: None,
             remote_pid: None,
             pending: None,
+            rooms_moved: false,
         }
     }
 }
@@ -353,6 +368,7 @@ impl Core {
             log_max_bytes: m.logs.max_bytes,
             threads: spec.threads.unwrap_or_else(|| pomelo_proto::config::auto_threads(self.setup.cores, local)),
             joined: false,
+            fresh_history: self.slots[i].rooms_moved,
             server: spec,
         };
         let ssh = (!worker.server.is_local()).then(|| m.ssh.for_host(&worker.server.host));

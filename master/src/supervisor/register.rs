@@ -101,6 +101,7 @@ impl Core {
         }
         slot.addrs = addrs;
         slot.awaiting = false;
+        slot.rooms_moved = false;
         let changed = slot.spec_hash.as_deref() != Some(spec_hash.as_str()) && slot.adopted;
         let stale = spec_hash != slot.server.spec.fingerprint();
         slot.spec_hash = Some(spec_hash);
@@ -145,6 +146,12 @@ impl Core {
             return;
         }
         let servers = self.live_servers();
+        let chats_in = servers.iter().filter(|s| s.server_type == ServerType::Chat).count();
+        for slot in self.slots.iter_mut().filter(|s| s.keeps_disk_history() && s.addrs.rpc.is_some()) {
+            if chats_in > 0 && !servers.iter().any(|s| s.id == slot.server.spec.id) {
+                slot.rooms_moved = true;
+            }
+        }
         if self.announced && servers == self.membership.servers {
             return;
         }
@@ -163,9 +170,17 @@ impl Core {
             .filter(|s| s.server.spec.server_type == ServerType::Connector)
             .map(|s| s.server.spec.id.as_str())
             .collect();
+        let listed = |id: &str| self.membership.servers.iter().any(|s| s.id == id);
         self.slots
             .iter()
-            .filter(|s| s.server.phase() == Phase::Running && s.link.is_some())
+            // A chat server whose history is on its disk keeps its rooms while it restarts: they wait for it
+            // (sends fail, unacknowledged) instead of moving to a server that has none of their history.
+            .filter(|s| {
+                (s.server.phase() == Phase::Running && s.link.is_some())
+                    || (s.keeps_disk_history()
+                        && listed(&s.server.spec.id)
+                        && (s.server.coming_back() || s.server.phase() == Phase::Running))
+            })
             .map(|s| ServerInfo {
                 id: s.server.spec.id.clone(),
                 server_type: s.server.spec.server_type,

@@ -81,6 +81,14 @@ impl Server {
         }
     }
 
+    /// Starting again, waiting to, or stopping to restart: its process is coming back.
+    pub fn coming_back(&self) -> bool {
+        matches!(
+            self.state,
+            State::Starting { .. } | State::Backoff { .. } | State::Stopping { then: AfterStop::Restart, .. }
+        )
+    }
+
     pub fn phase(&self) -> Phase {
         match self.state {
             State::Starting { .. } => Phase::Starting,

@@ -190,18 +190,49 @@ pub struct MasterConfig {
     pub external_hosts: Vec<String>,
 }
 
-/// A chat server's `history`: the `memory` backend (the only one built), bounded per room.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// A chat server's `history`: where each room's messages are kept, and how many for how long.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryConfig {
+    pub backend: HistoryBackend,
     /// Messages kept per room (`maxMessages`).
     pub max_messages: usize,
     /// Messages older than this are forgotten (`maxAge`).
     pub max_age: Duration,
+    /// `disk`: the directory of the store (`dir`, relative to servers.yaml's; default `<runDir>/history`);
+    /// the file is `<dir>/<server id>.redb`. Absolute once the topology is loaded.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// `redis`: the server (`url`: `redis://[user:password@]host:port[/db]`, or `rediss://`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `redis`: what every key starts with (`prefix`), so clusters can share a Redis.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// Where a room's history is kept (`history.backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryBackend {
+    /// A ring per room in the chat server's memory: lost with the process.
+    #[default]
+    Memory,
+    /// An embedded store (redb) on the chat server's host, committed before a send is answered.
+    Disk,
+    /// Redis Streams: shared by every chat server, so history follows a room to its new owner.
+    Redis,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        HistoryConfig { max_messages: 1000, max_age: Duration::from_secs(300) }
+        HistoryConfig {
+            backend: HistoryBackend::Memory,
+            max_messages: 1000,
+            max_age: Duration::from_secs(300),
+            dir: None,
+            url: None,
+            prefix: "pomelo:".into(),
+        }
     }
 }
 
@@ -415,6 +446,15 @@ impl Topology {
                     ssl.cert = base.join(&ssl.cert);
                     ssl.key = base.join(&ssl.key);
                 }
+                let run_dir = base.join(&t.master.run_dir);
+                for h in t.servers.iter_mut().filter_map(|s| s.history.as_mut()) {
+                    if h.backend == HistoryBackend::Disk {
+                        h.dir = Some(match &h.dir {
+                            Some(d) => base.join(d),
+                            None => run_dir.join("history"),
+                        });
+                    }
+                }
                 if let Some(f) = t.master.cluster_tls_files.as_mut() {
                     f.ca = base.join(&f.ca);
                     f.certs = base.join(&f.certs);
@@ -487,6 +527,10 @@ pub struct WorkerSpec {
     /// so it dials `control_addr` only (never a `master.json` it would find at that path here).
     #[serde(default)]
     pub joined: bool,
+    /// A chat server's rooms had other owners while it was away (stopped or failed while other chat servers
+    /// ran): its `disk` history starts anew rather than continue with a silent gap.
+    #[serde(default)]
+    pub fresh_history: bool,
 }
 
 /// Runtime threads for a server without `threads`: this machine's cores shared among the servers it

@@ -184,12 +184,29 @@ fn typed_key(c: &mut Ctx, d: &Draft, only: ServerType, key: &str, p: &[Seg]) -> 
 }
 
 const HISTORY: &[Row<super::HistoryConfig>] = &[
-    Row("backend", |c, _, v, p| match c.string(v, p).as_deref() {
-        Some("memory") | None => {}
-        Some(b @ ("disk" | "redis")) => {
-            c.err(p, format!("the `{b}` history backend is not built yet; only `memory` is (see README, History)"))
+    Row("backend", |c, h, v, p| match c.string(v, p).as_deref() {
+        Some("memory") => h.backend = super::HistoryBackend::Memory,
+        Some("disk") => h.backend = super::HistoryBackend::Disk,
+        Some("redis") => h.backend = super::HistoryBackend::Redis,
+        Some(other) => c.err(p, format!("`{other}` is not a history backend: use `memory`, `disk` or `redis`")),
+        None => {}
+    }),
+    Row("dir", |c, h, v, p| match c.string(v, p) {
+        Some(d) if d.is_empty() => c.err(p, "must not be empty"),
+        Some(d) => h.dir = Some(PathBuf::from(d)),
+        None => {}
+    }),
+    Row("url", |c, h, v, p| match c.string(v, p) {
+        Some(u) if !["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|s| u.starts_with(s)) => {
+            c.err(p, format!("`{u}` is not a Redis URL (redis://host:port[/db], rediss://, unix://path)"))
         }
-        Some(other) => c.err(p, format!("`{other}` is not a history backend: use `memory`")),
+        Some(u) => h.url = Some(u),
+        None => {}
+    }),
+    Row("prefix", |c, h, v, p| match c.string(v, p) {
+        Some(s) if s.len() > 64 => c.err(p, "must be at most 64 bytes"),
+        Some(s) => h.prefix = s,
+        None => {}
     }),
     Row("maxMessages", |c, h, v, p| match c.uint(v, p, 100_000) {
         Some(0) => c.err(p, "must be at least 1"),
@@ -427,6 +444,16 @@ const SERVER: &[Row<Draft>] = &[
         if typed_key(c, d, ServerType::Chat, "history", p) {
             let mut h = super::HistoryConfig::default();
             apply(c, &mut h, v, p, HISTORY);
+            use super::HistoryBackend::{Disk, Redis};
+            if h.backend == Redis && h.url.is_none() {
+                c.err(p, "the `redis` backend needs `url`");
+            }
+            if h.backend != Disk && h.dir.is_some() {
+                c.err(p, "`dir` is for the `disk` backend");
+            }
+            if h.backend != Redis && h.url.is_some() {
+                c.err(p, "`url` is for the `redis` backend");
+            }
             d.spec.history = Some(h);
         }
     }),

@@ -303,17 +303,41 @@ fn cluster_tls_takes_operator_files() {
 fn history_is_for_chat_servers_and_bounded() {
     let t =
         parse("servers:\n  chat:\n    - {id: c, port: 1, history: {maxMessages: 50, maxAge: 10m}}\n").expect("valid");
-    let h = t.servers[0].history.expect("history");
-    assert_eq!((h.max_messages, h.max_age), (50, Duration::from_secs(600)));
+    let h = t.servers[0].history.clone().expect("history");
+    assert_eq!((h.max_messages, h.max_age, h.backend), (50, Duration::from_secs(600), super::HistoryBackend::Memory));
+    let t = parse(
+        "servers:\n  chat:\n    - {id: c, port: 1, history: {backend: disk}}\n    - {id: d, port: 2, history: \
+         {backend: disk, dir: h}}\n    - {id: e, port: 3, history: {backend: redis, url: 'redis://127.0.0.1:6399'}}\n",
+    )
+    .expect("valid");
+    let dir = |i: usize| t.servers[i].history.as_ref().and_then(|h| h.dir.clone()).expect("a dir");
+    assert!(dir(0).is_absolute() && dir(0).ends_with(".pomelo/history"), "{:?}", dir(0));
+    assert!(dir(1).is_absolute() && dir(1).ends_with("h"), "{:?}", dir(1));
+    let h = t.servers[2].history.clone().expect("history");
+    assert_eq!(
+        (h.backend, h.url.as_deref(), h.prefix.as_str()),
+        (super::HistoryBackend::Redis, Some("redis://127.0.0.1:6399"), "pomelo:")
+    );
     let bad = "\
 servers:
   chat:
-    - {id: c, port: 1, history: {backend: disk, maxMessages: 0, maxAge: 2d}}
+    - {id: c, port: 1, history: {backend: tape, maxMessages: 0, maxAge: 2d}}
+    - {id: r, port: 4, history: {backend: redis}}
+    - {id: s, port: 5, history: {backend: redis, url: 'http://x'}}
+    - {id: t, port: 6, history: {dir: x, url: 'redis://x'}}
   connector:
     - {id: k, port: 2, clientPort: 3, history: {maxMessages: 5}}
 ";
     let e = parse(bad).expect_err("invalid").to_string();
-    for (line, what) in [(3, "not built yet"), (3, "at least 1"), (5, "applies to chat servers")] {
+    for (line, what) in [
+        (3, "not a history backend"),
+        (3, "at least 1"),
+        (8, "applies to chat servers"),
+        (4, "needs `url`"),
+        (5, "not a Redis URL"),
+        (6, "`dir` is for the `disk`"),
+        (6, "`url` is for the `redis`"),
+    ] {
         assert!(e.contains(&format!("servers.yaml:{line}:")) && e.contains(what), "{what} at {line} in {e}");
     }
 }

@@ -12,19 +12,24 @@
 //! the rooms it keeps; a chat server that (re)creates a room it has no history for starts a new epoch
 //! (a restarted chat server has none, so every room gets a new epoch).
 //!
-//! Left for later (issue 16): the `disk` backend (an embedded store with group commit, so kill -9 loses
-//! no acknowledged message), the `redis` backend (Streams, so history follows a room to its new owner),
-//! choosing the backend and its bounds in servers.yaml (today: [`HistoryLimits`] from the environment),
-//! continuing a room's sequence when it changes owner (memory cannot: the new owner starts a new epoch),
-//! and an `append` that completes asynchronously (a trait method returning a future) for those backends.
+//! Three backends, chosen per chat server in servers.yaml (`history.backend`): `memory` ([`MemoryHistory`]),
+//! `disk` ([`disk::DiskHistory`]: redb, committed before the sends are answered, so kill -9 loses none) and
+//! `redis` ([`redis::RedisHistory`]: Streams shared by the chat servers, so a room's new owner continues its
+//! sequence). `disk` and `redis` *stage* appends: the rooms task numbers and holds a batch of sends, then
+//! [`History::commit`]s them at once (group commit: one fsync or one round trip for every send it drained)
+//! and only then answers and delivers them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pomelo_proto::cluster::Since;
+use pomelo_proto::config::{HistoryBackend, HistoryConfig};
 use serde_json::Value;
 use tokio::time::Instant;
+
+pub mod disk;
+pub mod redis;
 
 /// Bounds of a room's history.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,7 +50,7 @@ impl Default for HistoryLimits {
 
 impl HistoryLimits {
     /// A chat server's `history` from servers.yaml, or (without one) [`from_env`](Self::from_env).
-    pub fn configured(h: Option<pomelo_proto::config::HistoryConfig>) -> HistoryLimits {
+    pub fn configured(h: Option<&HistoryConfig>) -> HistoryLimits {
         match h {
             Some(h) => HistoryLimits { size: h.max_messages, ttl: h.max_age, ..HistoryLimits::default() },
             None => HistoryLimits::from_env(),
@@ -83,7 +88,7 @@ pub struct Stored {
     pub from: String,
     pub target: String,
     pub msg: Value,
-    at: Instant,
+    pub(crate) at: Instant,
 }
 
 impl Stored {
@@ -109,19 +114,153 @@ pub enum HistoryError {
     Backend(String),
 }
 
-/// A history backend. Calls are made by the one rooms task, in order.
-pub trait History: Send {
-    /// The room's epoch and last offset (a room it has no history for gets a new epoch).
-    fn position(&mut self, rid: &str, now: Instant) -> Since;
-    /// Stores a message; its position.
-    fn append(&mut self, rid: &str, from: &str, target: &str, msg: &Value, now: Instant)
-        -> Result<Since, HistoryError>;
-    /// The messages `q` asks for, oldest first, or `None` when the history does not cover `Query::Since`
-    /// (another epoch, an offset too old or in the future).
-    fn read(&mut self, rid: &str, q: &Query, now: Instant) -> Option<Vec<Stored>>;
-    /// Forgets the rooms `owns` refuses: they moved to another chat server, which numbers them from
-    /// there on. What is kept here would have a silent gap should a room come back.
-    fn retain(&mut self, owns: &dyn Fn(&str) -> bool);
+/// A room's history backend, as servers.yaml chose it. Calls are made by the one rooms task, in order.
+pub enum History {
+    Memory(MemoryHistory),
+    Disk(disk::DiskHistory),
+    Redis(redis::RedisHistory),
+}
+
+impl History {
+    /// The backend `cfg` names for chat server `id` (`None`: memory, bounded by the environment). A disk
+    /// store that cannot be opened is an error: the server must not answer sends it cannot keep. `fresh`
+    /// (the master says this server's rooms had another owner while it was away) empties a disk store,
+    /// whose rooms would otherwise continue with a silent gap.
+    pub fn open(cfg: Option<&HistoryConfig>, id: &str, fresh: bool) -> Result<History, String> {
+        let limits = HistoryLimits::configured(cfg);
+        Ok(match cfg.map(|c| c.backend) {
+            None | Some(HistoryBackend::Memory) => History::Memory(MemoryHistory::new(limits)),
+            Some(HistoryBackend::Disk) => {
+                let dir = cfg.and_then(|c| c.dir.clone()).unwrap_or_else(|| ".pomelo/history".into());
+                History::Disk(disk::DiskHistory::open(&dir.join(format!("{id}.redb")), limits, fresh)?)
+            }
+            Some(HistoryBackend::Redis) => {
+                let c = cfg.expect("a redis config");
+                let url = c.url.clone().ok_or("the redis backend needs `url`")?;
+                History::Redis(redis::RedisHistory::new(&url, &c.prefix, limits)?)
+            }
+        })
+    }
+
+    /// The room's epoch and last offset (a room no backend knows gets a new epoch).
+    pub async fn position(&mut self, rid: &str) -> Result<Since, HistoryError> {
+        match self {
+            History::Memory(m) => Ok(m.position(rid, Instant::now())),
+            History::Disk(d) => d.position(rid),
+            History::Redis(r) => r.position(rid).await,
+        }
+    }
+
+    /// Numbers a message; memory stores it at once, disk and redis at the next [`commit`](Self::commit).
+    pub async fn append(&mut self, rid: &str, from: &str, target: &str, msg: &Value) -> Result<Since, HistoryError> {
+        match self {
+            History::Memory(m) => m.append(rid, from, target, msg, Instant::now()),
+            History::Disk(d) => d.append(rid, from, target, msg),
+            History::Redis(r) => r.append(rid, from, target, msg).await,
+        }
+    }
+
+    /// Whether appends wait for a [`commit`](Self::commit).
+    pub fn staged(&self) -> bool {
+        match self {
+            History::Memory(_) => false,
+            History::Disk(d) => d.staged(),
+            History::Redis(r) => r.staged(),
+        }
+    }
+
+    /// Stores what was appended since the last commit; the rooms whose appends failed (each then starts a
+    /// new epoch: offsets a join already reported must never be reused for other messages).
+    pub async fn commit(&mut self) -> Result<(), Failed> {
+        match self {
+            History::Memory(_) => Ok(()),
+            History::Disk(d) => d.commit().await,
+            History::Redis(r) => r.commit().await,
+        }
+    }
+
+    /// See [`Query`]; `Ok(None)` when the history does not cover `Query::Since`. Appends not yet committed
+    /// are not read: commit first.
+    pub async fn read(&mut self, rid: &str, q: &Query) -> Result<Option<Vec<Stored>>, HistoryError> {
+        match self {
+            History::Memory(m) => Ok(m.read(rid, q, Instant::now())),
+            History::Disk(d) => d.read(rid, q),
+            History::Redis(r) => r.read(rid, q).await,
+        }
+    }
+
+    /// Rooms `owns` refuses moved to another chat server: memory and disk forget them (should one come
+    /// back, what they kept would have a gap), redis only stops caching them (the history is shared).
+    pub fn retain(&mut self, owns: &dyn Fn(&str) -> bool) {
+        match self {
+            History::Memory(m) => m.retain(owns),
+            History::Disk(d) => d.retain(owns),
+            History::Redis(r) => r.retain(owns),
+        }
+    }
+}
+
+/// Appends a commit could not store: the rooms, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failed {
+    pub rooms: std::collections::HashSet<String>,
+    pub why: String,
+}
+
+/// An epoch no chat server has used: the wall clock, the pid and a counter.
+#[derive(Debug)]
+pub(crate) struct Epochs {
+    seed: u64,
+    created: AtomicU64,
+}
+
+impl Epochs {
+    pub(crate) fn new() -> Epochs {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let seed = (nanos as u64) ^ (u64::from(std::process::id()) << 40);
+        Epochs { seed, created: AtomicU64::new(0) }
+    }
+
+    pub(crate) fn next(&self) -> String {
+        format!("{:016x}-{}", self.seed, self.created.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Milliseconds since the Unix epoch: the age of a stored message across restarts.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A staged append of `disk` and `redis`.
+#[derive(Debug, Clone)]
+pub(crate) struct Staged {
+    pub rid: String,
+    pub epoch: String,
+    pub offset: u64,
+    pub from: String,
+    pub target: String,
+    pub msg: String,
+    pub at_ms: u64,
+}
+
+/// A room's position as a staging backend last stored or numbered it.
+#[derive(Debug, Clone)]
+pub(crate) struct Position {
+    pub epoch: String,
+    pub top: u64,
+}
+
+/// Checks a read of the messages after `since` (`found`, oldest first, each with its offset and age) against
+/// the room's position: `None` unless they start right after `since` and none has aged out.
+pub(crate) fn covers(since: &Since, at: &Position, first: Option<(u64, u64)>, limits: &HistoryLimits) -> bool {
+    if since.epoch != at.epoch || since.offset > at.top {
+        return false;
+    }
+    if since.offset == at.top {
+        return true;
+    }
+    let oldest_allowed = unix_ms().saturating_sub(limits.ttl.as_millis() as u64);
+    matches!(first, Some((o, ms)) if o == since.offset + 1 && ms >= oldest_allowed)
 }
 
 #[derive(Debug)]
@@ -153,16 +292,12 @@ impl Ring {
 pub struct MemoryHistory {
     limits: HistoryLimits,
     rooms: HashMap<String, Ring>,
-    seed: u64,
-    created: AtomicU64,
+    epochs: Epochs,
 }
 
 impl MemoryHistory {
     pub fn new(limits: HistoryLimits) -> MemoryHistory {
-        // Epochs must differ between runs of a chat server: the wall clock and the pid make them so.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let seed = (nanos as u64) ^ (u64::from(std::process::id()) << 40);
-        MemoryHistory { limits, rooms: HashMap::new(), seed, created: AtomicU64::new(0) }
+        MemoryHistory { limits, rooms: HashMap::new(), epochs: Epochs::new() }
     }
 
     fn ring(&mut self, rid: &str, now: Instant) -> &mut Ring {
@@ -176,11 +311,10 @@ impl MemoryHistory {
                 }
             }
         }
-        let n = self.created.fetch_add(1, Ordering::Relaxed);
-        let seed = self.seed;
         let limits = self.limits;
+        let epochs = &self.epochs;
         let ring = self.rooms.entry(rid.to_string()).or_insert_with(|| Ring {
-            epoch: format!("{seed:016x}-{n}"),
+            epoch: epochs.next(),
             top: 0,
             messages: VecDeque::new(),
             touched: now,
@@ -191,13 +325,13 @@ impl MemoryHistory {
     }
 }
 
-impl History for MemoryHistory {
-    fn position(&mut self, rid: &str, now: Instant) -> Since {
+impl MemoryHistory {
+    pub fn position(&mut self, rid: &str, now: Instant) -> Since {
         let r = self.ring(rid, now);
         Since { epoch: r.epoch.clone(), offset: r.top }
     }
 
-    fn append(
+    pub fn append(
         &mut self,
         rid: &str,
         from: &str,
@@ -219,11 +353,11 @@ impl History for MemoryHistory {
         Ok(Since { epoch: r.epoch.clone(), offset: r.top })
     }
 
-    fn retain(&mut self, owns: &dyn Fn(&str) -> bool) {
+    pub fn retain(&mut self, owns: &dyn Fn(&str) -> bool) {
         self.rooms.retain(|rid, _| owns(rid));
     }
 
-    fn read(&mut self, rid: &str, q: &Query, now: Instant) -> Option<Vec<Stored>> {
+    pub fn read(&mut self, rid: &str, q: &Query, now: Instant) -> Option<Vec<Stored>> {
         let r = self.ring(rid, now);
         match q {
             Query::Since(s) => {

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Batch, Batches, Pacer};
-use super::history::{History, HistoryLimits, MemoryHistory, Query, Stored};
+use super::history::{History, Query, Stored};
 use super::outbox::Outbox;
 use super::presence::Presence;
 use super::room_table::{Delivery, Limits, OnChat, RoomTable};
@@ -75,10 +75,10 @@ fn flush_delay() -> Duration {
     }
 }
 
-/// What the rooms task keeps within: rooms and members, and each room's history.
-pub(super) struct Bounds {
+/// What the rooms task keeps: rooms and members within their limits, and each room's history.
+pub(super) struct Keeps {
     pub rooms: Limits,
-    pub history: HistoryLimits,
+    pub history: History,
 }
 
 pub(super) async fn rooms_task(
@@ -88,12 +88,13 @@ pub(super) async fn rooms_task(
     metrics: Arc<ChatMetrics>,
     mut inbox: mpsc::Receiver<Inbox>,
     stop: CancellationToken,
-    bounds: Bounds,
+    keeps: Keeps,
 ) {
     let mut st = State {
         me: id,
-        rooms: rooms.with_limits(bounds.rooms),
-        history: Box::new(MemoryHistory::new(bounds.history)),
+        rooms: rooms.with_limits(keeps.rooms),
+        history: keeps.history,
+        held: Vec::new(),
         links: HashMap::new(),
         presence: Presence::default(),
         chats: None,
@@ -118,11 +119,13 @@ pub(super) async fn rooms_task(
             }
             msg = inbox.recv() => {
                 let Some(msg) = msg else { return };
-                st.on_inbox(msg, &mut pending);
+                st.on_inbox(msg, &mut pending).await;
                 for _ in 1..DRAIN {
                     let Ok(msg) = inbox.try_recv() else { break };
-                    st.on_inbox(msg, &mut pending);
+                    st.on_inbox(msg, &mut pending).await;
                 }
+                // Group commit: every send drained is stored at once, then answered and delivered.
+                st.settle(&mut pending).await;
                 if pending.bytes() >= MAX_PENDING_BYTES {
                     send_batches(&st.links, pending.take(), &st.metrics);
                 }
@@ -150,11 +153,24 @@ pub(super) async fn rooms_task(
 
 type Links = HashMap<Arc<str>, (u64, Outbox)>;
 
+/// A request's answer and deliveries, held while a send it follows (or is) waits to be stored.
+struct Held {
+    connector: Arc<str>,
+    conn: u64,
+    id: u64,
+    result: Result<ChatReply, cluster::ChatError>,
+    deliveries: Vec<Delivery>,
+    /// The room of a staged send: it is answered `{}` and delivered only once its room's appends are stored.
+    staged: Option<String>,
+}
+
 /// What the rooms task owns.
 struct State {
     me: String,
     rooms: RoomTable,
-    history: Box<dyn History>,
+    history: History,
+    /// Answers and deliveries waiting for the history to store staged sends, in order.
+    held: Vec<Held>,
     links: Links,
     presence: Presence,
     /// The chat servers of the last membership this server is in (`None` before: it cannot tell which
@@ -168,7 +184,7 @@ impl State {
         self.chats.as_ref().is_none_or(|c| route::owner(rid, c) == Some(self.me.as_str()))
     }
 
-    fn on_inbox(&mut self, msg: Inbox, batches: &mut Batches) {
+    async fn on_inbox(&mut self, msg: Inbox, batches: &mut Batches) {
         match msg {
             Inbox::Link { connector, conn, outbox } => {
                 self.presence.linked(&connector);
@@ -180,37 +196,74 @@ impl State {
                     self.presence.unlinked(&connector, Instant::now());
                 }
             }
-            Inbox::Request { connector, conn, id: req_id, req } => {
+            Inbox::Request { connector, conn, id, req } => {
                 self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-                let (result, deliveries) = self.handle(&connector, req);
-                if result.is_err() {
-                    self.metrics.rpc_errors.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Some((c, out)) = self.links.get(&connector) {
-                    if *c == conn {
-                        let frame = cluster::encode_msg(&FromChat::Response { id: req_id, result });
-                        if out.try_send(frame).is_err() {
-                            self.metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                for d in deliveries {
-                    batches.add(d);
+                let (result, deliveries, staged) = self.handle(&connector, req, batches).await;
+                let held = Held { connector, conn, id, result, deliveries, staged };
+                if self.held.is_empty() && held.staged.is_none() {
+                    self.emit(held, batches);
+                } else {
+                    self.held.push(held);
                 }
             }
         }
     }
 
-    fn handle(
+    /// Stores the staged sends, then answers and delivers what was held, in order: a send whose room could
+    /// not be stored is answered with the error and delivered to no one.
+    async fn settle(&mut self, batches: &mut Batches) {
+        if self.held.is_empty() && !self.history.staged() {
+            return;
+        }
+        let failed = self.history.commit().await.err();
+        for mut h in std::mem::take(&mut self.held) {
+            if let (Some(f), Some(rid)) = (&failed, &h.staged) {
+                if f.rooms.contains(rid) {
+                    self.metrics.history_failures.fetch_add(1, Ordering::Relaxed);
+                    h.result =
+                        Err(cluster::ChatError::Other { msg: format!("the message could not be stored: {}", f.why) });
+                    h.deliveries.clear();
+                }
+            }
+            self.emit(h, batches);
+        }
+    }
+
+    fn emit(&self, h: Held, batches: &mut Batches) {
+        if h.result.is_err() {
+            self.metrics.rpc_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((c, out)) = self.links.get(&h.connector) {
+            if *c == h.conn {
+                let frame = cluster::encode_msg(&FromChat::Response { id: h.id, result: h.result });
+                if out.try_send(frame).is_err() {
+                    self.metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        for d in h.deliveries {
+            batches.add(d);
+        }
+    }
+
+    /// A request's answer, its deliveries, and the room of a staged send.
+    async fn handle(
         &mut self,
         connector: &Arc<str>,
         req: ChatRequest,
-    ) -> (Result<ChatReply, cluster::ChatError>, Vec<Delivery>) {
-        match req {
+        batches: &mut Batches,
+    ) -> (Result<ChatReply, cluster::ChatError>, Vec<Delivery>, Option<String>) {
+        let (r, d) = match req {
             ChatRequest::Join { member, .. } if !self.owns(&member.rid) => {
                 (Err(cluster::ChatError::NotOwner { rid: member.rid }), Vec::new())
             }
-            ChatRequest::Join { member, since } => self.join(connector, member, since),
+            ChatRequest::Join { member, since } => {
+                // What it recovers must be stored, and what it would miss live must be in what it recovers.
+                if since.is_some() {
+                    self.settle(batches).await;
+                }
+                self.join(connector, member, since).await
+            }
             ChatRequest::Leave { member } => (Ok(ChatReply::Done), self.rooms.leave(connector, &member)),
             ChatRequest::Send { rid, .. } if !self.owns(&rid) => {
                 (Err(cluster::ChatError::NotOwner { rid }), Vec::new())
@@ -218,45 +271,34 @@ impl State {
             ChatRequest::Send { rid, from, target, content } => {
                 self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
                 if !self.rooms.has_room(&rid) {
-                    return (Err(cluster::ChatError::Other { msg: format!("no room `{rid}`") }), Vec::new());
+                    return (Err(cluster::ChatError::Other { msg: format!("no room `{rid}`") }), Vec::new(), None);
                 }
                 // A private message to no one is refused, not stored and answered `{}` as if delivered.
                 if target != "*" && !self.rooms.has_user(&rid, &target) {
                     let msg = format!("no user {target:?} in room {rid:?}");
-                    return (Err(cluster::ChatError::Other { msg }), Vec::new());
+                    return (Err(cluster::ChatError::Other { msg }), Vec::new(), None);
                 }
-                // Stored first: an answered send is in the history.
-                let at = match self.history.append(&rid, &from, &target, &content, Instant::now()) {
+                // Numbered (and with memory stored) first: an answered send is in the history.
+                let at = match self.history.append(&rid, &from, &target, &content).await {
                     Ok(at) => at,
-                    Err(e) => return (Err(cluster::ChatError::Other { msg: e.to_string() }), Vec::new()),
+                    Err(e) => {
+                        self.metrics.history_failures.fetch_add(1, Ordering::Relaxed);
+                        return (Err(cluster::ChatError::Other { msg: e.to_string() }), Vec::new(), None);
+                    }
                 };
                 let chat = OnChat { msg: &content, from: &from, target: &target, epoch: &at.epoch, offset: at.offset };
-                match self.rooms.send(&rid, chat) {
-                    Ok(d) => (Ok(ChatReply::Done), d),
-                    Err(e) => (Err(e), Vec::new()),
-                }
+                let staged = self.history.staged().then(|| rid.clone());
+                return match self.rooms.send(&rid, chat) {
+                    Ok(d) => (Ok(ChatReply::Done), d, staged),
+                    Err(e) => (Err(e), Vec::new(), staged),
+                };
             }
             ChatRequest::History { rid, .. } if !self.owns(&rid) => {
                 (Err(cluster::ChatError::NotOwner { rid }), Vec::new())
             }
             ChatRequest::History { rid, username, since, before, limit } => {
-                let now = Instant::now();
-                let at = self.history.position(&rid, now);
-                let limit = (limit as usize).clamp(1, MAX_PAGE);
-                let (recovered, got) = match since {
-                    Some(s) => match self.history.read(&rid, &Query::Since(s), now) {
-                        Some(m) => (true, m),
-                        None => (false, Vec::new()),
-                    },
-                    None => (true, self.history.read(&rid, &Query::Before { before, limit }, now).unwrap_or_default()),
-                };
-                let messages = got
-                    .iter()
-                    .filter(|m| m.visible_to(&username))
-                    .take(limit)
-                    .map(|m| serde_json::json!({"msg": m.msg, "from": m.from, "target": m.target, "epoch": at.epoch, "offset": m.offset}))
-                    .collect();
-                (Ok(ChatReply::History { epoch: at.epoch, offset: at.offset, recovered, messages }), Vec::new())
+                self.settle(batches).await;
+                (self.history_page(&rid, &username, since, before, limit).await, Vec::new())
             }
             ChatRequest::Rejoin { members, .. } => {
                 let n = members.len();
@@ -267,12 +309,45 @@ impl State {
                 tracing::debug!("{connector:?} re-joined {n} members ({} ghosts left)", d.len());
                 (Ok(ChatReply::Done), d)
             }
-        }
+        };
+        (r, d, None)
+    }
+
+    /// `chat.chatHandler.history`: what `username` may see after `since`, or the page before `before`.
+    async fn history_page(
+        &mut self,
+        rid: &str,
+        username: &str,
+        since: Option<Since>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<ChatReply, cluster::ChatError> {
+        let failed = |e: super::history::HistoryError| cluster::ChatError::Other { msg: e.to_string() };
+        let at = self.history.position(rid).await.map_err(failed)?;
+        let limit = (limit as usize).clamp(1, MAX_PAGE);
+        let (recovered, got) = match since {
+            Some(s) => match self.history.read(rid, &Query::Since(s)).await.map_err(failed)? {
+                Some(m) => (true, m),
+                None => (false, Vec::new()),
+            },
+            None => (
+                true,
+                self.history.read(rid, &Query::Before { before, limit }).await.map_err(failed)?.unwrap_or_default(),
+            ),
+        };
+        let messages = got
+            .iter()
+            .filter(|m| m.visible_to(username))
+            .take(limit)
+            .map(|m| serde_json::json!({"msg": m.msg, "from": m.from, "target": m.target, "epoch": at.epoch, "offset": m.offset}))
+            .collect();
+        Ok(ChatReply::History { epoch: at.epoch, offset: at.offset, recovered, messages })
     }
 
     /// A join: the user list, where the room's history is, and with `since` the member's missed
-    /// messages (queued before anything live reaches it) or `recovered: false`.
-    fn join(
+    /// messages (queued before anything live reaches it) or `recovered: false`. A history that cannot be
+    /// read costs the join nothing but its recovery (`recovered: false`, an empty epoch).
+    async fn join(
         &mut self,
         connector: &Arc<str>,
         member: cluster::Member,
@@ -283,28 +358,49 @@ impl State {
             Ok(r) => r,
             Err(e) => return (Err(e), Vec::new()),
         };
-        let now = Instant::now();
-        let at = self.history.position(&rid, now);
-        let recovered = since.map(|s| {
-            let Some(missed) = self.history.read(&rid, &Query::Since(s), now) else { return false };
-            let Some((room, session)) = self.rooms.session_of(connector, &rid, &uid) else { return false };
-            let chats = missed.iter().filter(|m| m.visible_to(&username)).map(|m: &Stored| OnChat {
-                msg: &m.msg,
-                from: &m.from,
-                target: &m.target,
-                epoch: &at.epoch,
-                offset: m.offset,
-            });
-            let replay = self.rooms.replay(connector, &room, session, chats);
-            // More than its queue holds would get the client kicked, and again on every retry: it is told
-            // `recovered: false` and may page through `history` instead.
-            if replay.len() > MAX_REPLAY || replay.iter().map(|d| d.payload.len()).sum::<usize>() > MAX_REPLAY_BYTES {
-                return false;
+        let at = match self.history.position(&rid).await {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::warn!("room {rid:?}: {e}");
+                Since { epoch: String::new(), offset: 0 }
             }
-            out.extend(replay);
-            true
-        });
-        (Ok(ChatReply::Users { users, epoch: at.epoch, offset: at.offset, recovered }), out)
+        };
+        let mut paged = false;
+        let recovered = match since {
+            None => None,
+            Some(_) if at.epoch.is_empty() => Some(false),
+            Some(s) => {
+                let missed = match self.history.read(&rid, &Query::Since(s)).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("room {rid:?}: {e}");
+                        None
+                    }
+                };
+                Some(missed.is_some_and(|missed| {
+                    let Some((room, session)) = self.rooms.session_of(connector, &rid, &uid) else { return false };
+                    let chats = missed.iter().filter(|m| m.visible_to(&username)).map(|m: &Stored| OnChat {
+                        msg: &m.msg,
+                        from: &m.from,
+                        target: &m.target,
+                        epoch: &at.epoch,
+                        offset: m.offset,
+                    });
+                    let replay = self.rooms.replay(connector, &room, session, chats);
+                    // More than its queue holds would get the client kicked, and again on every retry: it is
+                    // told `recovered: false, paged: true` and pages through `history` instead.
+                    if replay.len() > MAX_REPLAY
+                        || replay.iter().map(|d| d.payload.len()).sum::<usize>() > MAX_REPLAY_BYTES
+                    {
+                        paged = true;
+                        return false;
+                    }
+                    out.extend(replay);
+                    true
+                }))
+            }
+        };
+        (Ok(ChatReply::Users { users, epoch: at.epoch, offset: at.offset, recovered, paged }), out)
     }
 
     /// Forgets rooms that moved to another chat server and tells [`Presence`] who is listed.

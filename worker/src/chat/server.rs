@@ -27,10 +27,10 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::history::HistoryLimits;
+use super::history::History;
 use super::outbox::{outbox, OUTBOX_BYTES};
 use super::room_table::{Limits, RoomTable};
-use super::rooms_task::{rooms_task, Bounds, Inbox};
+use super::rooms_task::{rooms_task, Inbox, Keeps};
 
 /// Frames queued for one connector.
 const OUTBOX: usize = 16 * 1024;
@@ -49,6 +49,8 @@ pub struct ChatMetrics {
     pub deliveries_out: AtomicU64,
     pub frames_dropped: AtomicU64,
     pub rpc_errors: AtomicU64,
+    /// Sends answered 500 because their history backend could not store them.
+    pub history_failures: AtomicU64,
 }
 
 impl ChatMetrics {
@@ -62,6 +64,7 @@ impl ChatMetrics {
         out.insert("deliveries_out_total".into(), g(&self.deliveries_out));
         out.insert("deliveries_dropped_total".into(), g(&self.frames_dropped));
         out.insert("rpc_errors_total".into(), g(&self.rpc_errors));
+        out.insert("history_failures_total".into(), g(&self.history_failures));
     }
 }
 
@@ -71,6 +74,9 @@ pub struct ChatServer {
     pub limits: Limits,
     /// `history` from servers.yaml (`None`: the defaults, or the environment's `POMELO_HISTORY_*`).
     pub history: Option<pomelo_proto::config::HistoryConfig>,
+    /// The master says this server's rooms had another owner while it was away: a `disk` history starts
+    /// anew (what it kept would continue with a silent gap).
+    pub fresh_history: bool,
     /// This server's key (hex).
     pub token: String,
     pub dict: Option<Arc<Dictionary>>,
@@ -83,7 +89,8 @@ pub struct ChatServer {
 }
 
 impl ChatServer {
-    pub fn start(self, listener: TcpListener) {
+    /// Opens the room history (a `disk` store that cannot be opened is an error) and serves.
+    pub fn start(self, listener: TcpListener) -> Result<(), String> {
         let (tx, rx) = mpsc::channel(INBOX);
         let stop = self.shutdown.clone();
         let key = Key::from_hex(&self.token);
@@ -94,10 +101,11 @@ impl ChatServer {
         let unauthenticated = Arc::new(Semaphore::new(auth::MAX_UNAUTHENTICATED));
         let metrics = self.metrics.clone();
         let tasks = self.tasks.clone();
-        let bounds = Bounds { rooms: self.limits, history: HistoryLimits::configured(self.history) };
+        let history = History::open(self.history.as_ref(), &self.id, self.fresh_history)?;
+        let keeps = Keeps { rooms: self.limits, history };
         let members = self.membership.clone();
         let rooms = RoomTable::new(self.dict).with_protobuf(self.protobuf);
-        self.tasks.spawn(rooms_task(self.id, rooms, self.membership, self.metrics, rx, stop.clone(), bounds));
+        self.tasks.spawn(rooms_task(self.id, rooms, self.membership, self.metrics, rx, stop.clone(), keeps));
         tasks.clone().spawn(async move {
             let mut next = 0u64;
             let stopping = stop.clone();
@@ -124,6 +132,7 @@ impl ChatServer {
             })
             .await;
         });
+        Ok(())
     }
 }
 

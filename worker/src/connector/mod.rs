@@ -165,6 +165,9 @@ impl Connector {
                 if let Some(r) = j.recovered {
                     reply["recovered"] = json!(r);
                 }
+                if j.paged {
+                    reply["paged"] = json!(true);
+                }
                 Ok(reply)
             }
             Err(e) => {

@@ -37,6 +37,8 @@ pub struct Joined {
     pub users: Vec<String>,
     pub at: Option<Since>,
     pub recovered: Option<bool>,
+    /// Not recovered only because the gap is too large to push: page through `history`.
+    pub paged: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,9 +138,9 @@ impl ChatClient {
         let session = member.session;
         lock(&self.inner.members).insert(session, member.clone());
         match self.call(&rid, ChatRequest::Join { member, since }).await {
-            Ok(ChatReply::Users { users, epoch, offset, recovered }) => {
+            Ok(ChatReply::Users { users, epoch, offset, recovered, paged }) => {
                 let at = (!epoch.is_empty()).then_some(Since { epoch, offset });
-                Ok(Joined { users, at, recovered })
+                Ok(Joined { users, at, recovered, paged })
             }
             Ok(_) => Ok(Joined::default()),
             Err(e) => {

@@ -189,6 +189,7 @@ impl MiniCluster {
         ChatServer {
             limits: Default::default(),
             history: None,
+            fresh_history: false,
             id: "chat-1".into(),
             token: key("chat-1"),
             dict: Some(Arc::new(chat_dictionary())),
@@ -198,7 +199,8 @@ impl MiniCluster {
             shutdown: shutdown.clone(),
             tasks: TaskTracker::new(),
         }
-        .start(listener);
+        .start(listener)
+        .expect("memory history");
         // Clients here do not send heartbeats of their own; a long interval keeps them for a whole test.
         let config = FrontendConfig { heartbeat: Some(Duration::from_secs(30)), ..connector_config() };
         let metrics = Arc::new(FrontendMetrics::new());
