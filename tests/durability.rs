@@ -633,3 +633,59 @@ async fn blast(gate: SocketAddr, rid: String, ctl: Arc<Control>) {
         }
     }
 }
+
+/// A Redis that goes away makes sends answer 500 (stored nowhere, delivered to no one, counted), costs the
+/// chat server nothing else, and once Redis is back (empty: its data went with it) the room goes on in a new
+/// epoch that says so; over raw TCP, with the chat server and its links untouched throughout.
+#[test]
+fn a_redis_outage_refuses_sends_instead_of_losing_them_and_heals() {
+    use crate::pomelo_client::try_login;
+    if !crate::harness::have(Redis::installed(), "redis-server") {
+        return;
+    }
+    let redis = Redis::start();
+    let c = Cluster::start(&cluster_yaml("redis", Some(&redis)));
+    c.wait_running();
+    let gate: SocketAddr = c.server("gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("addr");
+    let (mut ann, r) = wait_until(Duration::from_secs(20), "ann to enter", || try_login(gate, "ann", "outage"));
+    let (mut bob, _) = wait_until(Duration::from_secs(20), "bob to enter", || try_login(gate, "bob", "outage"));
+    let epoch = r["epoch"].clone();
+    let send = |cl: &mut crate::pomelo_client::Client, t: &str| {
+        cl.request("chat.chatHandler.send", json!({"content": t, "target": "*"}))
+    };
+    assert_eq!(send(&mut bob, "before"), json!({}));
+    let got = bob.collect("onChat", 1, Duration::from_secs(5), Duration::from_millis(100));
+    assert_eq!((&got[0]["epoch"], &got[0]["offset"]), (&epoch, &json!(1)), "{got:?}");
+    let port = redis.port;
+    drop(redis);
+    let r = send(&mut bob, "during");
+    assert_eq!(r["code"], 500, "{r}");
+    let owner = ["chat-1", "chat-2"]
+        .into_iter()
+        .find(|id| pomelo_proto::route::rendezvous("outage", ["chat-1", "chat-2"].into_iter()) == Some(*id))
+        .expect("owner");
+    wait_until(Duration::from_secs(5), "the failure to be counted", || {
+        (c.server(owner)["stats"]["history_failures_total"].as_f64().unwrap_or(0.0) >= 1.0).then_some(())
+    });
+    let quiet = ann.collect("onChat", 2, Duration::from_millis(500), Duration::ZERO);
+    assert_eq!(texts(&quiet), ["before"], "the refused send reached no one");
+    // Redis back on the same port, empty.
+    let child = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let back = Redis::adopt(port, child);
+    wait_until(Duration::from_secs(10), "redis to answer again", || back.ping().then_some(()));
+    wait_until(Duration::from_secs(15), "a send to be stored again", || {
+        (send(&mut bob, "after") == json!({})).then_some(())
+    });
+    let got = ann.collect("onChat", 1, Duration::from_secs(5), Duration::from_millis(300));
+    assert_eq!(texts(&got), ["after"], "{got:?}");
+    assert_ne!(got[0]["epoch"], epoch, "history was lost with Redis, and the push says so: {got:?}");
+    assert!(c.server(owner)["restarts"].as_u64() == Some(0), "the chat server never restarted");
+}
+
+fn texts(chats: &[Value]) -> Vec<&str> {
+    chats.iter().map(|b| b["msg"].as_str().unwrap_or("?")).collect()
+}

@@ -295,6 +295,11 @@ impl Redis {
         r
     }
 
+    /// One the test started itself (e.g. again on the same port).
+    pub fn adopt(port: u16, child: Child) -> Redis {
+        Redis { port, child }
+    }
+
     /// Whether it answers PING.
     pub fn ping(&self) -> bool {
         use std::io::{Read, Write};
