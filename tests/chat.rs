@@ -330,3 +330,36 @@ fn emoji_from_the_js_client_arrive_as_emoji() {
     assert_eq!(reply["code"], 500, "{reply}");
     assert!(b.collect("onChat", 1, Duration::from_millis(500), Duration::from_millis(50)).is_empty());
 }
+
+/// The chat page through a kill -9 of its room's chat server, with room history on disk: the sends made
+/// while it is down are refused on the page (not silently dropped), and both pages end with exactly the
+/// acknowledged messages, each once, in order, and no word of lost history.
+#[test]
+fn the_chat_page_loses_nothing_when_its_chat_server_is_killed_with_disk_history() {
+    use crate::harness::{browser_ready, signal};
+    if !browser_ready() {
+        return;
+    }
+    let cluster = CLUSTER
+        .replace("{id: chat-1, port: 0}", "{id: chat-1, port: 0, history: {backend: disk}}")
+        .replace("{id: chat-2, port: 0}", "{id: chat-2, port: 0, history: {backend: disk}}");
+    assert_eq!(cluster.matches("backend: disk").count(), 2, "{cluster}");
+    let c = Cluster::start(&yaml(&cluster, ""));
+    c.wait_running();
+    let g = gate(&c);
+    wait_until(Duration::from_secs(10), "a login to work", || {
+        try_login(g, "probe", "probe-room").map(|(mut cl, _)| cl.close())
+    });
+    let owner =
+        pomelo_proto::route::rendezvous("durable", ["chat-1", "chat-2"].into_iter()).expect("owner").to_string();
+    let before = c.server(&owner)["pid"].as_u64().expect("pid") as u32;
+    // The pages send for about 9 s after they are in (a few seconds after node starts): kill it mid-way.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(7));
+        signal(before, 9);
+    });
+    let seen = crate::harness::browser_script("chat-history.js", &[format!("http://{g}/"), "30".into()]);
+    killer.join().expect("killer");
+    assert_eq!(seen["ok"], true);
+    assert_ne!(c.server(&owner)["pid"].as_u64(), Some(before as u64), "{owner} was killed and restarted");
+}

@@ -12,6 +12,7 @@
 use std::time::Instant;
 
 use pomelo_proto::config::{ConfigError, ConfigErrors, Topology};
+use pomelo_proto::control::ServerType;
 
 use super::core::{text_hash, Core, Out, Slot, SHUTDOWN_SLACK};
 use super::server::{AfterStop, Phase};
@@ -159,6 +160,10 @@ impl Core {
             // Started wherever it lives: a child here, over ssh on its host, or awaited from its platform.
             self.slots.push(Slot::new(spec.clone()));
             let i = self.slots.len() - 1;
+            // A disk chat server added while others run (or added back after a removal, its old file still
+            // on its host) must not continue rooms they have owned meanwhile.
+            let chats_live = self.membership.servers.iter().any(|s| s.server_type == ServerType::Chat);
+            self.slots[i].rooms_moved = self.slots[i].keeps_disk_history() && chats_live;
             let actions = self.slots[i].server.start(now, &cfg);
             self.apply(i, actions, out);
         }

@@ -147,7 +147,8 @@ impl Core {
         }
         let servers = self.live_servers();
         let chats_in = servers.iter().filter(|s| s.server_type == ServerType::Chat).count();
-        for slot in self.slots.iter_mut().filter(|s| s.keeps_disk_history() && s.addrs.rpc.is_some()) {
+        // (One that never registered with this master has no rooms to lose: the first start of a cluster.)
+        for slot in self.slots.iter_mut().filter(|s| s.keeps_disk_history() && s.spec_hash.is_some()) {
             if chats_in > 0 && !servers.iter().any(|s| s.id == slot.server.spec.id) {
                 slot.rooms_moved = true;
             }

@@ -192,3 +192,55 @@ fn a_remote_server_is_stopped_over_its_link_and_never_signalled() {
         "asked over its link: {effects:?}"
     );
 }
+
+/// A chat server whose history is its own disk keeps its rooms while it restarts (it stays in the
+/// membership: they wait for it rather than start a new epoch elsewhere); one that was stopped while the
+/// other chat server ran starts with its store emptied, since that one owned its rooms meanwhile.
+#[test]
+fn a_disk_chat_server_keeps_its_rooms_while_it_restarts_and_starts_anew_after_others_had_them() {
+    let servers = ALL.replace("{id: chat-1, port: 0}", "{id: chat-1, port: 0, history: {backend: disk}}");
+    let mut s = Sim::new(&servers, &[]);
+    for id in ["gate-1", "conn-1", "conn-2", "chat-1", "chat-2"] {
+        s.register(id);
+    }
+    let fresh = |e: &[Effect]| -> Vec<bool> {
+        e.iter()
+            .filter_map(|e| match e {
+                Effect::Spawn(spec) if spec.worker.server.id == "chat-1" => Some(spec.worker.fresh_history),
+                _ => None,
+            })
+            .collect()
+    };
+    let kill = |s: &mut Sim, id: &str| {
+        let pid = s.pid(id);
+        let conn = s.core.slots[s.core.index(id).expect("slot")].link.expect("linked");
+        let mut e = s.ev(Event::Closed { conn, id: id.into() });
+        e.extend(s.ev(Event::Exited {
+            id: id.into(),
+            pid,
+            status: ExitStatus::Signal { signal: 9, name: "SIGKILL".into() },
+        }));
+        e
+    };
+    kill(&mut s, "chat-1");
+    assert!(ids(s.core.membership()).contains(&"chat-1"), "kept while it restarts");
+    let e = s.advance(Duration::from_secs(2));
+    assert_eq!(fresh(&e), [false], "restarted with its history");
+    s.register("chat-1");
+    // A memory chat server killed leaves at once: its rooms move.
+    kill(&mut s, "chat-2");
+    assert!(!ids(s.core.membership()).contains(&"chat-2"));
+    s.advance(Duration::from_secs(2));
+    s.register("chat-2");
+    // Stopped while chat-2 runs: it leaves, chat-2 takes its rooms, and it comes back with an empty store.
+    let pid = s.pid("chat-1");
+    s.ev(Event::Command(Command::Stop("chat-1".into())));
+    s.ev(Event::Exited { id: "chat-1".into(), pid, status: ExitStatus::Code { code: 0 } });
+    assert!(!ids(s.core.membership()).contains(&"chat-1"), "stopped: its rooms move");
+    let e = s.ev(Event::Command(Command::Start("chat-1".into())));
+    assert_eq!(fresh(&e), [true], "chat-2 owned its rooms meanwhile");
+    s.register("chat-1");
+    kill(&mut s, "chat-1");
+    let e = s.advance(Duration::from_secs(2));
+    assert_eq!(fresh(&e), [false], "a crash after that keeps the history again");
+}

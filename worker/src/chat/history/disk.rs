@@ -41,6 +41,8 @@ pub struct DiskHistory {
     rooms: HashMap<String, Position>,
     /// Rooms whose position must be written with the next commit (a new epoch).
     dirty: HashSet<String>,
+    /// Rooms that moved away, whose records the writer may not have deleted yet: never read back.
+    forgotten: HashSet<String>,
     staged: Vec<Staged>,
     epochs: Epochs,
     writer: SyncSender<Job>,
@@ -115,6 +117,7 @@ impl DiskHistory {
             limits,
             rooms: HashMap::new(),
             dirty: HashSet::new(),
+            forgotten: HashSet::new(),
             staged: Vec::new(),
             epochs: Epochs::new(),
             writer,
@@ -124,7 +127,12 @@ impl DiskHistory {
 
     fn load(&mut self, rid: &str) -> Result<&mut Position, HistoryError> {
         if !self.rooms.contains_key(rid) {
-            let stored = read_room(&self.db, rid).map_err(HistoryError::Backend)?;
+            // A room that came back after moving away starts anew (its deletion is queued before the next
+            // commit, which writes its new epoch).
+            let stored = match self.forgotten.remove(rid) {
+                true => None,
+                false => read_room(&self.db, rid).map_err(HistoryError::Backend)?,
+            };
             let p = match stored {
                 Some(p) => p,
                 None => {
@@ -217,7 +225,11 @@ impl DiskHistory {
             Ok(names) => names.into_iter().filter(|r| !owns(r)).collect::<Vec<_>>(),
             Err(e) => return tracing::error!("cannot list the stored rooms: {e}"),
         };
-        if !moved.is_empty() && self.writer.try_send(Job::Forget(moved)).is_err() {
+        if moved.is_empty() {
+            return;
+        }
+        self.forgotten.extend(moved.iter().cloned());
+        if self.writer.try_send(Job::Forget(moved)).is_err() {
             tracing::error!("could not forget moved rooms: the history writer is not keeping up");
         }
     }
