@@ -5,6 +5,8 @@
 //!   API, starts `--procs` generator processes, runs the timeline and prints the report as JSON.
 //! - `pomelo-bench wait -c servers.yaml`: waits until every server of the cluster is running.
 //! - `pomelo-bench summary REPORT...`: the reports' figures against the bar.
+//! - `pomelo-bench floor --connections N --rate R`: the machine's floor, one `write()` per delivery
+//!   (see [`floor`]), as a report `summary` sets the scenarios' server CPU against.
 //! - `pomelo-bench gen` (internal): one generator process, driven by `run` over stdin/stdout.
 //!
 //! Modules: [`spec`] what a run does; [`connect`], [`client`], [`inbound`], [`wire`] and [`ws`] one
@@ -15,6 +17,7 @@
 mod client;
 mod cluster;
 mod connect;
+mod floor;
 mod inbound;
 mod orchestrate;
 mod report;
@@ -133,6 +136,28 @@ enum Cmd {
     },
     /// Print the figures of reports written by `run --out` against the bar.
     Summary { reports: Vec<PathBuf> },
+    /// The machine's floor: one process writing 100 bytes per delivery round-robin over N loopback
+    /// connections to another that reads them with epoll; prints the report (JSON).
+    Floor {
+        #[arg(long, default_value_t = 2000)]
+        connections: u32,
+        /// Deliveries per second, all connections together.
+        #[arg(long, default_value_t = 200_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 100)]
+        bytes: usize,
+        /// Also write the report to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The floor's reader (started by `floor`).
+    #[command(hide = true)]
+    FloorRead {
+        #[arg(long)]
+        connections: u32,
+    },
     /// One generator process (started by `run`).
     #[command(hide = true)]
     Gen {
@@ -189,6 +214,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", cluster::gate_addr(&view)?);
         }
         Cmd::Summary { reports } => summary::run(&reports)?,
+        Cmd::Floor { connections, rate, secs, bytes, out } => {
+            let report = floor::run(connections, rate, secs, bytes)?;
+            let text = serde_json::to_string_pretty(&report)?;
+            if let Some(out) = &out {
+                std::fs::write(out, &text).with_context(|| format!("cannot write {}", out.display()))?;
+            }
+            println!("{text}");
+        }
+        Cmd::FloorRead { connections } => floor::read(connections)?,
         Cmd::Gen { shard, spec } => {
             let spec: Spec = serde_json::from_str(&spec).context("bad --spec")?;
             spec.check().map_err(anyhow::Error::msg)?;

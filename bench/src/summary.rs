@@ -106,6 +106,28 @@ fn validity(r: &Value) -> String {
     )
 }
 
+/// The scenario's server CPU per delivery against the floor measured in the same run (`floor` report).
+fn floor_line(s: &Value, floor: &Value) -> String {
+    let (server, writer) = (f(&s["server_cpu_us_per_delivery"]), f(&floor["writer_cpu_us_per_delivery"]));
+    let p = &floor["params"];
+    format!(
+        "  floor: one write() per delivery costs {writer:.3} µs (reader {:.3} µs) at {} connections and {:.0}/s: server CPU per delivery is {:.2}× the floor\n",
+        f(&floor["reader_cpu_us_per_delivery"]),
+        p["connections"],
+        f(&floor["deliveries_per_sec"]),
+        server / writer
+    )
+}
+
+/// The text block for one report (with the floor measured beside it, if any).
+pub fn block_with(r: &Value, floor: Option<&Value>) -> String {
+    let mut out = block(r);
+    if let Some(fl) = floor {
+        out.push_str(&floor_line(&last_step(r), fl));
+    }
+    out
+}
+
 /// The text block for one report.
 pub fn block(r: &Value) -> String {
     let name = r["scenario"].as_str().unwrap_or("?");
@@ -199,11 +221,18 @@ pub fn block(r: &Value) -> String {
     out
 }
 
+/// Prints each report's block; a scenario's floor is `<scenario>-floor.json` beside its report.
 pub fn run(files: &[PathBuf]) -> anyhow::Result<()> {
-    for path in files {
+    let load = |path: &std::path::Path| -> anyhow::Result<Value> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let r: Value = serde_json::from_str(&text).with_context(|| format!("{} is not a report", path.display()))?;
-        print!("{}", block(&r));
+        serde_json::from_str(&text).with_context(|| format!("{} is not a report", path.display()))
+    };
+    for path in files {
+        let r = load(path)?;
+        let name = r["scenario"].as_str().unwrap_or("?");
+        let floor = path.parent().map(|d| d.join(format!("{name}-floor.json"))).filter(|p| p.exists());
+        let floor = floor.map(|p| load(&p)).transpose()?;
+        print!("{}", block_with(&r, floor.as_ref()));
     }
     Ok(())
 }
@@ -229,6 +258,17 @@ mod tests {
             "steps": [{"warmup": false, "secs": 1.0, "send_errors": 0, "missing": 0,
                        "latency_ms": {"p99": 1.0}, "max_send_lag_ms": 0.5}],
         })
+    }
+
+    #[test]
+    fn the_floor_gives_the_ratio() {
+        let mut r = report("rooms-100", 10, (1, 1));
+        r["steps"][0]["server_cpu_us_per_delivery"] = json!(6.0);
+        let floor = json!({"params": {"connections": 2000}, "deliveries_per_sec": 200000.0,
+                           "writer_cpu_us_per_delivery": 4.8, "reader_cpu_us_per_delivery": 4.2});
+        let b = block_with(&r, Some(&floor));
+        assert!(b.contains("costs 4.800 µs") && b.contains("is 1.25× the floor"), "{b}");
+        assert!(!block_with(&r, None).contains("floor"));
     }
 
     #[test]
