@@ -273,6 +273,8 @@ pub fn repo() -> PathBuf {
 /// A redis-server of the test's own on a free loopback port (no persistence), killed by pid on drop.
 pub struct Redis {
     pub port: u16,
+    /// The address it listens on.
+    pub ip: String,
     child: Child,
 }
 
@@ -284,26 +286,42 @@ impl Redis {
 
     /// Starts one and waits until it answers PING; panics (with how to get one) when there is none.
     pub fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        Redis::start_on("127.0.0.1")
+    }
+
+    /// [`Redis::start`] listening on `ip` (in the network namespace of the calling thread).
+    pub fn start_on(ip: &str) -> Redis {
+        let port = std::net::TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).expect("a free port").port();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                ip,
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (Debian's redis-server package; .ci/run installs it)");
-        let r = Redis { port, child };
+        let r = Redis { port, ip: ip.to_string(), child };
         wait_until(Duration::from_secs(10), "redis-server to answer", || r.ping().then_some(()));
         r
     }
 
     /// One the test started itself (e.g. again on the same port).
     pub fn adopt(port: u16, child: Child) -> Redis {
-        Redis { port, child }
+        Redis { port, ip: "127.0.0.1".into(), child }
     }
 
     /// Whether it answers PING.
     pub fn ping(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let Ok(mut s) = std::net::TcpStream::connect((self.ip.as_str(), self.port)) else { return false };
         s.set_read_timeout(Some(Duration::from_secs(1))).ok();
         let mut buf = [0u8; 7];
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"

@@ -306,3 +306,75 @@ fn one_cluster_across_three_hosts_over_ssh() {
     drop(c);
     drop(hosts);
 }
+
+/// The `redis` history backend across hosts: Redis on A, chat servers on B and C. The host of the room's
+/// chat server is lost; the room moves to the other host's chat server, which continues its epoch and
+/// sequence from Redis, and a newcomer entering with `since` from before the loss recovers every message,
+/// from both owners, in order.
+#[test]
+fn redis_history_follows_a_room_when_its_chat_server_s_host_is_lost() {
+    if let Some(why) = net::unavailable() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "multihost test cannot run under CI: {why}");
+        eprintln!("SKIPPED redis_history_follows_a_room_when_its_chat_server_s_host_is_lost: {why}");
+        return;
+    }
+    if !harness::have(harness::Redis::installed(), "redis-server") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = net::Hosts::new(dir.path());
+    hosts.enter_a();
+    let redis = harness::Redis::start_on(&hosts.ip[0]);
+    let history = format!("history: {{backend: redis, url: 'redis://{}:{}'}}", hosts.ip[0], redis.port);
+    let text = yaml(&hosts, dir.path())
+        .replace("{id: chat-b, host:", &format!("{{id: chat-b, {history}, host:"))
+        .replace("{id: chat-c, host:", &format!("{{id: chat-c, {history}, host:"));
+    assert_eq!(text.matches("backend: redis").count(), 2, "{text}");
+    let c = Cluster::start(&text);
+    c.wait_running();
+    let gate: SocketAddr = state(&c, "gate-1")["addrs"]["client"].as_str().expect("gate").parse().expect("gate addr");
+    let rid = "annals";
+    let owner = pomelo_proto::route::rendezvous(rid, ["chat-b", "chat-c"].into_iter()).expect("owner");
+    let (lost, kept) = if owner == "chat-b" { (1, 2) } else { (2, 1) };
+    let (name, mut user) = user_on(gate, &hosts.ip[kept], "k", rid);
+    let send = |u: &mut Client, t: &str| {
+        u.request("chat.chatHandler.send", json!({"rid": rid, "content": t, "from": name, "target": "*"}))
+    };
+    for t in ["h1", "h2"] {
+        assert_eq!(send(&mut user, t), json!({}));
+    }
+    let got = user.collect("onChat", 2, Duration::from_secs(5), Duration::from_millis(50));
+    let (epoch, before) = (got[0]["epoch"].clone(), got[0]["offset"].as_u64().expect("offset"));
+    assert_eq!(got[1]["offset"].as_u64(), Some(before + 1), "{got:?}");
+
+    // The owner's host drops off: the room moves to the other host's chat server.
+    hosts.link(lost, false);
+    wait_until(Duration::from_secs(10), "the owner out of the membership", || {
+        (state(&c, owner)["state"] != "running").then_some(())
+    });
+    wait_until(Duration::from_secs(15), "a send to be stored by the new owner", || {
+        (send(&mut user, "h3") == json!({})).then_some(())
+    });
+    let got = user.collect("onChat", 1, Duration::from_secs(5), Duration::from_millis(300));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (&got[0]["epoch"], got[0]["offset"].as_u64()),
+        (&epoch, Some(before + 2)),
+        "the sequence goes on: {got:?}"
+    );
+    // A newcomer from before the loss gets all three, from both owners, in order.
+    let addr = entry(gate, "newcomer");
+    let mut n = Client::connect(addr);
+    let r = n.request(
+        "connector.entryHandler.enter",
+        json!({"username": "newcomer", "rid": rid, "since": {"epoch": epoch, "offset": before - 1}}),
+    );
+    assert_eq!(r["recovered"], true, "{r}");
+    let got = n.collect("onChat", 3, Duration::from_secs(5), Duration::from_millis(300));
+    let texts: Vec<&str> = got.iter().filter_map(|b| b["msg"].as_str()).collect();
+    assert_eq!(texts, ["h1", "h2", "h3"], "{got:?}");
+    hosts.link(lost, true);
+    drop(c);
+    drop(redis);
+    drop(hosts);
+}
