@@ -268,7 +268,7 @@ impl Client {
         let due = p.due_us();
         let lag = now_us().saturating_sub(due);
         p.n += 1;
-        let stamp = Stamp { sender: self.g, seq: self.seq, step: p.k, sent_us: due };
+        let stamp = Stamp { sender: self.g, seq: self.seq, step: p.k, sent_us: due, lag_us: lag };
         self.seq += 1;
         let content = wire::content(stamp, shard.spec.payload);
         let body = wire::send_body(&self.rid, &content, &self.username);

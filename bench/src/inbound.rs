@@ -152,6 +152,7 @@ impl Client {
         if w.see(stamp.seq) {
             step.counts.received += 1;
             let _ = step.hist.record(now.saturating_sub(stamp.sent_us).max(1));
+            let _ = step.hist_write.record(now.saturating_sub(stamp.sent_us + stamp.lag_us).max(1));
         } else {
             step.counts.duplicates += 1;
         }

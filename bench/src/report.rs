@@ -135,6 +135,7 @@ impl StepResult {
             "duplicates": c.duplicates,
             "deliveries_per_sec": (c.received as f64 / self.step.secs.max(1e-9)).round(),
             "latency_ms": percentiles_ms(&c.latency_us),
+            "latency_from_write_ms": percentiles_ms(&c.latency_from_write_us),
             "max_send_lag_ms": ms(c.max_send_lag_us),
             "wall_secs": self.wall_secs,
             "machine_cpu_busy": (self.machine_busy * 1000.0).round() / 1000.0,

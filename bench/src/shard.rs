@@ -68,7 +68,10 @@ impl Clock {
 /// One step's live counts.
 pub struct LiveStep {
     pub counts: StepCounts,
+    /// Latency from when each message was due.
     pub hist: Histogram<u64>,
+    /// Latency from when each message was written (the generator's own lag taken out).
+    pub hist_write: Histogram<u64>,
 }
 
 /// State shared by the clients of this process.
@@ -118,6 +121,7 @@ impl Shard {
         let s = steps.get(k)?;
         let mut c = s.counts.clone();
         c.latency_us = track::hist_pairs(&s.hist);
+        c.latency_from_write_us = track::hist_pairs(&s.hist_write);
         Some(c)
     }
 }
@@ -172,6 +176,7 @@ async fn drive(spec: Spec, index: u32) {
         .map(|_| LiveStep {
             counts: StepCounts { sent_by_room: vec![0; rooms], ..Default::default() },
             hist: track::new_hist(),
+            hist_write: track::new_hist(),
         })
         .collect();
     let shard = Rc::new(Shard {

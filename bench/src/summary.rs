@@ -44,7 +44,7 @@ fn last_step(r: &Value) -> Value {
 fn step_line(s: &Value) -> String {
     let l = &s["latency_ms"];
     format!(
-        "{} msg/s per client: {} of {} deliveries ({} missing, {} dup), {:.0}/s, p50 {} p99 {} max {} ms, server {:.3} µs/delivery, generator {:.3} µs/delivery, machine {:.0}% busy, send lag max {} ms",
+        "{} msg/s per client: {} of {} deliveries ({} missing, {} dup), {:.0}/s, p50 {} p99 {} max {} ms (from the write: p50 {} p99 {} max {}), server {:.3} µs/delivery, generator {:.3} µs/delivery, machine {:.0}% busy, send lag max {} ms",
         s["rate_per_client"],
         s["deliveries_received"],
         s["deliveries_expected"],
@@ -54,6 +54,9 @@ fn step_line(s: &Value) -> String {
         l["p50"],
         l["p99"],
         l["max"],
+        s["latency_from_write_ms"]["p50"],
+        s["latency_from_write_ms"]["p99"],
+        s["latency_from_write_ms"]["max"],
         f(&s["server_cpu_us_per_delivery"]),
         f(&s["generator_cpu_us_per_delivery"]),
         f(&s["machine_cpu_busy"]) * 100.0,

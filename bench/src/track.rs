@@ -88,6 +88,9 @@ pub struct StepCounts {
     pub duplicates: u64,
     /// Latency of every unique delivery, microseconds.
     pub latency_us: Vec<(u64, u64)>,
+    /// The same from when each message was written (without the generator's lag behind its schedule).
+    #[serde(default)]
+    pub latency_from_write_us: Vec<(u64, u64)>,
     /// Largest delay between when a send was due and when it was written, microseconds.
     pub max_send_lag_us: u64,
 }
@@ -101,6 +104,7 @@ impl StepCounts {
         self.duplicates += o.duplicates;
         self.max_send_lag_us = self.max_send_lag_us.max(o.max_send_lag_us);
         self.latency_us = merged(&self.latency_us, &o.latency_us);
+        self.latency_from_write_us = merged(&self.latency_from_write_us, &o.latency_from_write_us);
     }
 }
 

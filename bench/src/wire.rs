@@ -5,7 +5,7 @@
 //! bench measures the parser the server uses: [`next_package`] is `wire::package::peek` over a plain
 //! slice, and [`classify`] sorts what `Message::peek` reads: a response is its id and body, a push its
 //! route and body. The
-//! message content carries `sender.seq.step.timestamp_us.` and [`parse_chat`] reads those four numbers
+//! message content carries `sender.seq.step.due_us.lag_us.` and [`parse_chat`] reads those five numbers
 //! straight out of the `onChat` JSON, which the chat server writes with `msg` first. No I/O here.
 
 use bytes::Bytes;
@@ -83,12 +83,15 @@ pub struct Stamp {
     pub sender: u32,
     pub seq: u32,
     pub step: u32,
+    /// When the message was due (latency counts from here: no coordinated omission).
     pub sent_us: u64,
+    /// How late the generator wrote it (due → write): latency minus this is the cluster's and the kernel's.
+    pub lag_us: u64,
 }
 
 /// Writes the content of a message: the stamp, then `x` up to `payload` bytes.
 pub fn content(s: Stamp, payload: usize) -> String {
-    let mut c = format!("{}.{}.{}.{}.", s.sender, s.seq, s.step, s.sent_us);
+    let mut c = format!("{}.{}.{}.{}.{}.", s.sender, s.seq, s.step, s.sent_us, s.lag_us);
     if c.len() < payload {
         c.extend(std::iter::repeat_n('x', payload - c.len()));
     }
@@ -103,7 +106,7 @@ pub fn send_body(rid: &str, content: &str, from: &str) -> Vec<u8> {
 /// Reads the stamp out of an `onChat` body `{"msg":"<stamp>...`.
 pub fn parse_chat(body: &[u8]) -> Option<Stamp> {
     let rest = body.strip_prefix(br#"{"msg":""#)?;
-    let mut nums = [0u64; 4];
+    let mut nums = [0u64; 5];
     let mut pos = 0;
     for n in &mut nums {
         let digits = rest.get(pos..)?.iter().take_while(|b| b.is_ascii_digit()).count();
@@ -120,6 +123,7 @@ pub fn parse_chat(body: &[u8]) -> Option<Stamp> {
         seq: u32::try_from(nums[1]).ok()?,
         step: u32::try_from(nums[2]).ok()?,
         sent_us: nums[3],
+        lag_us: nums[4],
     })
 }
 
@@ -133,7 +137,7 @@ mod tests {
     fn packages_split_and_classify() {
         let mut buf = heartbeat().to_vec();
         buf.extend_from_slice(&pomelo_proto::wire::encode_response(300, b"{}").unwrap());
-        let push = encode_push(None, "onChat", br#"{"msg":"7.3.1.123456.xxx","from":"b7","target":"*"}"#).unwrap();
+        let push = encode_push(None, "onChat", br#"{"msg":"7.3.1.123456.20.xxx","from":"b7","target":"*"}"#).unwrap();
         buf.extend_from_slice(&push);
         buf.extend_from_slice(&[4, 0, 0]);
         let (p, n) = next_package(&buf).unwrap().unwrap();
@@ -143,14 +147,14 @@ mod tests {
         let (p, n3) = next_package(&buf[n + n2..]).unwrap().unwrap();
         let Data::Push { route, code: None, body } = classify(p.body) else { panic!("push") };
         assert_eq!(route, b"onChat");
-        assert_eq!(parse_chat(body), Some(Stamp { sender: 7, seq: 3, step: 1, sent_us: 123456 }));
+        assert_eq!(parse_chat(body), Some(Stamp { sender: 7, seq: 3, step: 1, sent_us: 123456, lag_us: 20 }));
         assert_eq!(next_package(&buf[n + n2 + n3..]).unwrap(), None);
         assert!(next_package(&[9, 0, 0, 0]).is_err());
     }
 
     #[test]
     fn content_round_trips_through_the_chat_body() {
-        let s = Stamp { sender: 1999, seq: 42, step: 0, sent_us: 9_876_543_210 };
+        let s = Stamp { sender: 1999, seq: 42, step: 0, sent_us: 9_876_543_210, lag_us: 1_234 };
         let c = content(s, 100);
         assert_eq!(c.len(), 100);
         let body = format!(r#"{{"msg":"{c}","from":"b1999","target":"*"}}"#);
