@@ -203,6 +203,19 @@ pub fn block(r: &Value) -> String {
                 against(per, 5.0, "KiB/connection")
             );
         }
+        "login-storm" => {
+            let c = &r["connections"];
+            let secs = f(&c["connect_secs"]);
+            let _ = writeln!(
+                out,
+                "  {} of {} logged in (gate, connector, enter) in {secs:.2} s: {:.0} logins/s, p99 {} ms; bar: all in {}",
+                c["made"],
+                c["attempted"],
+                f(&c["connects_per_sec"]),
+                c["connect_time_ms"]["p99"],
+                against(secs, 3.0, "s")
+            );
+        }
         "overflow" => {
             let refused: f64 = r["server"]["servers"]
                 .as_array()
