@@ -118,7 +118,7 @@ pub enum HistoryError {
 pub enum History {
     Memory(MemoryHistory),
     Disk(disk::DiskHistory),
-    Redis(redis::RedisHistory),
+    Redis(Box<redis::RedisHistory>),
 }
 
 impl History {
@@ -131,13 +131,14 @@ impl History {
         Ok(match cfg.map(|c| c.backend) {
             None | Some(HistoryBackend::Memory) => History::Memory(MemoryHistory::new(limits)),
             Some(HistoryBackend::Disk) => {
-                let dir = cfg.and_then(|c| c.dir.clone()).unwrap_or_else(|| ".pomelo/history".into());
+                // servers.yaml resolves `dir` (default `<runDir>/history`) for every disk chat server.
+                let dir = cfg.and_then(|c| c.dir.clone()).ok_or("the disk backend has no `dir`")?;
                 History::Disk(disk::DiskHistory::open(&dir.join(format!("{id}.redb")), limits, fresh)?)
             }
             Some(HistoryBackend::Redis) => {
                 let c = cfg.expect("a redis config");
                 let url = c.url.clone().ok_or("the redis backend needs `url`")?;
-                History::Redis(redis::RedisHistory::new(&url, &c.prefix, limits)?)
+                History::Redis(Box::new(redis::RedisHistory::new(&url, &c.prefix, limits)?))
             }
         })
     }
@@ -239,8 +240,35 @@ pub(crate) struct Staged {
     pub offset: u64,
     pub from: String,
     pub target: String,
-    pub msg: String,
+    /// The message's JSON, serialized once here and written as is.
+    pub msg: Box<serde_json::value::RawValue>,
     pub at_ms: u64,
+}
+
+impl Staged {
+    /// Numbers the next message of the room at `p` (advancing it) and stages it; its position.
+    pub(crate) fn next(
+        staged: &mut Vec<Staged>,
+        rid: &str,
+        p: &mut Position,
+        from: &str,
+        target: &str,
+        msg: &Value,
+    ) -> Result<Since, HistoryError> {
+        let msg = serde_json::value::to_raw_value(msg).map_err(|e| HistoryError::Backend(e.to_string()))?;
+        p.top += 1;
+        let at = Since { epoch: p.epoch.clone(), offset: p.top };
+        staged.push(Staged {
+            rid: rid.to_string(),
+            epoch: at.epoch.clone(),
+            offset: at.offset,
+            from: from.to_string(),
+            target: target.to_string(),
+            msg,
+            at_ms: unix_ms(),
+        });
+        Ok(at)
+    }
 }
 
 /// A room's position as a staging backend last stored or numbered it.
@@ -323,9 +351,7 @@ impl MemoryHistory {
         ring.expire(&limits, now);
         ring
     }
-}
 
-impl MemoryHistory {
     pub fn position(&mut self, rid: &str, now: Instant) -> Since {
         let r = self.ring(rid, now);
         Since { epoch: r.epoch.clone(), offset: r.top }

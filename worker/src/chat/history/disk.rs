@@ -10,21 +10,37 @@
 //! Writes go to a thread of their own, so an fsync never blocks the runtime: the rooms task stages a
 //! batch, hands it over and waits for the answer before it answers any of those sends. Reads are redb read
 //! transactions on the rooms task (they see only committed data, which is why the rooms task commits
-//! before it reads a room it has staged appends for).
+//! before it reads a room it has staged appends for). The writer also keeps the set of rooms on disk, so
+//! a membership change finds the rooms that moved away without reading the store.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pomelo_proto::cluster::Since;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{covers, unix_ms, Epochs, Failed, HistoryError, HistoryLimits, Position, Query, Staged, Stored};
+
+/// The rooms the store holds, kept by the writer thread (commits add, forgets and sweeps remove).
+type StoredRooms = Arc<Mutex<HashSet<String>>>;
+
+fn names(s: &StoredRooms) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn forget_names(s: &StoredRooms, gone: &[String]) {
+    let mut names = names(s);
+    for r in gone {
+        names.remove(r);
+    }
+}
 
 /// Room → `{"epoch", "top", "at"}` (`at`: when it was last written, in Unix ms).
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
@@ -38,11 +54,15 @@ const SWEEP: Duration = Duration::from_secs(60);
 pub struct DiskHistory {
     db: Arc<Database>,
     limits: HistoryLimits,
+    /// Positions of the rooms in use, at most `limits.rooms` (the store has the rest).
     rooms: HashMap<String, Position>,
     /// Rooms whose position must be written with the next commit (a new epoch).
     dirty: HashSet<String>,
     /// Rooms that moved away, whose records the writer may not have deleted yet: never read back.
     forgotten: HashSet<String>,
+    /// Moved rooms whose deletion the writer has not been handed yet (its queue was full).
+    to_forget: Vec<String>,
+    stored: StoredRooms,
     staged: Vec<Staged>,
     epochs: Epochs,
     writer: SyncSender<Job>,
@@ -88,27 +108,38 @@ impl DiskHistory {
         txn.open_table(ROOMS).map_err(err)?;
         txn.open_table(MESSAGES).map_err(err)?;
         txn.commit().map_err(err)?;
+        let stored: StoredRooms = Arc::new(Mutex::new(room_names(&db)?));
         let db = Arc::new(db);
         let (writer, jobs) = sync_channel(QUEUE);
-        let (w, ttl) = (db.clone(), limits.ttl);
+        let (w, ttl, on_disk) = (db.clone(), limits.ttl, stored.clone());
         let thread = std::thread::Builder::new()
             .name("history-disk".into())
-            .spawn(move || loop {
-                match jobs.recv_timeout(SWEEP) {
-                    Ok(Job::Commit { staged, rooms, done }) => {
-                        let _ = done.send(write(&w, &staged, &rooms, &limits));
+            .spawn(move || {
+                // Swept every SWEEP whether or not commits keep coming.
+                let mut swept = std::time::Instant::now();
+                loop {
+                    match jobs.recv_timeout(SWEEP.saturating_sub(swept.elapsed())) {
+                        Ok(Job::Commit { staged, rooms, done }) => {
+                            let r = write(&w, &staged, &rooms, &limits);
+                            if r.is_ok() {
+                                names(&on_disk).extend(rooms.into_iter().map(|(rid, _)| rid));
+                            }
+                            let _ = done.send(r);
+                        }
+                        Ok(Job::Forget(rids)) => match forget(&w, &rids) {
+                            Ok(()) => forget_names(&on_disk, &rids),
+                            Err(e) => tracing::error!("could not forget {} moved rooms: {e}", rids.len()),
+                        },
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    Ok(Job::Forget(rids)) => {
-                        if let Err(e) = forget(&w, &rids) {
-                            tracing::error!("could not forget {} moved rooms: {e}", rids.len());
+                    if swept.elapsed() >= SWEEP {
+                        swept = std::time::Instant::now();
+                        match sweep(&w, ttl) {
+                            Ok(gone) => forget_names(&on_disk, &gone),
+                            Err(e) => tracing::warn!("history sweep failed: {e}"),
                         }
                     }
-                    Err(RecvTimeoutError::Timeout) => {
-                        if let Err(e) = sweep(&w, ttl) {
-                            tracing::warn!("history sweep failed: {e}");
-                        }
-                    }
-                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             })
             .map_err(|e| format!("cannot start the history writer: {e}"))?;
@@ -118,6 +149,8 @@ impl DiskHistory {
             rooms: HashMap::new(),
             dirty: HashSet::new(),
             forgotten: HashSet::new(),
+            to_forget: Vec::new(),
+            stored,
             staged: Vec::new(),
             epochs: Epochs::new(),
             writer,
@@ -140,6 +173,12 @@ impl DiskHistory {
                     Position { epoch: self.epochs.next(), top: 0 }
                 }
             };
+            if self.rooms.len() >= self.limits.rooms {
+                // Bounded: drop the positions the store already has (not the new epochs nor staged rooms).
+                let staged: HashSet<&str> = self.staged.iter().map(|s| s.rid.as_str()).collect();
+                let dirty = &self.dirty;
+                self.rooms.retain(|r, _| dirty.contains(r) || staged.contains(r.as_str()));
+            }
             self.rooms.insert(rid.to_string(), p);
         }
         Ok(self.rooms.get_mut(rid).expect("just inserted"))
@@ -151,19 +190,9 @@ impl DiskHistory {
     }
 
     pub fn append(&mut self, rid: &str, from: &str, target: &str, msg: &Value) -> Result<Since, HistoryError> {
-        let p = self.load(rid)?;
-        p.top += 1;
-        let at = Since { epoch: p.epoch.clone(), offset: p.top };
-        self.staged.push(Staged {
-            rid: rid.to_string(),
-            epoch: at.epoch.clone(),
-            offset: at.offset,
-            from: from.to_string(),
-            target: target.to_string(),
-            msg: msg.to_string(),
-            at_ms: unix_ms(),
-        });
-        Ok(at)
+        self.load(rid)?;
+        let p = self.rooms.get_mut(rid).expect("loaded");
+        Staged::next(&mut self.staged, rid, p, from, target, msg)
     }
 
     pub fn staged(&self) -> bool {
@@ -178,11 +207,16 @@ impl DiskHistory {
         let mut touched: HashSet<String> = std::mem::take(&mut self.dirty);
         touched.extend(staged.iter().map(|s| s.rid.clone()));
         let rooms = touched.iter().filter_map(|r| Some((r.clone(), self.rooms.get(r)?.clone()))).collect();
+        self.hand_over_forgets();
         let (done, answer) = oneshot::channel();
         let result = match self.writer.try_send(Job::Commit { staged, rooms, done }) {
             Ok(()) => answer.await.unwrap_or_else(|_| Err("the history writer stopped".into())),
             Err(_) => Err("the history writer is not keeping up".into()),
         };
+        if result.is_ok() && self.to_forget.is_empty() {
+            // The writer takes jobs in order: every deletion handed over before this commit has landed.
+            self.forgotten.clear();
+        }
         result.map_err(|why| {
             // Offsets a join may have reported are not stored: those rooms go on in a new epoch (offsets keep
             // rising, so nothing on disk is overwritten), written with the next commit.
@@ -221,16 +255,25 @@ impl DiskHistory {
     pub fn retain(&mut self, owns: &dyn Fn(&str) -> bool) {
         self.rooms.retain(|rid, _| owns(rid));
         self.dirty.retain(|rid| owns(rid));
-        let moved = match room_names(&self.db) {
-            Ok(names) => names.into_iter().filter(|r| !owns(r)).collect::<Vec<_>>(),
-            Err(e) => return tracing::error!("cannot list the stored rooms: {e}"),
-        };
-        if moved.is_empty() {
+        let moved: Vec<String> = names(&self.stored).iter().filter(|r| !owns(r)).cloned().collect();
+        self.forgotten.extend(moved.iter().cloned());
+        self.to_forget.extend(moved);
+        self.hand_over_forgets();
+    }
+
+    /// Hands the writer the deletions of moved rooms; what its full queue refuses waits for the next try.
+    fn hand_over_forgets(&mut self) {
+        if self.to_forget.is_empty() {
             return;
         }
-        self.forgotten.extend(moved.iter().cloned());
-        if self.writer.try_send(Job::Forget(moved)).is_err() {
-            tracing::error!("could not forget moved rooms: the history writer is not keeping up");
+        if let Err(e) = self.writer.try_send(Job::Forget(std::mem::take(&mut self.to_forget))) {
+            let (std::sync::mpsc::TrySendError::Full(Job::Forget(back))
+            | std::sync::mpsc::TrySendError::Disconnected(Job::Forget(back))) = e
+            else {
+                return;
+            };
+            tracing::warn!("the history writer is busy: {} moved rooms are forgotten later", back.len());
+            self.to_forget = back;
         }
     }
 }
@@ -246,12 +289,12 @@ fn read_room(db: &Database, rid: &str) -> Result<Option<Position>, String> {
     }
 }
 
-fn room_names(db: &Database) -> Result<Vec<String>, String> {
+fn room_names(db: &Database) -> Result<HashSet<String>, String> {
     let txn = db.begin_read().map_err(err)?;
     let t = txn.open_table(ROOMS).map_err(err)?;
-    let mut out = Vec::new();
+    let mut out = HashSet::new();
     for kv in t.iter().map_err(err)? {
-        out.push(kv.map_err(err)?.0.value().to_string());
+        out.insert(kv.map_err(err)?.0.value().to_string());
     }
     Ok(out)
 }
@@ -295,8 +338,7 @@ fn write(db: &Database, staged: &[Staged], rooms: &[(String, Position)], limits:
         for m in staged {
             value.clear();
             value.extend_from_slice(&m.at_ms.to_be_bytes());
-            serde_json::to_writer(&mut value, &json!({"f": m.from, "t": m.target, "m": RawJson(&m.msg)}))
-                .map_err(err)?;
+            serde_json::to_writer(&mut value, &Body { f: &m.from, t: &m.target, m: &m.msg }).map_err(err)?;
             msgs.insert((m.rid.as_str(), m.offset), value.as_slice()).map_err(err)?;
         }
         let mut table = txn.open_table(ROOMS).map_err(err)?;
@@ -335,9 +377,11 @@ fn forget(db: &Database, rids: &[String]) -> Result<(), String> {
     txn.commit().map_err(err)
 }
 
-/// Forgets messages past `ttl` and rooms not written for that long (what memory does with idle rooms).
-fn sweep(db: &Database, ttl: Duration) -> Result<(), String> {
+/// Forgets messages past `ttl` and rooms not written for that long (what memory does with idle rooms);
+/// the rooms forgotten.
+fn sweep(db: &Database, ttl: Duration) -> Result<Vec<String>, String> {
     let oldest = unix_ms().saturating_sub(ttl.as_millis() as u64);
+    let mut gone = Vec::new();
     let txn = db.begin_write().map_err(err)?;
     {
         let mut msgs = txn.open_table(MESSAGES).map_err(err)?;
@@ -347,23 +391,28 @@ fn sweep(db: &Database, ttl: Duration) -> Result<(), String> {
         .map_err(err)?;
         let mut rooms = txn.open_table(ROOMS).map_err(err)?;
         rooms
-            .retain(|_, v| {
-                serde_json::from_slice::<Value>(v).ok().and_then(|v| v["at"].as_u64()).is_some_and(|ms| ms >= oldest)
+            .retain(|rid, v| {
+                let keep = serde_json::from_slice::<Value>(v)
+                    .ok()
+                    .and_then(|v| v["at"].as_u64())
+                    .is_some_and(|ms| ms >= oldest);
+                if !keep {
+                    gone.push(rid.to_string());
+                }
+                keep
             })
             .map_err(err)?;
     }
-    txn.commit().map_err(err)
+    txn.commit().map_err(err)?;
+    Ok(gone)
 }
 
-/// A JSON text written as is.
-struct RawJson<'a>(&'a str);
-
-impl serde::Serialize for RawJson<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let v: &serde_json::value::RawValue =
-            serde_json::from_str(self.0).map_err(|e| serde::ser::Error::custom(e.to_string()))?;
-        v.serialize(s)
-    }
+/// A stored message's JSON after its timestamp: who, to whom, and the message as the sender's JSON.
+#[derive(serde::Serialize)]
+struct Body<'a> {
+    f: &'a str,
+    t: &'a str,
+    m: &'a RawValue,
 }
 
 #[cfg(test)]
@@ -399,6 +448,23 @@ mod tests {
         drop(h);
         let mut h = DiskHistory::open(&file, limits(3), true).expect("fresh");
         assert_ne!(h.position("r").expect("position").epoch, start.epoch, "emptied: a new epoch");
+    }
+
+    #[tokio::test]
+    async fn positions_are_cached_within_the_room_bound_and_read_back_from_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bound = HistoryLimits { size: 10, ttl: Duration::from_secs(60), rooms: 2 };
+        let mut h = DiskHistory::open(&dir.path().join("c.redb"), bound, false).expect("open");
+        let mut epochs = Vec::new();
+        for r in ["a", "b", "c", "d"] {
+            epochs.push(h.append(r, "x", "*", &json!(r)).expect("staged").epoch);
+            h.commit().await.expect("stored");
+            assert!(h.rooms.len() <= 2, "{} positions cached", h.rooms.len());
+        }
+        for (r, e) in ["a", "b", "c", "d"].iter().zip(epochs) {
+            let p = h.position(r).expect("position");
+            assert_eq!((p.epoch, p.offset), (e, 1), "{r} from the store");
+        }
     }
 
     #[tokio::test]

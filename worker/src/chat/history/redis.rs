@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use pomelo_proto::cluster::Since;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -24,6 +25,8 @@ use super::{covers, unix_ms, Epochs, Failed, HistoryError, HistoryLimits, Positi
 
 /// The longest a Redis call may take before the sends waiting for it are answered 500.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// A room's keys expire this long after `maxAge` of idleness.
+const EXPIRY_MARGIN_MS: u64 = 3_600_000;
 
 /// KEYS: hash. ARGV: a new epoch, expiry ms. The room's epoch (created if absent) and top.
 const POSITION: &str = r"
@@ -64,11 +67,20 @@ end
 return out
 ";
 
+/// The scripts, sent by hash (EVALSHA; redis-rs loads one again if Redis lost it).
+struct Scripts {
+    position: Script,
+    new_epoch: Script,
+    append: Script,
+}
+
 pub struct RedisHistory {
     client: redis::Client,
     con: Option<ConnectionManager>,
+    scripts: Scripts,
     prefix: String,
     limits: HistoryLimits,
+    /// Positions of the rooms in use, at most `limits.rooms` (Redis has the rest).
     rooms: HashMap<String, Position>,
     /// Rooms whose last commit failed, with the least top their next epoch may start from.
     poisoned: HashMap<String, u64>,
@@ -87,6 +99,11 @@ impl RedisHistory {
         Ok(RedisHistory {
             client,
             con: None,
+            scripts: Scripts {
+                position: Script::new(POSITION),
+                new_epoch: Script::new(NEW_EPOCH),
+                append: Script::new(APPEND),
+            },
             prefix: prefix.to_string(),
             limits,
             rooms: HashMap::new(),
@@ -96,11 +113,8 @@ impl RedisHistory {
         })
     }
 
-    fn expiry_ms(&self) -> u64 {
-        self.limits.ttl.as_millis() as u64 + 3_600_000
-    }
-
-    async fn call<T: redis::FromRedisValue>(&mut self, cmd: redis::Cmd) -> Result<T, HistoryError> {
+    /// The connection, made at the first call (and re-made by the manager after a failure).
+    async fn connection(&mut self) -> Result<&mut ConnectionManager, HistoryError> {
         if self.con.is_none() {
             let cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(TIMEOUT))
@@ -112,42 +126,41 @@ impl RedisHistory {
                 .map_err(backend)?;
             self.con = Some(con);
         }
-        let con = self.con.as_mut().expect("connected");
-        match tokio::time::timeout(TIMEOUT, cmd.query_async(con)).await {
+        Ok(self.con.as_mut().expect("connected"))
+    }
+
+    /// One call (a script invocation or a command), within [`TIMEOUT`].
+    async fn timed<T>(call: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, HistoryError> {
+        match tokio::time::timeout(TIMEOUT, call).await {
             Ok(r) => r.map_err(backend),
             Err(_) => Err(backend("no answer within 2 s")),
         }
-    }
-
-    fn eval(script: &str, keys: &[String], args: &[String]) -> redis::Cmd {
-        let mut c = redis::cmd("EVAL");
-        c.arg(script).arg(keys.len());
-        for k in keys {
-            c.arg(k);
-        }
-        for a in args {
-            c.arg(a);
-        }
-        c
     }
 
     async fn load(&mut self, rid: &str) -> Result<Position, HistoryError> {
         if let Some(p) = self.rooms.get(rid) {
             return Ok(p.clone());
         }
+        self.connection().await?;
         let hash = format!("{}h:{rid}", self.prefix);
-        let (epoch, top): (String, u64) = match self.poisoned.get(rid) {
-            Some(least) => {
-                let args = [self.epochs.next(), least.to_string()];
-                self.call(Self::eval(NEW_EPOCH, &[hash], &args)).await?
-            }
-            None => {
-                let args = [self.epochs.next(), self.expiry_ms().to_string()];
-                self.call(Self::eval(POSITION, &[hash], &args)).await?
-            }
+        let mut call = match self.poisoned.get(rid) {
+            Some(_) => self.scripts.new_epoch.key(hash),
+            None => self.scripts.position.key(hash),
         };
+        call.arg(self.epochs.next());
+        match self.poisoned.get(rid) {
+            Some(least) => call.arg(least),
+            None => call.arg(self.limits.ttl.as_millis() as u64 + EXPIRY_MARGIN_MS),
+        };
+        let con = self.con.as_mut().expect("connected");
+        let (epoch, top): (String, u64) = Self::timed(call.invoke_async(con)).await?;
         self.poisoned.remove(rid);
         let p = Position { epoch, top };
+        if self.rooms.len() >= self.limits.rooms {
+            // Bounded: positions are re-read from Redis when needed again, except those of staged rooms.
+            let staged: HashSet<&str> = self.staged.iter().map(|s| s.rid.as_str()).collect();
+            self.rooms.retain(|r, _| staged.contains(r.as_str()));
+        }
         self.rooms.insert(rid.to_string(), p.clone());
         Ok(p)
     }
@@ -160,17 +173,7 @@ impl RedisHistory {
     pub async fn append(&mut self, rid: &str, from: &str, target: &str, msg: &Value) -> Result<Since, HistoryError> {
         self.load(rid).await?;
         let p = self.rooms.get_mut(rid).expect("loaded");
-        p.top += 1;
-        self.staged.push(Staged {
-            rid: rid.to_string(),
-            epoch: p.epoch.clone(),
-            offset: p.top,
-            from: from.to_string(),
-            target: target.to_string(),
-            msg: msg.to_string(),
-            at_ms: unix_ms(),
-        });
-        Ok(Since { epoch: p.epoch.clone(), offset: p.top })
+        Staged::next(&mut self.staged, rid, p, from, target, msg)
     }
 
     pub fn staged(&self) -> bool {
@@ -182,26 +185,29 @@ impl RedisHistory {
             return Ok(());
         }
         let staged = std::mem::take(&mut self.staged);
-        let mut keys = Vec::with_capacity(staged.len() * 2);
-        let mut args =
-            vec![self.limits.size.to_string(), self.limits.ttl.as_millis().to_string(), self.expiry_ms().to_string()];
+        let connected = self.connection().await.map(|_| ());
+        let ttl_ms = self.limits.ttl.as_millis() as u64;
+        let mut call = self.scripts.append.prepare_invoke();
+        call.arg(self.limits.size).arg(ttl_ms).arg(ttl_ms + EXPIRY_MARGIN_MS);
         for m in &staged {
-            keys.push(format!("{}h:{}", self.prefix, m.rid));
-            keys.push(format!("{}s:{}", self.prefix, m.rid));
-            args.extend([m.epoch.clone(), m.offset.to_string(), m.from.clone(), m.target.clone(), m.msg.clone()]);
+            call.key(format!("{}h:{}", self.prefix, m.rid)).key(format!("{}s:{}", self.prefix, m.rid));
+            call.arg(&m.epoch).arg(m.offset).arg(&m.from).arg(&m.target).arg(m.msg.get());
         }
-        let (failed, why): (HashSet<String>, String) =
-            match self.call::<Vec<i64>>(Self::eval(APPEND, &keys, &args)).await {
-                Ok(stored) if stored.len() == staged.len() => (
-                    staged.iter().zip(&stored).filter(|(_, ok)| **ok != 1).map(|(m, _)| m.rid.clone()).collect(),
-                    "the room moved to another chat server".into(),
-                ),
-                Ok(stored) => (
-                    staged.iter().map(|m| m.rid.clone()).collect(),
-                    format!("{} answers for {}", stored.len(), staged.len()),
-                ),
-                Err(e) => (staged.iter().map(|m| m.rid.clone()).collect(), e.to_string()),
-            };
+        let stored = match connected {
+            Ok(()) => Self::timed(call.invoke_async::<Vec<i64>>(self.con.as_mut().expect("connected"))).await,
+            Err(e) => Err(e),
+        };
+        let (failed, why): (HashSet<String>, String) = match stored {
+            Ok(stored) if stored.len() == staged.len() => (
+                staged.iter().zip(&stored).filter(|(_, ok)| **ok != 1).map(|(m, _)| m.rid.clone()).collect(),
+                "the room moved to another chat server".into(),
+            ),
+            Ok(stored) => (
+                staged.iter().map(|m| m.rid.clone()).collect(),
+                format!("{} answers for {}", stored.len(), staged.len()),
+            ),
+            Err(e) => (staged.iter().map(|m| m.rid.clone()).collect(), e.to_string()),
+        };
         if failed.is_empty() {
             return Ok(());
         }
@@ -229,7 +235,8 @@ impl RedisHistory {
         let stream = format!("{}s:{rid}", self.prefix);
         let mut cmd = redis::cmd("XREVRANGE");
         cmd.arg(&stream).arg("+").arg("-").arg("COUNT").arg(count);
-        let entries: Vec<(String, Vec<String>)> = self.call(cmd).await?;
+        let con = self.connection().await?;
+        let entries: Vec<(String, Vec<String>)> = Self::timed(cmd.query_async(con)).await?;
         let oldest = unix_ms().saturating_sub(limits.ttl.as_millis() as u64);
         let mut found: Vec<(Stored, u64)> =
             entries.into_iter().rev().filter_map(|(id, fields)| entry(&id, &fields)).collect();
