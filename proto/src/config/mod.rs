@@ -202,7 +202,7 @@ pub struct HistoryConfig {
     /// the file is `<dir>/<server id>.redb`. Absolute once the topology is loaded.
     #[serde(default)]
     pub dir: Option<PathBuf>,
-    /// `redis`: the server (`url`: `redis://[user:password@]host:port[/db]`, or `rediss://`).
+    /// `redis`: the server (`url`: `redis://[user:password@]host:port[/db]`, or `unix://path`).
     #[serde(default)]
     pub url: Option<String>,
     /// `redis`: what every key starts with (`prefix`), so clusters can share a Redis.

@@ -340,6 +340,11 @@ servers:
     ] {
         assert!(e.contains(&format!("servers.yaml:{line}:")) && e.contains(what), "{what} at {line} in {e}");
     }
+    // TLS to Redis is refused when the file is read, not at the first send.
+    let e = parse("servers:\n  chat:\n    - {id: c, port: 1, history: {backend: redis, url: 'rediss://r:6380'}}\n")
+        .expect_err("invalid")
+        .to_string();
+    assert!(e.contains("servers.yaml:3:") && e.contains("rediss:// (TLS) is not supported"), "{e}");
 }
 
 #[test]
