@@ -4,38 +4,23 @@
 // with exactly the messages bob's sends had acknowledged, each once and in order, and no word of lost history.
 // Usage: node chat-history.js GATE_URL MESSAGES. Prints one JSON line; exits non-zero on a failed check.
 "use strict";
-const { chromium } = require("playwright-core");
+const { check, launch, join: joinAt } = require("./chat-page");
 
 const [url, count] = process.argv.slice(2);
-function check(cond, what) {
-  if (!cond) throw new Error("check failed: " + what);
-}
-
-async function join(browser, name, room) {
-  const page = await browser.newPage();
-  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  await page.goto(url);
-  await page.fill("#name", name);
-  await page.fill("#room", room);
-  await page.click("#join");
-  await page.waitForSelector("#chat", { state: "visible", timeout: 10000 });
-  return page;
-}
+const join = (browser, name, room) => joinAt(browser, url, name, room);
 const texts = (page, cls) => page.$$eval(`#log .entry.${cls}`, (es) => es.map((e) => e.lastChild.textContent));
 
 (async () => {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
-  });
+  const browser = await launch();
   try {
     const ada = await join(browser, "ada", "durable");
     const bob = await join(browser, "bob", "durable");
-    console.error("ready");
     for (let i = 1; i <= Number(count); i++) {
       await bob.fill("#msg", "d" + i);
       await bob.click("#send");
       await bob.waitForTimeout(300);
+      // The Rust side kills the room's chat server when it reads this line.
+      if (i === 10) console.error("sent d10");
     }
     // A send in flight when the chat server died is answered (refused) within the connector's 5 s timeout.
     await bob.waitForTimeout(6000);

@@ -4,7 +4,7 @@
 // and the page must reconnect by itself. Usage: node chat.js GATE_URL SCREENSHOT.png [ADMIN_URL TOKEN]
 // Prints one JSON line of what it saw; exits non-zero (with the reason) on the first failed check.
 "use strict";
-const { chromium } = require("playwright-core");
+const chatPage = require("./chat-page");
 
 const [url, shot, admin, token] = process.argv.slice(2);
 if (!url || !shot) {
@@ -12,31 +12,14 @@ if (!url || !shot) {
   process.exit(2);
 }
 
-function check(cond, what) {
-  if (!cond) throw new Error("check failed: " + what);
-}
-
-async function join(browser, name, room) {
-  const page = await browser.newPage({ viewport: { width: 1000, height: 640 } });
-  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  await page.goto(url);
-  await page.fill("#name", name);
-  await page.fill("#room", room);
-  await page.click("#join");
-  await page.waitForSelector("#chat", { state: "visible", timeout: 10000 });
-  return page;
-}
+const check = chatPage.check;
+const join = (browser, name, room) => chatPage.join(browser, url, name, room);
 
 const users = (page) => page.$$eval("#users li", (lis) => lis.map((li) => li.dataset.user));
 const entries = (page, cls) => page.$$eval(`#log .entry.${cls}`, (es) => es.map((e) => e.textContent));
 
 (async () => {
-  // playwright-core gives every launch a fresh, empty profile of its own.
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  const browser = await chatPage.launch();
   try {
     const ada = await join(browser, "ada", "tea");
     const bob = await join(browser, "bob", "tea");

@@ -353,13 +353,13 @@ fn the_chat_page_loses_nothing_when_its_chat_server_is_killed_with_disk_history(
     let owner =
         pomelo_proto::route::rendezvous("durable", ["chat-1", "chat-2"].into_iter()).expect("owner").to_string();
     let before = c.server(&owner)["pid"].as_u64().expect("pid") as u32;
-    // The pages send for about 9 s after they are in (a few seconds after node starts): kill it mid-way.
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(7));
-        signal(before, 9);
-    });
-    let seen = crate::harness::browser_script("chat-history.js", &[format!("http://{g}/"), "30".into()]);
-    killer.join().expect("killer");
+    // The pages send every 300 ms for 9 s: the kill comes while they do.
+    let seen = crate::harness::browser_script_on(
+        "chat-history.js",
+        &[format!("http://{g}/"), "30".into()],
+        "sent d10",
+        || signal(before, 9),
+    );
     assert_eq!(seen["ok"], true);
     assert_ne!(c.server(&owner)["pid"].as_u64(), Some(before as u64), "{owner} was killed and restarted");
 }

@@ -29,6 +29,8 @@ const BEFORE: Duration = Duration::from_secs(4);
 const AFTER: Duration = Duration::from_secs(8);
 const ENTER: u32 = 1;
 const FILL: u32 = 2;
+/// The request id of the last page asked for once sending stopped.
+const SYNC: u32 = 3;
 /// Messages a `history` page asks for.
 const PAGE: usize = 200;
 
@@ -227,6 +229,8 @@ fn scenario(history: &str, fault: Fault) {
     }
     let (mut missing, mut dups, mut unrecovered, mut drops, mut gaps, mut stale) =
         (Vec::new(), Vec::new(), Vec::new(), 0, 0, 0);
+    // Clients that missed acknowledged messages without ever being told history was lost.
+    let mut silent = Vec::new();
     for m in &members {
         let l = lock(m);
         gaps += l.gaps;
@@ -243,6 +247,9 @@ fn scenario(history: &str, fault: Fault) {
                 lost.len(),
                 &lost[..lost.len().min(3)]
             ));
+            if l.unrecovered.is_empty() {
+                silent.push(m.name.clone());
+            }
         }
         for (msg, n) in &l.got {
             if *n > 1 {
@@ -267,10 +274,6 @@ fn scenario(history: &str, fault: Fault) {
     // epoch, or `recovered: false`), and one that misses a message without being told is a silent gap.
     let told = history == "memory" && fault == Fault::KillChat;
     if told {
-        let silent: Vec<&String> = missing
-            .iter()
-            .filter(|m| !unrecovered.iter().any(|u| u.starts_with(&format!("{}:", m.split(' ').next().unwrap_or("")))))
-            .collect();
         if !silent.is_empty() {
             problems.push(format!(
                 "{} clients missed messages without being told: {:?}",
@@ -318,13 +321,7 @@ fn scenario(history: &str, fault: Fault) {
         m.task.abort();
     }
     if !problems.is_empty() {
-        let keep = crate::harness::repo().join("target/durability-logs").join(format!("{history}-{fault:?}"));
-        std::fs::create_dir_all(&keep).ok();
-        for f in std::fs::read_dir(c.dir.path().join("logs")).into_iter().flatten().flatten().map(|e| e.path()) {
-            if let Some(n) = f.file_name() {
-                std::fs::copy(&f, keep.join(n)).ok();
-            }
-        }
+        let keep = c.keep_logs(&format!("durability-logs/{history}-{fault:?}"));
         panic!("{history} {fault:?} (fault at {faulted:?}; logs in {}):\n- {}", keep.display(), problems.join("\n- "));
     }
     drop(redis);
@@ -520,9 +517,8 @@ async fn run(
                 }
             }
             if ctl.sync.load(Ordering::SeqCst) && !syncing && !filling && !log.lock().expect("log").synced {
-                let (e, o) = log.lock().expect("log").pos.clone().unwrap_or_default();
-                let body = json!({"rid": rid, "since": {"epoch": e, "offset": o}, "limit": PAGE});
-                if let Err(e) = c.send_request(FILL + 1, "chat.chatHandler.history", &body).await {
+                let pos = log.lock().expect("log").pos.clone();
+                if let Err(e) = page_after(&mut c, SYNC, &rid, pos).await {
                     break 'session format!("sync request failed: {e}");
                 }
                 syncing = true;
@@ -572,7 +568,7 @@ async fn run(
                             }
                             filling = true;
                         }
-                        Event::Response(id, body) if id == FILL + 1 => {
+                        Event::Response(SYNC, body) => {
                             syncing = false;
                             if body.get("code").is_some() {
                                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -609,9 +605,14 @@ async fn run(
 
 /// Asks for the page after `pos` (answered as request [`FILL`]).
 async fn fill(c: &mut Conn, rid: &str, pos: Option<(String, u64)>) -> anyhow::Result<()> {
+    page_after(c, FILL, rid, pos).await
+}
+
+/// Asks (as request `id`) for the page of `rid` after `pos`.
+async fn page_after(c: &mut Conn, id: u32, rid: &str, pos: Option<(String, u64)>) -> anyhow::Result<()> {
     let (e, o) = pos.unwrap_or_default();
     let body = json!({"rid": rid, "since": {"epoch": e, "offset": o}, "limit": PAGE});
-    c.send_request(FILL, "chat.chatHandler.history", &body).await
+    c.send_request(id, "chat.chatHandler.history", &body).await
 }
 
 /// Fills room `rid` with 4 KB messages, 400 a second, from a client of its own.
@@ -670,13 +671,7 @@ fn a_redis_outage_refuses_sends_instead_of_losing_them_and_heals() {
     let quiet = ann.collect("onChat", 2, Duration::from_millis(500), Duration::ZERO);
     assert_eq!(texts(&quiet), ["before"], "the refused send reached no one");
     // Redis back on the same port, empty.
-    let child = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    let back = Redis::adopt(port, child);
-    wait_until(Duration::from_secs(10), "redis to answer again", || back.ping().then_some(()));
+    let _back = Redis::start_at("127.0.0.1", port);
     wait_until(Duration::from_secs(15), "a send to be stored again", || {
         (send(&mut bob, "after") == json!({})).then_some(())
     });

@@ -238,15 +238,7 @@ fn master_restart_under_load(late: &[&str]) {
         adopted.duration_since(up)
     );
     if !problems.is_empty() {
-        // The temp dir goes with the cluster: keep the logs for whoever reads the failure.
-        let keep = crate::harness::repo().join("target/failover-logs").join(late.join("+"));
-        std::fs::create_dir_all(&keep).ok();
-        let logs = std::fs::read_dir(c.dir.path().join("logs")).into_iter().flatten().flatten().map(|e| e.path());
-        for f in logs.chain([c.dir.path().join("master.out")]) {
-            if let Some(name) = f.file_name() {
-                std::fs::copy(&f, keep.join(name)).ok();
-            }
-        }
+        let keep = c.keep_logs(&format!("failover-logs/{}", late.join("+")));
         panic!(
             "with {late:?} re-registering last ({} problems; logs copied to {}):\n- {}",
             problems.len(),

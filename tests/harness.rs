@@ -47,6 +47,20 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 }
 
 impl Cluster {
+    /// Copies the servers' logs and the master's output to `target/<what>` (the temp dir goes with the
+    /// cluster): for whoever reads a failure. The directory.
+    pub fn keep_logs(&self, what: &str) -> PathBuf {
+        let keep = repo().join("target").join(what);
+        std::fs::create_dir_all(&keep).ok();
+        let logs = std::fs::read_dir(self.dir.path().join("logs")).into_iter().flatten().flatten().map(|e| e.path());
+        for f in logs.chain([self.dir.path().join("master.out")]) {
+            if let Some(name) = f.file_name() {
+                std::fs::copy(&f, keep.join(name)).ok();
+            }
+        }
+        keep
+    }
+
     /// Writes the file and starts the master in the foreground (as a child of the test).
     pub fn start(yaml: &str) -> Cluster {
         Cluster::start_in(tempfile::tempdir().expect("tempdir"), yaml)
@@ -250,9 +264,35 @@ pub fn have(ok: bool, what: &str) -> bool {
 /// Runs `browser/<script>` with node and `args`, asserts that it succeeded, and returns the one JSON line it
 /// printed (what it saw).
 pub fn browser_script(script: &str, args: &[String]) -> serde_json::Value {
-    let out = Command::new("node").arg(repo().join("browser").join(script)).args(args).output().expect("run node");
+    browser_script_on(script, args, "", || {})
+}
+
+/// [`browser_script`], running `on` once the script writes the line `marker` to its stderr (so a test can
+/// inject a fault at a point of the script's run rather than after a guessed delay).
+pub fn browser_script_on(script: &str, args: &[String], marker: &str, on: impl FnOnce()) -> serde_json::Value {
+    use std::io::BufRead;
+    let mut child = Command::new("node")
+        .arg(repo().join("browser").join(script))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run node");
+    let mut stderr = String::new();
+    let mut on = Some(on);
+    for line in std::io::BufReader::new(child.stderr.take().expect("stderr")).lines().map_while(Result::ok) {
+        if line == marker {
+            if let Some(f) = on.take() {
+                f();
+            }
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    let out = child.wait_with_output().expect("node");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    assert!(marker.is_empty() || on.is_none(), "{script} never wrote {marker:?}:\n{stderr}");
     serde_json::from_str(stdout.trim()).expect("the script's JSON")
 }
 
@@ -292,30 +332,21 @@ impl Redis {
     /// [`Redis::start`] listening on `ip` (in the network namespace of the calling thread).
     pub fn start_on(ip: &str) -> Redis {
         let port = std::net::TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).expect("a free port").port();
+        Redis::start_at(ip, port)
+    }
+
+    /// One on `ip:port` (a port a test had one on before, say), without persistence; once it answers PING.
+    pub fn start_at(ip: &str, port: u16) -> Redis {
+        let port_arg = port.to_string();
+        let args = ["--port", &port_arg, "--bind", ip, "--protected-mode", "no", "--save", "", "--appendonly", "no"];
         let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                ip,
-                "--protected-mode",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (Debian's redis-server package; .ci/run installs it)");
         let r = Redis { port, ip: ip.to_string(), child };
         wait_until(Duration::from_secs(10), "redis-server to answer", || r.ping().then_some(()));
         r
-    }
-
-    /// One the test started itself (e.g. again on the same port).
-    pub fn adopt(port: u16, child: Child) -> Redis {
-        Redis { port, ip: "127.0.0.1".into(), child }
     }
 
     /// Whether it answers PING.

@@ -65,6 +65,11 @@ pub fn sign(key: &ring::signature::RsaKeyPair, text: &str) -> String {
     }
 }
 
+/// The handshake's `sys` of [`Client::connect`].
+fn default_sys() -> Value {
+    json!({"type": "rust-test", "version": "0.0.1", "rsa": {}, "protoVersion": 0})
+}
+
 fn write(stream: &Mutex<TcpStream>, bytes: &[u8]) -> bool {
     stream.lock().map(|mut s| s.write_all(bytes).is_ok()).unwrap_or(false)
 }
@@ -72,7 +77,7 @@ fn write(stream: &Mutex<TcpStream>, bytes: &[u8]) -> bool {
 impl Client {
     /// Connects and completes the handshake; panics if the server refuses.
     pub fn connect(addr: SocketAddr) -> Client {
-        Client::connect_sys(addr, json!({"type": "rust-test", "version": "0.0.1", "rsa": {}, "protoVersion": 0}))
+        Client::connect_sys(addr, default_sys())
     }
 
     /// [`Client::connect`] sending `sys` as the handshake's `sys`.
@@ -82,7 +87,7 @@ impl Client {
 
     /// [`Client::connect`], or why it could not: refused, closed, or a handshake answer other than 200.
     pub fn try_connect(addr: SocketAddr) -> Result<Client, String> {
-        Client::try_connect_sys(addr, json!({"type": "rust-test", "version": "0.0.1", "rsa": {}, "protoVersion": 0}))
+        Client::try_connect_sys(addr, default_sys())
     }
 
     /// [`Client::connect_sys`], or why it could not.
