@@ -1,6 +1,6 @@
 // Browser test of the chat page against a chat server killed mid-conversation (the Rust side sends the
 // SIGKILL while this runs; the cluster keeps room history on disk): bob's page sends a message every
-// 300 ms, some refused while the room's chat server is down (the page says "not sent"); ada's page must end
+// 300 ms (any refused while the room's chat server is down, the page says "not sent"); ada's page must end
 // with exactly the messages bob's sends had acknowledged, each once and in order, and no word of lost history.
 // Usage: node chat-history.js GATE_URL MESSAGES. Prints one JSON line; exits non-zero on a failed check.
 "use strict";
@@ -29,7 +29,8 @@ const texts = (page, cls) => page.$$eval(`#log .entry.${cls}`, (es) => es.map((e
     const mine = (await texts(bob, "mine")).filter((t) => /^d\d+$/.test(t));
     const got = (await texts(ada, "chat")).filter((t) => /^d\d+$/.test(t));
     const adaSystem = await texts(ada, "system");
-    check(refused.length > 0, "some sends were refused while the chat server was down: the kill happened mid-stream");
+    // The kill came after d10 (the Rust side checks the chat server's pid changed); whether a send was refused
+    // meanwhile depends on how fast it is back (a send may also wait for it and succeed), so it is only reported.
     check(acked.length > refused.length, "most sends were acknowledged: " + acked);
     check(JSON.stringify(got) === JSON.stringify(acked), "ada has exactly the acknowledged messages, in order: got " + got + ", acknowledged " + acked);
     check(JSON.stringify(mine) === JSON.stringify(acked), "bob's own page too: " + mine);

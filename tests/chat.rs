@@ -331,8 +331,8 @@ fn emoji_from_the_js_client_arrive_as_emoji() {
     assert!(b.collect("onChat", 1, Duration::from_millis(500), Duration::from_millis(50)).is_empty());
 }
 
-/// The chat page through a kill -9 of its room's chat server, with room history on disk: the sends made
-/// while it is down are refused on the page (not silently dropped), and both pages end with exactly the
+/// The chat page through a kill -9 of its room's chat server, with room history on disk: a send refused
+/// while it is down is said on the page (not silently dropped), and both pages end with exactly the
 /// acknowledged messages, each once, in order, and no word of lost history.
 #[test]
 fn the_chat_page_loses_nothing_when_its_chat_server_is_killed_with_disk_history() {
