@@ -9,9 +9,14 @@
 //!
 //! Pacing works like Nagle's algorithm, per room and connector: a batch goes at once unless that pair
 //! sent one less than `delay` ago; then it waits for the rest of `delay`, gathering what else comes.
-//! A quiet room never waits; a busy one sends at most one frame per `delay`. Plain data, no I/O.
+//! A quiet room never waits; a busy one sends at most one frame per `delay`. While everything a pair
+//! holds is joins (`onAdd`), the pair's pace is the longer `join_delay`: in a login storm a member
+//! hears of many joins in one write instead of one write each (a write is a TCP segment, most of a
+//! delivery's cost); a message or a leave arriving behind them takes them along at the message pace, in
+//! order. A join in a quiet room still goes at once. Leaves keep the message pace: a page that still
+//! lists someone who left may send them a private message that can only be refused. Plain data, no I/O.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +38,8 @@ pub struct Batch {
     pub sessions: Arc<[u64]>,
     pub payloads: Vec<Bytes>,
     bytes: usize,
+    /// Every payload is an `onAdd`.
+    join: bool,
 }
 
 impl Batch {
@@ -69,6 +76,7 @@ impl Batches {
             let same = Arc::ptr_eq(&b.sessions, &d.sessions) || b.sessions == d.sessions;
             if same && b.bytes + d.payload.len() <= MAX_BATCH_BYTES {
                 b.bytes += d.payload.len();
+                b.join &= d.join;
                 b.payloads.push(d.payload);
                 return;
             }
@@ -76,7 +84,8 @@ impl Batches {
         self.last.insert(key.clone(), self.batches.len());
         let bytes = d.payload.len();
         let (connector, room) = key;
-        self.batches.push(Batch { connector, room, sessions: d.sessions, payloads: vec![d.payload], bytes });
+        let join = d.join;
+        self.batches.push(Batch { connector, room, sessions: d.sessions, payloads: vec![d.payload], bytes, join });
     }
 
     /// The batches in the order they were started; empties the set.
@@ -98,33 +107,43 @@ impl Batches {
     }
 }
 
-/// When each (connector, room) last sent a batch, to send at most one per `delay`.
+/// When each (connector, room) last sent a batch, to send at most one per `delay` (per `join_delay`
+/// while all it holds is joins).
 #[derive(Debug)]
 pub struct Pacer {
     delay: Duration,
+    join_delay: Duration,
     sent: HashMap<Key, Instant>,
 }
 
 impl Pacer {
-    pub fn new(delay: Duration) -> Pacer {
-        Pacer { delay, sent: HashMap::new() }
+    pub fn new(delay: Duration, join_delay: Duration) -> Pacer {
+        Pacer { delay, join_delay: join_delay.max(delay), sent: HashMap::new() }
     }
 
     /// Takes the batches that may go at `now`; returns them and when the first held one may go.
     pub fn ready(&mut self, pending: &mut Batches, now: Instant) -> (Vec<Batch>, Option<Instant>) {
-        let delay = self.delay;
-        self.sent.retain(|_, t| now.saturating_duration_since(*t) < delay);
-        let sent = &self.sent;
+        let keep = self.join_delay;
+        self.sent.retain(|_, t| now.saturating_duration_since(*t) < keep);
+        // A pair goes at the message pace if it holds anything but joins.
+        let urgent: HashSet<Key> = match self.join_delay > self.delay {
+            true => pending.batches.iter().filter(|b| !b.join).map(|b| (b.connector.clone(), b.room.clone())).collect(),
+            false => HashSet::new(),
+        };
+        let mut go: HashSet<Key> = HashSet::new();
         let mut next: Option<Instant> = None;
-        let out = pending.take_if(|b| match sent.get(&(b.connector.clone(), b.room.clone())) {
-            Some(t) if *t + delay > now => {
-                next = Some(next.map_or(*t + delay, |n| n.min(*t + delay)));
-                false
+        for key in pending.last.keys() {
+            let pace = if urgent.contains(key) { self.delay } else { self.join_delay };
+            match self.sent.get(key) {
+                Some(t) if *t + pace > now => next = Some(next.map_or(*t + pace, |n| n.min(*t + pace))),
+                _ => {
+                    go.insert(key.clone());
+                }
             }
-            _ => true,
-        });
-        for b in &out {
-            self.sent.insert((b.connector.clone(), b.room.clone()), now);
+        }
+        let out = pending.take_if(|b| go.contains(&(b.connector.clone(), b.room.clone())));
+        for key in go {
+            self.sent.insert(key, now);
         }
         (out, next)
     }
@@ -135,7 +154,18 @@ mod tests {
     use super::*;
 
     fn d(c: &str, room: &str, sessions: &[u64], p: &'static [u8]) -> Delivery {
-        Delivery { connector: c.into(), room: room.into(), sessions: sessions.into(), payload: Bytes::from_static(p) }
+        Delivery {
+            connector: c.into(),
+            room: room.into(),
+            sessions: sessions.into(),
+            payload: Bytes::from_static(p),
+            join: false,
+        }
+    }
+
+    /// An `onAdd` or `onLeave`.
+    fn join(c: &str, room: &str, sessions: &[u64], p: &'static [u8]) -> Delivery {
+        Delivery { join: true, ..d(c, room, sessions, p) }
     }
 
     /// A batch as (connector, sessions, payloads).
@@ -185,7 +215,7 @@ mod tests {
     #[test]
     fn the_pacer_sends_a_quiet_room_at_once_and_a_busy_one_once_per_delay() {
         let ms = Duration::from_millis;
-        let mut p = Pacer::new(ms(2));
+        let mut p = Pacer::new(ms(2), ms(2));
         let mut b = Batches::default();
         let t0 = Instant::now();
         b.add(d("c1", "r1", &[1], b"a"));
@@ -200,5 +230,39 @@ mod tests {
         let (out, next) = p.ready(&mut b, t0 + ms(2));
         assert_eq!((out.len(), out[0].payloads.len(), next), (1, 2, None), "b and c in one frame");
         assert!(b.is_empty() && b.bytes() == 0);
+    }
+
+    #[test]
+    fn joins_alone_wait_the_join_pace_and_a_message_takes_it_along_in_order() {
+        let ms = Duration::from_millis;
+        let mut p = Pacer::new(ms(2), ms(100));
+        let mut b = Batches::default();
+        let t0 = Instant::now();
+        b.add(join("c1", "r1", &[1], b"add a"));
+        let (out, next) = p.ready(&mut b, t0);
+        assert_eq!((out.len(), next), (1, None), "a join in a quiet room goes at once");
+
+        // Joins keep coming: they wait for the join pace, not the message pace.
+        b.add(join("c1", "r1", &[1, 2], b"add b"));
+        b.add(join("c1", "r1", &[1, 2, 3], b"add c"));
+        let (out, next) = p.ready(&mut b, t0 + ms(5));
+        assert_eq!((out.len(), next), (0, Some(t0 + ms(100))), "held: only joins, sent 5 ms ago");
+        let (out, next) = p.ready(&mut b, t0 + ms(100));
+        assert_eq!((out.len(), next), (2, None), "both joins at the join pace, one frame per session set");
+        assert_eq!(out.iter().map(|b| b.sessions.len()).collect::<Vec<_>>(), vec![2, 3]);
+
+        // A message behind held joins goes at the message pace and takes the joins along, after them.
+        b.add(join("c1", "r1", &[1, 2, 3], b"add d"));
+        b.add(join("c1", "r2", &[7], b"add in another room"));
+        b.add(d("c1", "r1", &[1, 2, 3, 4], b"hello"));
+        let (out, next) = p.ready(&mut b, t0 + ms(101));
+        assert_eq!(out.iter().map(|b| &*b.room).collect::<Vec<_>>(), vec!["r2"], "r2 never sent: at once");
+        assert_eq!(next, Some(t0 + ms(102)), "r1 sent 1 ms ago and holds a message: the message pace");
+        let (out, next) = p.ready(&mut b, t0 + ms(102));
+        let got: Vec<(&str, Vec<&[u8]>)> =
+            out.iter().map(|b| (&*b.room, b.payloads.iter().map(|p| &p[..]).collect())).collect();
+        assert_eq!(got, vec![("r1", vec![&b"add d"[..]]), ("r1", vec![&b"hello"[..]])], "r1 in order");
+        assert_eq!(next, None);
+        assert!(b.is_empty());
     }
 }

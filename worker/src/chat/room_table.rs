@@ -33,6 +33,8 @@ pub struct Delivery {
     pub room: Arc<str>,
     pub sessions: Arc<[u64]>,
     pub payload: Bytes,
+    /// An `onAdd`: it may wait longer to be merged than a message (see `batch::Pacer`).
+    pub join: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -146,7 +148,7 @@ fn push<T: serde::Serialize>(
     }
 }
 
-fn deliveries(room: &Arc<str>, groups: &Groups, payload: Option<Bytes>) -> Vec<Delivery> {
+fn deliveries(room: &Arc<str>, groups: &Groups, payload: Option<Bytes>, join: bool) -> Vec<Delivery> {
     let Some(payload) = payload else { return Vec::new() };
     groups
         .iter()
@@ -155,6 +157,7 @@ fn deliveries(room: &Arc<str>, groups: &Groups, payload: Option<Bytes>) -> Vec<D
             room: room.clone(),
             sessions: sessions.clone(),
             payload: payload.clone(),
+            join,
         })
         .collect()
 }
@@ -222,7 +225,7 @@ impl RoomTable {
             "onAdd",
             &json!({"route": "onAdd", "user": m.username}),
         );
-        let out = deliveries(&room.rid, &room.by_connector(Some(&m.uid)), payload);
+        let out = deliveries(&room.rid, &room.by_connector(Some(&m.uid)), payload, true);
         Ok((room.users(), out))
     }
 
@@ -289,7 +292,7 @@ impl RoomTable {
             "onLeave",
             &json!({"route": "onLeave", "user": username}),
         );
-        deliveries(&room.rid.clone(), room.groups(), payload)
+        deliveries(&room.rid.clone(), room.groups(), payload, false)
     }
 
     pub fn has_room(&self, rid: &str) -> bool {
@@ -325,6 +328,7 @@ impl RoomTable {
                 room: room.clone(),
                 sessions: sessions.clone(),
                 payload,
+                join: false,
             })
             .collect()
     }
@@ -337,7 +341,7 @@ impl RoomTable {
         let room = self.rooms.get_mut(rid).ok_or_else(|| ChatError::Other { msg: format!("no room `{rid}`") })?;
         let payload = push(self.dict.as_deref(), self.protobuf.as_deref(), "onChat", &chat);
         if target == "*" {
-            return Ok(deliveries(&room.rid.clone(), room.groups(), payload));
+            return Ok(deliveries(&room.rid.clone(), room.groups(), payload, false));
         }
         let uid = format!("{target}*{rid}");
         let (Some(e), Some(payload)) = (room.members.get(&uid), payload) else { return Ok(Vec::new()) };
@@ -346,6 +350,7 @@ impl RoomTable {
             room: room.rid.clone(),
             sessions: Arc::from([e.session]),
             payload,
+            join: false,
         }])
     }
 

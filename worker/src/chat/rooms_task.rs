@@ -60,17 +60,23 @@ pub(super) enum Inbox {
 /// message's latency, and only in a room that sent something less than this long ago.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(2);
 
-fn flush_delay() -> Duration {
-    let Ok(v) = std::env::var("POMELO_CHAT_FLUSH_US") else { return FLUSH_DELAY };
+/// The pace while a room holds only `onAdd`s for a connector (`POMELO_CHAT_JOIN_US`, at most 100 ms,
+/// never below the flush delay): the most a join notice waits, and only in a room that told that
+/// connector something less than this long ago.
+pub const JOIN_DELAY: Duration = Duration::from_millis(100);
+
+/// `var` from the environment as microseconds, at most 100 ms; `default` when unset or unreadable.
+fn delay_from_env(var: &str, default: Duration) -> Duration {
+    let Ok(v) = std::env::var(var) else { return default };
     match v.trim().parse::<u64>() {
         Ok(us) if us <= 100_000 => Duration::from_micros(us),
         Ok(_) => {
-            tracing::warn!("POMELO_CHAT_FLUSH_US={v} is over 100000 (100 ms); using 100 ms");
+            tracing::warn!("{var}={v} is over 100000 (100 ms); using 100 ms");
             Duration::from_millis(100)
         }
         Err(_) => {
-            tracing::warn!("POMELO_CHAT_FLUSH_US={v:?} is not a whole number of microseconds; using {FLUSH_DELAY:?}");
-            FLUSH_DELAY
+            tracing::warn!("{var}={v:?} is not a whole number of microseconds; using {default:?}");
+            default
         }
     }
 }
@@ -100,7 +106,10 @@ pub(super) async fn rooms_task(
         chats: None,
         metrics,
     };
-    let mut pacer = Pacer::new(flush_delay());
+    let mut pacer = Pacer::new(
+        delay_from_env("POMELO_CHAT_FLUSH_US", FLUSH_DELAY),
+        delay_from_env("POMELO_CHAT_JOIN_US", JOIN_DELAY),
+    );
     let mut pending = Batches::default();
     let flush_at = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(flush_at);
