@@ -59,6 +59,8 @@ pub(crate) struct Client {
     pub(crate) room: u32,
     pub(crate) rid: String,
     pub(crate) username: String,
+    /// The connector the gate sent this client to.
+    pub(crate) connector: std::net::SocketAddr,
     pub(crate) stream: TcpStream,
     /// The WebSocket framing, for `--transport ws`.
     pub(crate) ws: Option<Ws>,
@@ -94,23 +96,83 @@ pub async fn run(shard: Rc<Shard>, g: u32) {
     {
         let mut c = shard.counts.borrow_mut();
         c.made += 1;
+        *c.made_by_connector.entry(client.connector.to_string()).or_default() += 1;
         if let Some(j) = c.joined_by_room.get_mut(client.room as usize) {
             *j += 1;
         }
         let _ = shard.connect_hist.borrow_mut().record((now_us() - t0).max(1));
     }
     shard.settle();
-    if let Err(why) = client.drive(&shard).await {
-        tracing_lost(&shard, g, &why);
+    loop {
+        let Err(why) = client.drive(&shard).await else { return };
+        count_lost(&shard, &client, &why);
+        if !shard.spec.reconnect {
+            return;
+        }
+        match rejoin(&shard, g).await {
+            Some(c) => client = c,
+            None => return,
+        }
     }
 }
 
-fn tracing_lost(shard: &Shard, g: u32, why: &str) {
+fn count_lost(shard: &Shard, client: &Client, why: &str) {
     let mut c = shard.counts.borrow_mut();
     c.lost += 1;
+    *c.lost_by_connector.entry(client.connector.to_string()).or_default() += 1;
     if c.lost <= 3 {
-        eprintln!("pomelo-bench: client {g} lost: {why}");
+        eprintln!("pomelo-bench: client {} lost: {why}", client.g);
     }
+}
+
+/// How long a client whose connection was lost keeps trying to log in again.
+const REJOIN_FOR: Duration = Duration::from_secs(60);
+
+/// A lost client logs in again (gate, connector, `enter` in the same room) as a Pomelo client with
+/// reconnection does: at once, then after 50 ms doubling to at most 800 ms, each wait scaled by a factor
+/// in [0.5, 1.5) of its own so thousands of clients do not retry in step. `None` once the run finishes
+/// or [`REJOIN_FOR`] passes (counted as failed).
+async fn rejoin(shard: &Shard, g: u32) -> Option<Client> {
+    let (lost_at, lost_us) = (Instant::now(), now_us());
+    let mut wait = Duration::from_millis(50);
+    let mut seed = u64::from(g).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut attempts = 0;
+    while lost_at.elapsed() < REJOIN_FOR && *shard.phase.borrow() != Phase::Finish {
+        attempts += 1;
+        let r = match shard.connecting.acquire().await {
+            Ok(_permit) => connect(shard, g).await,
+            Err(_) => break,
+        };
+        match r {
+            Ok(client) => {
+                let now = now_us();
+                let mut c = shard.counts.borrow_mut();
+                c.rejoined += 1;
+                c.rejoin_attempts += attempts;
+                c.last_rejoin_us = c.last_rejoin_us.max(now);
+                *c.made_by_connector.entry(client.connector.to_string()).or_default() += 1;
+                let _ = shard.rejoin_hist.borrow_mut().record((now - lost_us).max(1));
+                return Some(client);
+            }
+            Err(f) => {
+                let mut c = shard.counts.borrow_mut();
+                if c.first_rejoin_error.is_none() {
+                    c.first_rejoin_error = Some(format!("{:?}: {}", f.stage, f.why));
+                }
+            }
+        }
+        // xorshift: a factor in [0.5, 1.5).
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let factor = 0.5 + (seed % 1000) as f64 / 1000.0;
+        tokio::time::sleep(wait.mul_f64(factor)).await;
+        wait = (wait * 2).min(Duration::from_millis(800));
+    }
+    let mut c = shard.counts.borrow_mut();
+    c.rejoin_failed += 1;
+    c.rejoin_attempts += attempts;
+    None
 }
 
 async fn connect(shard: &Shard, g: u32) -> Result<Client, Failure> {
@@ -140,6 +202,7 @@ async fn connect(shard: &Shard, g: u32) -> Result<Client, Failure> {
         room,
         rid: format!("r{room}"),
         username,
+        connector: addr,
         stream,
         ws,
         pending,

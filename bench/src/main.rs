@@ -115,6 +115,10 @@ struct Scenario {
     /// Stop a rising-rate run after the first step that loses deliveries.
     #[arg(long)]
     stop_on_missing: bool,
+    /// Once everyone is in: kill -9 the connector holding the most clients, measure until its clients
+    /// are back in their rooms (they log in again through the gate), then run the steps.
+    #[arg(long)]
+    kill_connector: bool,
     /// Also write the report to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -188,6 +192,7 @@ fn spec_of(s: &Scenario) -> Spec {
         steps,
         grace: s.grace,
         stage_timeout: s.stage_timeout,
+        reconnect: s.kill_connector,
     }
 }
 
@@ -200,6 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 admin: target.admin()?,
                 stop_p99_ms: scenario.stop_p99_ms,
                 stop_on_missing: scenario.stop_on_missing,
+                kill_connector: scenario.kill_connector,
             };
             let report = orchestrate::run(spec, &opts)?;
             let text = serde_json::to_string_pretty(&report)?;

@@ -30,6 +30,8 @@ pub struct Options {
     pub stop_p99_ms: Option<f64>,
     /// Stop rising steps once a step loses deliveries.
     pub stop_on_missing: bool,
+    /// Kill -9 a connector once everyone is in (see [`kill_connector`]).
+    pub kill_connector: bool,
 }
 
 struct Gen {
@@ -174,7 +176,7 @@ pub fn run(mut spec: Spec, opts: &Options) -> anyhow::Result<Value> {
     let bound = Duration::from_secs_f64(
         per_proc / (spec.connect_rate / f64::from(spec.procs)) + 4.0 * spec.stage_timeout + 30.0,
     );
-    let result = drive(&spec, opts, admin, &mut gens, &rx, &sampler, bound, t_connect);
+    let result = drive(&spec, opts, admin, &mut gens, &rx, &mut sampler, bound, t_connect);
     for g in &mut gens {
         let deadline = Instant::now() + Duration::from_secs(15);
         while matches!(g.child.try_wait(), Ok(None)) && Instant::now() < deadline {
@@ -186,7 +188,7 @@ pub fn run(mut spec: Spec, opts: &Options) -> anyhow::Result<Value> {
             let _ = g.child.wait();
         }
     }
-    let (steps, ready, fin, connect_secs, connected, after, gen_total, view_end) = result?;
+    let (steps, ready, fin, connect_secs, connected, after, gen_total, view_end, kill) = result?;
     let own = cluster::usage(std::process::id()).unwrap_or_default();
     Ok(report::build(report::Inputs {
         scenario: &opts.scenario,
@@ -203,10 +205,108 @@ pub fn run(mut spec: Spec, opts: &Options) -> anyhow::Result<Value> {
         gen_cpu_secs: gen_total,
         orchestrator_cpu_secs: own.cpu_secs - own_start.cpu_secs,
         view_end: &view_end,
+        kill,
     }))
 }
 
-type Driven = (Vec<StepResult>, Counts, Counts, f64, Usage, Usage, f64, Value);
+type Driven = (Vec<StepResult>, Counts, Counts, f64, Usage, Usage, f64, Value, Option<Value>);
+
+/// Asks every generator for its counts so far.
+fn counts_now(gens: &mut [Gen], rx: &Lines) -> anyhow::Result<Counts> {
+    tell(gens, "counts");
+    Ok(merged_counts(&collect(rx, gens.len(), "counts", Duration::from_secs(10))?))
+}
+
+/// The connector holding the most clients is killed (SIGKILL, by the pid the master reports); then
+/// this waits (at most 60 s) until the master has it running again and every client that was on it is
+/// back in its room (the generators log them in again through the gate: `client::rejoin`). Returns
+/// what it saw, with monotonic times (µs) so the generators' rejoin times compare: how long the restart
+/// took, when the last client was back after the kill and after the restart, and whether anything else
+/// was touched (the other servers' pids, clients lost on other connectors).
+fn kill_connector(admin: &Admin, gens: &mut [Gen], rx: &Lines, ready: &Counts) -> anyhow::Result<Value> {
+    let view = cluster::servers(admin)?;
+    let connectors: Vec<&Value> = view["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["type"] == "connector" && s["state"] == "running")
+        .collect();
+    let held = |s: &Value| s["addrs"]["client"].as_str().and_then(|a| ready.made_by_connector.get(a)).copied();
+    let victim = connectors.iter().max_by_key(|s| held(s).unwrap_or(0)).context("no running connector")?;
+    let (id, addr) = (victim["id"].as_str().unwrap_or("?").to_string(), victim["addrs"]["client"].clone());
+    let pid = victim["pid"].as_u64().context("the connector has no pid")? as i32;
+    let clients = held(victim).unwrap_or(0);
+    let others: Vec<cluster::Proc> = cluster::procs(&view).into_iter().filter(|p| p.id != id).collect();
+    let before = counts_now(gens, rx)?;
+
+    let kill_us = now_us();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+        .with_context(|| format!("cannot kill {id} (pid {pid})"))?;
+    eprintln!("pomelo-bench: killed {id} (pid {pid}, {clients} clients)");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut restart_us = None;
+    let counts = loop {
+        if restart_us.is_none() {
+            let v = cluster::servers(admin)?;
+            let back = v["servers"].as_array().into_iter().flatten().any(|s| {
+                s["id"] == id.as_str() && s["state"] == "running" && s["pid"].as_u64().is_some_and(|p| p as i32 != pid)
+            });
+            if back {
+                restart_us = Some(now_us());
+            }
+        }
+        let counts = counts_now(gens, rx)?;
+        let lost = counts.lost - before.lost;
+        let settled = counts.rejoined + counts.rejoin_failed - before.rejoined - before.rejoin_failed;
+        let lost_here = addr.as_str().and_then(|a| counts.lost_by_connector.get(a)).copied().unwrap_or(0);
+        if restart_us.is_some() && lost_here >= clients && settled >= lost {
+            break counts;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "pomelo-bench: after 60 s: {lost} lost, {settled} back or given up; restarted: {}",
+                restart_us.is_some()
+            );
+            break counts;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let view_after = cluster::servers(admin)?;
+    let after: Vec<cluster::Proc> = cluster::procs(&view_after).into_iter().filter(|p| p.id != id).collect();
+    let unchanged = others.iter().all(|p| after.iter().any(|a| a.id == p.id && a.pid == p.pid));
+    let lost_elsewhere: u64 =
+        counts.lost_by_connector.iter().filter(|(a, _)| Some(a.as_str()) != addr.as_str()).map(|(_, n)| n).sum::<u64>()
+            - before
+                .lost_by_connector
+                .iter()
+                .filter(|(a, _)| Some(a.as_str()) != addr.as_str())
+                .map(|(_, n)| n)
+                .sum::<u64>();
+    let secs = |from: u64, to: u64| (to as f64 - from as f64) / 1e6;
+    let last = counts.last_rejoin_us;
+    let out = json!({
+        "victim": id,
+        "victim_addr": addr,
+        "victim_clients": clients,
+        "restart_secs": restart_us.map(|r| secs(kill_us, r)),
+        "lost": counts.lost - before.lost,
+        "lost_elsewhere": lost_elsewhere,
+        "rejoined": counts.rejoined - before.rejoined,
+        "rejoin_failed": counts.rejoin_failed - before.rejoin_failed,
+        "rejoin_attempts": counts.rejoin_attempts - before.rejoin_attempts,
+        "first_rejoin_error": counts.first_rejoin_error,
+        "last_back_secs_after_kill": (last > kill_us).then(|| secs(kill_us, last)),
+        // Negative: the last client was back (on another connector) before the restart.
+        "last_back_secs_after_restart": restart_us.filter(|_| last > kill_us).map(|r| secs(r, last)),
+        "rejoin_time_ms": crate::report::percentiles_ms(&counts.rejoin_us),
+        "entered_by_connector": counts.made_by_connector,
+        "others_same_pids": unchanged,
+        "others": others,
+        "heartbeat_timeouts": counts.heartbeat_timeouts,
+    });
+    eprintln!("pomelo-bench: kill: {out}");
+    Ok(out)
+}
 
 #[allow(clippy::too_many_arguments)]
 fn drive(
@@ -215,7 +315,7 @@ fn drive(
     admin: &Admin,
     gens: &mut [Gen],
     rx: &Lines,
-    sampler: &Sampler,
+    sampler: &mut Sampler,
     bound: Duration,
     t_connect: Instant,
 ) -> anyhow::Result<Driven> {
@@ -232,6 +332,14 @@ fn drive(
     );
     std::thread::sleep(Duration::from_millis(500));
     let connected = sampler.servers();
+    let kill = match opts.kill_connector {
+        true => Some(kill_connector(admin, gens, rx, &ready)?),
+        false => None,
+    };
+    if kill.is_some() {
+        // The steps' server CPU counts the restarted connector, not the dead one.
+        sampler.servers = cluster::procs(&cluster::servers(admin)?);
+    }
     let mut steps = Vec::new();
     for (k, step) in spec.steps.iter().enumerate() {
         let start_us = now_us() + 300_000;
@@ -276,5 +384,5 @@ fn drive(
         })
         .collect();
     let steps = steps.into_iter().zip(finals).map(|(r, f)| r.with_final(f, &ready)).collect();
-    Ok((steps, ready, fin, connect_secs, connected, after, gen_total, view_end))
+    Ok((steps, ready, fin, connect_secs, connected, after, gen_total, view_end, kill))
 }

@@ -162,6 +162,8 @@ pub struct Inputs<'a> {
     pub gen_cpu_secs: f64,
     pub orchestrator_cpu_secs: f64,
     pub view_end: &'a Value,
+    /// What `--kill-connector` saw (`orchestrate::kill_connector`).
+    pub kill: Option<Value>,
 }
 
 /// Stats worth keeping from the admin API's view of each server.
@@ -262,6 +264,7 @@ pub fn build(i: Inputs<'_>) -> Value {
             "processes_end": i.server_each_end,
             "servers": server_stats(i.view_end),
         },
+        "kill": i.kill,
         "generator": {
             "procs": i.spec.procs,
             "cpu_secs_total": i.gen_cpu_secs,

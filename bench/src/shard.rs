@@ -4,7 +4,7 @@
 //! The process opens its share of the clients at its share of the connect rate (at most [`CONNECTING`]
 //! at once), prints `{"ev":"ready"}` when every one has entered its room or failed, then obeys commands
 //! read from stdin, one per line: `step K T` runs step K from monotonic time T (µs), stays quiet for the
-//! grace period and prints `{"ev":"step"}`; `finish` (or the end of stdin, if the orchestrator died)
+//! grace period and prints `{"ev":"step"}`; `counts` prints `{"ev":"counts"}` with the counts so far; `finish` (or the end of stdin, if the orchestrator died)
 //! prints `{"ev":"final"}` with everything it counted and exits, which closes every connection. Client
 //! tasks share the counters through `Rc<RefCell>`: one thread, no locks. Reports go to stdout as JSON
 //! lines; logs go to stderr.
@@ -80,6 +80,8 @@ pub struct Shard {
     pub clock: Clock,
     pub counts: RefCell<Counts>,
     pub connect_hist: RefCell<Histogram<u64>>,
+    /// Lost connection to room entered again, of rejoining clients (µs).
+    pub rejoin_hist: RefCell<Histogram<u64>>,
     pub steps: RefCell<Vec<LiveStep>>,
     /// Read buffer every client uses in turn (reads never overlap on one thread).
     pub scratch: RefCell<Vec<u8>>,
@@ -113,6 +115,7 @@ impl Shard {
     fn snapshot_counts(&self) -> Counts {
         let mut c = self.counts.borrow().clone();
         c.connect_us = track::hist_pairs(&self.connect_hist.borrow());
+        c.rejoin_us = track::hist_pairs(&self.rejoin_hist.borrow());
         c
     }
 
@@ -134,7 +137,12 @@ fn emit(v: serde_json::Value) {
 }
 
 enum Command {
-    Step { k: u32, start_us: u64 },
+    Step {
+        k: u32,
+        start_us: u64,
+    },
+    /// Print `{"ev":"counts"}` with the counts so far.
+    Counts,
     Finish,
 }
 
@@ -147,6 +155,7 @@ async fn read_commands(tx: mpsc::Sender<Command>) {
                 (Ok(k), Ok(start_us)) => Command::Step { k, start_us },
                 _ => continue,
             },
+            ["counts"] => Command::Counts,
             ["finish"] => Command::Finish,
             _ => continue,
         };
@@ -182,6 +191,7 @@ async fn drive(spec: Spec, index: u32) {
     let shard = Rc::new(Shard {
         counts: RefCell::new(Counts { joined_by_room: vec![0; rooms], ..Default::default() }),
         connect_hist: RefCell::new(track::new_hist()),
+        rejoin_hist: RefCell::new(track::new_hist()),
         steps: RefCell::new(steps),
         scratch: RefCell::new(vec![0; 64 * 1024]),
         phase: phase_rx,
@@ -232,6 +242,7 @@ async fn drive(spec: Spec, index: u32) {
                     json!({"ev": "step", "shard": index, "k": k, "step": shard.snapshot_step(k as usize), "counts": counts}),
                 );
             }
+            Command::Counts => emit(json!({"ev": "counts", "shard": index, "counts": shard.snapshot_counts()})),
             Command::Finish => break,
         }
     }

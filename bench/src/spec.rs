@@ -52,6 +52,10 @@ pub struct Spec {
     pub grace: f64,
     /// Bound on each connect stage (gate, connect, handshake, enter), seconds.
     pub stage_timeout: f64,
+    /// A client whose connection the server closes logs in again (gate, connector, enter; see
+    /// `client::rejoin`) instead of staying lost.
+    #[serde(default)]
+    pub reconnect: bool,
 }
 
 impl Spec {
@@ -142,6 +146,7 @@ mod tests {
             steps: vec![Step { rate: 1.0, secs: 1.0, warmup: false }],
             grace: 1.0,
             stage_timeout: 10.0,
+            reconnect: false,
         }
     }
 

@@ -79,6 +79,20 @@ fn connections_line(r: &Value) -> String {
     )
 }
 
+/// How long the logins took, against the 3 s bar.
+fn login_line(r: &Value) -> String {
+    let c = &r["connections"];
+    let secs = f(&c["connect_secs"]);
+    format!(
+        "  {} of {} logged in (gate, connector, enter) in {secs:.2} s: {:.0} logins/s, p99 {} ms; bar: all in {}\n",
+        c["made"],
+        c["attempted"],
+        f(&c["connects_per_sec"]),
+        c["connect_time_ms"]["p99"],
+        against(secs, 3.0, "s")
+    )
+}
+
 /// `(id, pid)` of every cluster process in a sample.
 fn pids(v: &Value) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = v
@@ -99,8 +113,11 @@ fn validity(r: &Value) -> String {
     let failed = r["connections"]["failed"].as_u64().unwrap_or(u64::MAX);
     let send_errors: u64 =
         r["steps"].as_array().into_iter().flatten().map(|s| s["send_errors"].as_u64().unwrap_or(u64::MAX)).sum();
-    let before = pids(&r["server"]["processes_empty"]);
-    let stable = !before.is_empty() && before == pids(&r["server"]["processes_end"]);
+    // A connector killed on purpose (`--kill-connector`) is left out: every other pid must stay.
+    let victim = r["kill"]["victim"].as_str();
+    let others = |v: &Value| pids(v).into_iter().filter(|(id, _)| Some(id.as_str()) != victim).collect::<Vec<_>>();
+    let before = others(&r["server"]["processes_empty"]);
+    let stable = !before.is_empty() && before == others(&r["server"]["processes_end"]);
     format!(
         "  run: {made} of {clients} clients connected ({}), {send_errors} send errors ({}), same server pids start to end ({})\n",
         yes(made == clients && failed == 0),
@@ -203,19 +220,35 @@ pub fn block(r: &Value) -> String {
                 against(per, 5.0, "KiB/connection")
             );
         }
-        "login-storm" => {
-            let c = &r["connections"];
-            let secs = f(&c["connect_secs"]);
+        "login-storm-kill" => {
+            out.push_str(&login_line(r));
+            let k = &r["kill"];
+            let after_restart = f(&k["last_back_secs_after_restart"]);
+            let (lost, back) = (k["lost"].as_u64().unwrap_or(u64::MAX), k["rejoined"].as_u64().unwrap_or(0));
+            let untouched = k["others_same_pids"] == true && k["lost_elsewhere"] == 0 && k["heartbeat_timeouts"] == 0;
+            let missing = s["missing"].as_u64().unwrap_or(u64::MAX);
             let _ = writeln!(
                 out,
-                "  {} of {} logged in (gate, connector, enter) in {secs:.2} s: {:.0} logins/s, p99 {} ms; bar: all in {}",
-                c["made"],
-                c["attempted"],
-                f(&c["connects_per_sec"]),
-                c["connect_time_ms"]["p99"],
-                against(secs, 3.0, "s")
+                "  kill -9 of {} ({} clients): restarted after {:.2} s; {back} of {lost} back in their rooms {:.2} s after the kill (p50 {} p99 {} ms, {} login tries)",
+                k["victim"],
+                k["victim_clients"],
+                f(&k["restart_secs"]),
+                f(&k["last_back_secs_after_kill"]),
+                k["rejoin_time_ms"]["p50"],
+                k["rejoin_time_ms"]["p99"],
+                k["rejoin_attempts"]
+            );
+            let _ = writeln!(out, "  {}", step_line(&s));
+            let _ = writeln!(
+                out,
+                "  bar: all back ({}) within 3 s of the restart: {}; gate and the other servers untouched ({}); chat after it: {missing} missing ({})",
+                yes(lost > 0 && back == lost),
+                against(after_restart.max(0.0), 3.0, "s"),
+                yes(untouched),
+                yes(missing == 0)
             );
         }
+        "login-storm" => out.push_str(&login_line(r)),
         "overflow" => {
             let refused: f64 = r["server"]["servers"]
                 .as_array()
@@ -285,6 +318,26 @@ mod tests {
         let b = block_with(&r, Some(&floor));
         assert!(b.contains("costs 4.800 µs") && b.contains("is 1.25× the floor"), "{b}");
         assert!(!block_with(&r, None).contains("floor"));
+    }
+
+    #[test]
+    fn a_connector_killed_on_purpose_is_judged_by_its_clients_coming_back() {
+        let kill = |back: u64, after_restart: f64, elsewhere: u64| {
+            let mut r = report("login-storm-kill", 11, (1, 1));
+            r["server"]["processes_empty"] = json!([{"id": "c", "pid": 10}, {"id": "gate", "pid": 5}]);
+            r["server"]["processes_end"] = json!([{"id": "c", "pid": 11}, {"id": "gate", "pid": 5}]);
+            r["kill"] = json!({"victim": "c", "victim_clients": 3, "lost": 3, "rejoined": back, "restart_secs": 0.3,
+                               "last_back_secs_after_kill": after_restart + 0.3, "last_back_secs_after_restart": after_restart,
+                               "lost_elsewhere": elsewhere, "others_same_pids": true, "heartbeat_timeouts": 0});
+            block(&r)
+        };
+        let ok = kill(3, 2.0, 0);
+        assert!(ok.contains("same server pids start to end (met)"), "the victim's new pid is expected: {ok}");
+        assert!(ok.contains("all back (met) within 3 s of the restart: 2.000 s (bar 3 s: met"), "{ok}");
+        assert!(ok.contains("untouched (met)") && ok.contains("0 missing (met)"), "{ok}");
+        assert!(kill(2, 2.0, 0).contains("all back (MISSED)"));
+        assert!(kill(3, 3.5, 0).contains("MISSED by 1.17×"));
+        assert!(kill(3, 2.0, 1).contains("untouched (MISSED)"));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! times the room's members. [`Counts`] is plain data, serialized as JSON between processes; latency
 //! histograms travel as `(value, count)` pairs and are merged with [`merge_hist`].
 
+use std::collections::BTreeMap;
+
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
@@ -126,6 +128,29 @@ pub struct Counts {
     pub joined_by_room: Vec<u64>,
     /// Connections closed by the server (or failed) after they were made.
     pub lost: u64,
+    /// Clients that entered through each connector (its client address), first logins and rejoins.
+    #[serde(default)]
+    pub made_by_connector: BTreeMap<String, u64>,
+    /// Lost connections by the connector they were on.
+    #[serde(default)]
+    pub lost_by_connector: BTreeMap<String, u64>,
+    /// With `reconnect`: lost clients back in their room, and those that gave up.
+    #[serde(default)]
+    pub rejoined: u64,
+    #[serde(default)]
+    pub rejoin_failed: u64,
+    /// Logins tried by rejoining clients (the first try included).
+    #[serde(default)]
+    pub rejoin_attempts: u64,
+    /// Monotonic µs (as `shard::now_us`) of the latest rejoin.
+    #[serde(default)]
+    pub last_rejoin_us: u64,
+    /// From the lost connection to the room entered again, microseconds.
+    #[serde(default)]
+    pub rejoin_us: Vec<(u64, u64)>,
+    /// Sample of a failed login try while rejoining (a later try may have worked).
+    #[serde(default)]
+    pub first_rejoin_error: Option<String>,
     pub kicked: u64,
     pub heartbeats_sent: u64,
     pub heartbeats_received: u64,
@@ -155,6 +180,21 @@ impl Counts {
         self.connect_us = merged(&self.connect_us, &o.connect_us);
         add_by_room(&mut self.joined_by_room, &o.joined_by_room);
         self.lost += o.lost;
+        for (into, from) in
+            [(&mut self.made_by_connector, &o.made_by_connector), (&mut self.lost_by_connector, &o.lost_by_connector)]
+        {
+            for (k, v) in from {
+                *into.entry(k.clone()).or_default() += v;
+            }
+        }
+        self.rejoined += o.rejoined;
+        self.rejoin_failed += o.rejoin_failed;
+        self.rejoin_attempts += o.rejoin_attempts;
+        self.last_rejoin_us = self.last_rejoin_us.max(o.last_rejoin_us);
+        self.rejoin_us = merged(&self.rejoin_us, &o.rejoin_us);
+        if self.first_rejoin_error.is_none() {
+            self.first_rejoin_error.clone_from(&o.first_rejoin_error);
+        }
         self.kicked += o.kicked;
         self.heartbeats_sent += o.heartbeats_sent;
         self.heartbeats_received += o.heartbeats_received;
