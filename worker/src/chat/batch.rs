@@ -16,7 +16,7 @@
 //! order. A join in a quiet room still goes at once. Leaves keep the message pace: a page that still
 //! lists someone who left may send them a private message that can only be refused. Plain data, no I/O.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,8 +38,6 @@ pub struct Batch {
     pub sessions: Arc<[u64]>,
     pub payloads: Vec<Bytes>,
     bytes: usize,
-    /// Every payload is an `onAdd`.
-    join: bool,
 }
 
 impl Batch {
@@ -51,11 +49,19 @@ impl Batch {
 
 type Key = (Arc<str>, Arc<str>);
 
+/// What is held for one (connector, room).
+#[derive(Debug)]
+struct Pair {
+    /// Index of the pair's last batch.
+    last: usize,
+    /// Everything held is joins (`onAdd`): the pair may wait for the join pace.
+    joins_only: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct Batches {
     batches: Vec<Batch>,
-    /// (connector, room) → index of that pair's last batch.
-    last: HashMap<Key, usize>,
+    pairs: HashMap<Key, Pair>,
     bytes: usize,
 }
 
@@ -70,38 +76,52 @@ impl Batches {
     }
 
     pub fn add(&mut self, d: Delivery) {
-        self.bytes += d.payload.len();
+        let bytes = d.payload.len();
+        self.bytes += bytes;
         let key = (d.connector, d.room);
-        if let Some(b) = self.last.get(&key).and_then(|&i| self.batches.get_mut(i)) {
-            let same = Arc::ptr_eq(&b.sessions, &d.sessions) || b.sessions == d.sessions;
-            if same && b.bytes + d.payload.len() <= MAX_BATCH_BYTES {
-                b.bytes += d.payload.len();
-                b.join &= d.join;
-                b.payloads.push(d.payload);
-                return;
+        let next = self.batches.len();
+        match self.pairs.get_mut(&key) {
+            Some(pair) => {
+                pair.joins_only &= d.join;
+                if let Some(b) = self.batches.get_mut(pair.last) {
+                    let same = Arc::ptr_eq(&b.sessions, &d.sessions) || b.sessions == d.sessions;
+                    if same && b.bytes + bytes <= MAX_BATCH_BYTES {
+                        b.bytes += bytes;
+                        b.payloads.push(d.payload);
+                        return;
+                    }
+                }
+                pair.last = next;
+            }
+            None => {
+                self.pairs.insert(key.clone(), Pair { last: next, joins_only: d.join });
             }
         }
-        self.last.insert(key.clone(), self.batches.len());
-        let bytes = d.payload.len();
         let (connector, room) = key;
-        let join = d.join;
-        self.batches.push(Batch { connector, room, sessions: d.sessions, payloads: vec![d.payload], bytes, join });
+        self.batches.push(Batch { connector, room, sessions: d.sessions, payloads: vec![d.payload], bytes });
     }
 
     /// The batches in the order they were started; empties the set.
     pub fn take(&mut self) -> Vec<Batch> {
-        self.last.clear();
+        self.pairs.clear();
         self.bytes = 0;
         std::mem::take(&mut self.batches)
     }
 
-    /// Takes the batches whose (connector, room) `go` accepts, in order; keeps the others.
-    fn take_if(&mut self, mut go: impl FnMut(&Batch) -> bool) -> Vec<Batch> {
-        let (out, keep): (Vec<Batch>, Vec<Batch>) = self.take().into_iter().partition(|b| go(b));
-        for b in keep {
-            self.bytes += b.bytes;
-            self.last.insert((b.connector.clone(), b.room.clone()), self.batches.len());
-            self.batches.push(b);
+    /// Takes every batch of the pairs `go` accepts (asked once per pair), in order; keeps the others.
+    fn take_if(&mut self, mut go: impl FnMut(&Key, &Pair) -> bool) -> Vec<Batch> {
+        self.pairs.retain(|key, pair| !go(key, pair));
+        self.bytes = 0;
+        let mut out = Vec::new();
+        for b in std::mem::take(&mut self.batches) {
+            match self.pairs.get_mut(&(b.connector.clone(), b.room.clone())) {
+                None => out.push(b),
+                Some(pair) => {
+                    pair.last = self.batches.len();
+                    self.bytes += b.bytes;
+                    self.batches.push(b);
+                }
+            }
         }
         out
     }
@@ -123,28 +143,24 @@ impl Pacer {
 
     /// Takes the batches that may go at `now`; returns them and when the first held one may go.
     pub fn ready(&mut self, pending: &mut Batches, now: Instant) -> (Vec<Batch>, Option<Instant>) {
-        let keep = self.join_delay;
-        self.sent.retain(|_, t| now.saturating_duration_since(*t) < keep);
-        // A pair goes at the message pace if it holds anything but joins.
-        let urgent: HashSet<Key> = match self.join_delay > self.delay {
-            true => pending.batches.iter().filter(|b| !b.join).map(|b| (b.connector.clone(), b.room.clone())).collect(),
-            false => HashSet::new(),
-        };
-        let mut go: HashSet<Key> = HashSet::new();
+        let (delay, join_delay) = (self.delay, self.join_delay);
+        self.sent.retain(|_, t| now.saturating_duration_since(*t) < join_delay);
+        let sent = &mut self.sent;
         let mut next: Option<Instant> = None;
-        for key in pending.last.keys() {
-            let pace = if urgent.contains(key) { self.delay } else { self.join_delay };
-            match self.sent.get(key) {
-                Some(t) if *t + pace > now => next = Some(next.map_or(*t + pace, |n| n.min(*t + pace))),
+        let out = pending.take_if(|key, pair| {
+            // A pair goes at the message pace if it holds anything but joins.
+            let pace = if pair.joins_only { join_delay } else { delay };
+            match sent.get(key) {
+                Some(t) if *t + pace > now => {
+                    next = Some(next.map_or(*t + pace, |n| n.min(*t + pace)));
+                    false
+                }
                 _ => {
-                    go.insert(key.clone());
+                    sent.insert(key.clone(), now);
+                    true
                 }
             }
-        }
-        let out = pending.take_if(|b| go.contains(&(b.connector.clone(), b.room.clone())));
-        for key in go {
-            self.sent.insert(key, now);
-        }
+        });
         (out, next)
     }
 }
