@@ -161,11 +161,7 @@ async fn rejoin(shard: &Shard, g: u32) -> Option<Client> {
                 }
             }
         }
-        // xorshift: a factor in [0.5, 1.5).
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let factor = 0.5 + (seed % 1000) as f64 / 1000.0;
+        let factor = 0.5 + (crate::ws::xorshift64(&mut seed) % 1000) as f64 / 1000.0;
         tokio::time::sleep(wait.mul_f64(factor)).await;
         wait = (wait * 2).min(Duration::from_millis(800));
     }

@@ -274,14 +274,10 @@ fn kill_connector(admin: &Admin, gens: &mut [Gen], rx: &Lines, ready: &Counts) -
     let view_after = cluster::servers(admin)?;
     let after: Vec<cluster::Proc> = cluster::procs(&view_after).into_iter().filter(|p| p.id != id).collect();
     let unchanged = others.iter().all(|p| after.iter().any(|a| a.id == p.id && a.pid == p.pid));
-    let lost_elsewhere: u64 =
-        counts.lost_by_connector.iter().filter(|(a, _)| Some(a.as_str()) != addr.as_str()).map(|(_, n)| n).sum::<u64>()
-            - before
-                .lost_by_connector
-                .iter()
-                .filter(|(a, _)| Some(a.as_str()) != addr.as_str())
-                .map(|(_, n)| n)
-                .sum::<u64>();
+    let elsewhere = |c: &Counts| -> u64 {
+        c.lost_by_connector.iter().filter(|(a, _)| Some(a.as_str()) != addr.as_str()).map(|(_, n)| n).sum()
+    };
+    let lost_elsewhere = elsewhere(&counts) - elsewhere(&before);
     let secs = |from: u64, to: u64| (to as f64 - from as f64) / 1e6;
     let last = counts.last_rejoin_us;
     let out = json!({

@@ -44,19 +44,24 @@ pub struct Ws {
     pub frame_buf: Vec<u8>,
 }
 
+/// The next value of a xorshift64 generator (`state` never zero): all the randomness a load generator
+/// needs, for masking keys and retry jitter.
+pub fn xorshift64(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    x
+}
+
 impl Ws {
     pub fn new(seed: u64) -> Ws {
         Ws { raw: Vec::new(), rng: seed | 1, frame_buf: Vec::new() }
     }
 
     fn next_key(&mut self) -> [u8; 4] {
-        // xorshift64
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        (x as u32).to_le_bytes()
+        (xorshift64(&mut self.rng) as u32).to_le_bytes()
     }
 
     /// Builds one masked frame of `payload` in `frame_buf` and returns it.
